@@ -1,0 +1,26 @@
+"""rlhf_ext: RLHF extensions for Hugging Face TRL.
+
+The ops (pure tensor math) load eagerly; trainers, models and data load on first use, so
+`import rlhf_ext; rlhf_ext.gae(...)` never imports TRL.
+"""
+
+from importlib import import_module
+
+from .ops import *  # noqa: F401,F403
+from .ops import __all__ as _ops_all
+
+__version__ = "0.1.0"
+
+# public name -> module that defines it, imported on first attribute access
+_LAZY = {}
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        value = getattr(import_module(_LAZY[name], __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'rlhf_ext' has no attribute {name!r}")
+
+
+__all__ = [*_ops_all, *_LAZY]

@@ -1,0 +1,134 @@
+"""LoRA and quantization presets, and the arguments a recipe exposes for them.
+
+`SharedBaseArguments` is a dataclass with a help string on every field, so `TrlParser` turns it
+into `--load_in_4bit`, `--lora_r`, `--lora_alpha`, ... and YAML keys. Its field names follow TRL's
+`ModelConfig` (`dtype`, not the `torch_dtype` that transformers 5 deprecated), so a recipe can
+swap one for the other; it replaces `ModelConfig` in recipes that build a `SharedBase`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from peft import LoraConfig
+from transformers import BitsAndBytesConfig
+
+# Target modules per `config.model_type`: every projection of attention and MLP, which is what
+# QLoRA found necessary to match full fine-tuning. SmolLM and SmolLM2 are `llama`.
+LLAMA_STYLE_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+LORA_TARGET_MODULES: dict[str, list[str]] = {
+    "llama": LLAMA_STYLE_TARGETS,
+    "qwen2": LLAMA_STYLE_TARGETS,
+    "qwen3": LLAMA_STYLE_TARGETS,
+    "mistral": LLAMA_STYLE_TARGETS,
+    "gemma": LLAMA_STYLE_TARGETS,
+    "gemma2": LLAMA_STYLE_TARGETS,
+    "gemma3_text": LLAMA_STYLE_TARGETS,
+    "smollm3": LLAMA_STYLE_TARGETS,
+    "gpt2": ["c_attn", "c_proj", "c_fc"],
+}
+# GPT-2 stores its projections as Conv1D with the weight transposed; peft must know.
+FAN_IN_FAN_OUT_MODEL_TYPES = {"gpt2"}
+# peft's own fallback for an architecture without a preset: every linear layer but the LM head.
+ALL_LINEAR = "all-linear"
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class SharedBaseArguments:
+    """Arguments for loading the shared base and building its LoRA adapters (see `SharedBase`)."""
+
+    model_name_or_path: str | None = field(
+        default=None, metadata={"help": "Base model checkpoint (Hub id or local folder) that all four roles share."}
+    )
+    model_revision: str = field(
+        default="main", metadata={"help": "Branch, tag or commit of the base model to load."}
+    )
+    dtype: str = field(
+        default="float32",
+        metadata={
+            "help": "dtype of the base weights (and the compute dtype of a quantized base).",
+            "choices": ["float32", "bfloat16", "float16"],
+        },
+    )
+    trust_remote_code: bool = field(
+        default=False, metadata={"help": "Allow custom modelling code from the checkpoint. Off unless you trust it."}
+    )
+    attn_implementation: str | None = field(
+        default=None, metadata={"help": "Attention implementation (e.g. 'sdpa', 'eager'); None lets transformers pick."}
+    )
+    load_in_4bit: bool = field(
+        default=False, metadata={"help": "Load the base quantized to 4 bits with bitsandbytes (QLoRA)."}
+    )
+    load_in_8bit: bool = field(default=False, metadata={"help": "Load the base quantized to 8 bits with bitsandbytes."})
+    bnb_4bit_quant_type: str = field(
+        default="nf4", metadata={"help": "4-bit data type.", "choices": ["nf4", "fp4"]}
+    )
+    use_bnb_nested_quant: bool = field(
+        default=True, metadata={"help": "Quantize the 4-bit quantization constants too (saves ~0.4 bit/param)."}
+    )
+    lora_r: int = field(default=16, metadata={"help": "LoRA rank of the policy and value adapters."})
+    lora_alpha: int = field(default=32, metadata={"help": "LoRA alpha (the update is scaled by alpha / r)."})
+    lora_dropout: float = field(default=0.05, metadata={"help": "Dropout on the LoRA input during training."})
+    lora_target_modules: list[str] | None = field(
+        default=None,
+        metadata={
+            "help": "Module names that get LoRA. Default: the preset for the base's architecture "
+            f"({', '.join(sorted(LORA_TARGET_MODULES))}), else every linear layer but the LM head."
+        },
+    )
+    policy_adapter_path: str | None = field(
+        default=None, metadata={"help": "Adapter folder to start the policy from; a fresh LoRA adapter if unset."}
+    )
+    value_adapter_path: str | None = field(
+        default=None, metadata={"help": "Adapter+head folder to start the value model from; fresh if unset."}
+    )
+    reward_adapter_path: str | None = field(
+        default=None,
+        metadata={"help": "Adapter+head folder of the reward model (as the K-way reward trainer saves it). Frozen."},
+    )
+
+    def __post_init__(self):
+        if self.load_in_4bit and self.load_in_8bit:
+            raise ValueError("load_in_4bit and load_in_8bit are exclusive: pick one.")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}.")
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        """`dtype` as a torch.dtype."""
+        return DTYPES[self.dtype]
+
+
+def lora_target_modules_for(model_type: str) -> list[str] | str:
+    """The preset target modules for an architecture, or "all-linear" for one without a preset."""
+    return LORA_TARGET_MODULES.get(model_type, ALL_LINEAR)
+
+
+def lora_config(args: SharedBaseArguments, model_type: str) -> LoraConfig:
+    """The LoraConfig for a trainable role (policy or value) of a base of `model_type`."""
+    return LoraConfig(
+        r=args.lora_r,
+        lora_alpha=args.lora_alpha,
+        lora_dropout=args.lora_dropout,
+        target_modules=args.lora_target_modules or lora_target_modules_for(model_type),
+        fan_in_fan_out=model_type in FAN_IN_FAN_OUT_MODEL_TYPES,
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
+
+
+def quantization_config(args: SharedBaseArguments) -> BitsAndBytesConfig | None:
+    """The bitsandbytes config for `--load_in_4bit` (NF4, compute in `dtype`) or `--load_in_8bit`; else None."""
+    if args.load_in_4bit:
+        return BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type=args.bnb_4bit_quant_type,
+            bnb_4bit_use_double_quant=args.use_bnb_nested_quant,
+            bnb_4bit_compute_dtype=args.torch_dtype,
+        )
+    if args.load_in_8bit:
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return None

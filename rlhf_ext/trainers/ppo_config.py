@@ -1,0 +1,172 @@
+"""Configuration for `PPOTrainer`: TRL's `GRPOConfig` plus the PPO-with-critic knobs of TRL's last PPOConfig.
+
+Every field has a help string, so `TrlParser` gives `--help`, YAML configs and CLI overrides for free.
+The GRPO fields that PPO reinterprets:
+
+- `num_ppo_epochs` sets GRPO's `num_iterations` (passes over each generation batch, seed section 4 step 6);
+- `steps_per_generation` is the number of minibatches each generation batch is split into;
+- `cliprange` sets GRPO's `epsilon`;
+- `beta` must stay 0: PPO puts the KL penalty into the per-token reward (seed section 4), not into the loss;
+- `num_generations` may be 1, because the baseline is the critic, not the mean of a group of completions.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from trl import GRPOConfig
+
+KL_ESTIMATORS = ("k1", "k2", "k3")
+ADVANTAGE_ESTIMATORS = ("gae", "reinforce")
+LOSS_AGGREGATIONS = ("token", "sequence")
+
+
+class _OneCompletionPerPrompt(int):
+    """The integer 1 that passes `GRPOConfig`'s `num_generations >= 2` check.
+
+    GRPO needs two or more completions per prompt because its baseline is the group mean; PPO's baseline is the
+    value function, so one completion per prompt is sound. Every other use of the value (divisibility checks,
+    arithmetic) sees a plain 1.
+    """
+
+    def __lt__(self, other):
+        return False
+
+
+@dataclass
+class PPOConfig(GRPOConfig):
+    r"""Configuration for [`PPOTrainer`]: PPO with a learned critic, GAE and a per-token KL-penalised reward.
+
+    Defaults follow TRL's last PPOConfig (trl 1.12): `learning_rate=3e-6`, `kl_coef=0.05`, `gamma=1`, `lam=0.95`,
+    `cliprange=0.2`, `cliprange_value=0.2`, `vf_coef=0.1`, `num_ppo_epochs=4`.
+    """
+
+    _VALID_DICT_FIELDS = GRPOConfig._VALID_DICT_FIELDS
+
+    learning_rate: float = field(
+        default=3e-6,
+        metadata={"help": "Initial AdamW learning rate for the policy and value parameters (TRL PPO default 3e-6)."},
+    )
+    num_generations: int | None = field(
+        default=1,
+        metadata={
+            "help": "Completions sampled per prompt. PPO's baseline is the critic, so 1 is allowed (GRPO needs >= 2)."
+        },
+    )
+    beta: float = field(
+        default=0.0,
+        metadata={
+            "help": "GRPO's in-loss KL coefficient. Must be 0 for PPO: the KL penalty enters the per-token reward "
+            "through `kl_coef` instead."
+        },
+    )
+    num_ppo_epochs: int = field(
+        default=4,
+        metadata={"help": "Optimisation passes over each generation batch (theta_old stays fixed across them)."},
+    )
+    kl_coef: float = field(
+        default=0.05,
+        metadata={"help": "Coefficient of the per-token KL penalty against the reference in the reward."},
+    )
+    kl_estimator: str = field(
+        default="k1",
+        metadata={
+            "help": "Per-token KL estimator for the reward penalty: 'k1' (log-ratio, unbiased), 'k2' (half squared "
+            "log-ratio) or 'k3' (exp(-x)-1+x, unbiased and non-negative).",
+            "choices": list(KL_ESTIMATORS),
+        },
+    )
+    cliprange: float = field(
+        default=0.2,
+        metadata={"help": "Policy ratio clip epsilon: the ratio is clipped to [1 - cliprange, 1 + cliprange]."},
+    )
+    cliprange_value: float | None = field(
+        default=0.2,
+        metadata={"help": "Value clip: V is kept within old V +- cliprange_value in the value loss. None disables it."},
+    )
+    vf_coef: float = field(
+        default=0.1,
+        metadata={"help": "Weight of the value loss in the total loss (c1 in seed section 2.10)."},
+    )
+    ent_coef: float = field(
+        default=0.0,
+        metadata={"help": "Weight of the entropy bonus (c2 in seed section 2.10); a positive value raises entropy."},
+    )
+    gamma: float = field(
+        default=1.0,
+        metadata={"help": "Discount factor gamma of the per-token rewards."},
+    )
+    lam: float = field(
+        default=0.95,
+        metadata={"help": "GAE lambda: 0 gives one-step TD advantages, 1 gives Monte-Carlo returns minus V."},
+    )
+    advantage_estimator: str = field(
+        default="gae",
+        metadata={
+            "help": "'gae' (critic + Generalized Advantage Estimation) or 'reinforce' (discounted reward-to-go with "
+            "the critic's values as baseline).",
+            "choices": list(ADVANTAGE_ESTIMATORS),
+        },
+    )
+    whiten_rewards: bool = field(
+        default=False,
+        metadata={"help": "Whiten the per-token rewards (over the real tokens of the batch) before GAE."},
+    )
+    whiten_advantages: bool = field(
+        default=True,
+        metadata={"help": "Whiten the advantages (over the real tokens of the batch) after GAE, as TRL's PPO did."},
+    )
+    missing_eos_penalty: float | None = field(
+        default=None,
+        metadata={
+            "help": "Subtracted from the score of completions that end without an EOS token (truncated). None: no "
+            "penalty."
+        },
+    )
+    loss_aggregation: str = field(
+        default="token",
+        metadata={
+            "help": "'token': mean over every real token of the global batch (normalised by the global token count, so "
+            "gradient accumulation and the number of processes leave the weighting unchanged); 'sequence': mean "
+            "over each completion's tokens, then over completions.",
+            "choices": list(LOSS_AGGREGATIONS),
+        },
+    )
+
+    def __post_init__(self):
+        self._check_ppo_fields()
+        self.epsilon = self.cliprange
+        self.num_iterations = self.num_ppo_epochs
+        completions_per_prompt = self.num_generations
+        if completions_per_prompt == 1:
+            self.num_generations = _OneCompletionPerPrompt(1)
+        super().__post_init__()
+        if completions_per_prompt == 1:
+            self.num_generations = 1
+
+    def _check_ppo_fields(self):
+        if self.beta != 0.0:
+            raise ValueError(
+                f"PPOConfig.beta must be 0 (got {self.beta}): PPO penalises KL in the per-token reward. Set `kl_coef`."
+            )
+        if self.num_ppo_epochs < 1:
+            raise ValueError(f"num_ppo_epochs must be >= 1, got {self.num_ppo_epochs}.")
+        if self.num_iterations not in (1, self.num_ppo_epochs):
+            raise ValueError(
+                f"Set num_ppo_epochs ({self.num_ppo_epochs}), not GRPO's num_iterations ({self.num_iterations}): "
+                "PPOConfig derives num_iterations from num_ppo_epochs."
+            )
+        choices = {
+            "kl_estimator": KL_ESTIMATORS,
+            "advantage_estimator": ADVANTAGE_ESTIMATORS,
+            "loss_aggregation": LOSS_AGGREGATIONS,
+        }
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}.")
+        if self.kl_coef < 0:
+            raise ValueError(f"kl_coef must be >= 0, got {self.kl_coef}.")
+        if not 0.0 <= self.gamma <= 1.0 or not 0.0 <= self.lam <= 1.0:
+            raise ValueError(f"gamma and lam must lie in [0, 1], got gamma={self.gamma}, lam={self.lam}.")
+        if self.cliprange <= 0:
+            raise ValueError(f"cliprange must be > 0, got {self.cliprange}.")

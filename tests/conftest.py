@@ -1,0 +1,19 @@
+import pytest
+import torch
+
+from rlhf_ext.testing import tiny_causal_lm, tiny_tokenizer
+
+
+@pytest.fixture
+def tokenizer():
+    return tiny_tokenizer()
+
+
+@pytest.fixture
+def tiny_model():
+    return tiny_causal_lm(seed=0)
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)

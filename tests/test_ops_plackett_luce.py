@@ -1,0 +1,106 @@
+import itertools
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import rlhf_ext as rx
+
+
+def brute_force_pl_nll(scores, top_m=None):
+    """-log of the Plackett-Luce product prod_k exp(s_k) / sum_{j>=k} exp(s_j), term by term."""
+    n = len(scores)
+    m = n if top_m is None else min(top_m, n)
+    prob = 1.0
+    for k in range(m):
+        prob *= math.exp(scores[k]) / sum(math.exp(s) for s in scores[k:])
+    return -math.log(prob)
+
+
+@pytest.mark.parametrize("K", [2, 3, 4, 5])
+def test_matches_brute_force_product(K):
+    torch.manual_seed(K)
+    scores = torch.randn(6, K, dtype=torch.float64) * 2
+    loss = rx.plackett_luce_loss(scores)
+    expected = torch.tensor([brute_force_pl_nll(row.tolist()) for row in scores], dtype=torch.float64)
+    torch.testing.assert_close(loss, expected)
+
+
+def test_probabilities_of_all_orders_sum_to_one():
+    scores = torch.tensor([0.3, -1.2, 2.0, 0.7], dtype=torch.float64)
+    orders = list(itertools.permutations(range(4)))
+    nll = rx.plackett_luce_loss(torch.stack([scores[list(p)] for p in orders]))
+    assert math.isclose(torch.exp(-nll).sum().item(), 1.0, rel_tol=1e-12)
+
+
+def test_variable_lengths_equal_lists_one_by_one_and_ignore_padding_values():
+    torch.manual_seed(0)
+    scores = torch.randn(3, 4, dtype=torch.float64)
+    lengths = [4, 2, 3]
+    mask = torch.arange(4)[None] < torch.tensor(lengths)[:, None]
+    padded = scores.masked_fill(~mask, float("nan"))  # padding content must not matter, even NaN
+    loss = rx.plackett_luce_loss(padded, mask)
+    one_by_one = torch.cat([rx.plackett_luce_loss(scores[i : i + 1, :n]) for i, n in enumerate(lengths)])
+    torch.testing.assert_close(loss, one_by_one)
+
+
+def test_top_m_partial_ranking():
+    scores = torch.tensor([[1.0, 0.2, -0.5, 0.9]], dtype=torch.float64)
+    for m in (1, 2, 3, 4, 10):
+        expected = brute_force_pl_nll(scores[0].tolist(), top_m=m)
+        assert math.isclose(rx.plackett_luce_loss(scores, top_m=m).item(), expected, rel_tol=1e-12)
+    # top-1 is the softmax cross-entropy of the best item
+    torch.testing.assert_close(rx.plackett_luce_loss(scores, top_m=1), F.cross_entropy(scores, torch.tensor([0])).reshape(1))
+
+
+def test_shift_invariant():
+    scores = torch.randn(4, 5, dtype=torch.float64)
+    torch.testing.assert_close(rx.plackett_luce_loss(scores), rx.plackett_luce_loss(scores + 123.4))
+
+
+def test_finite_for_large_scores():
+    scores = torch.tensor([[1e4, 0.0, -1e4], [-1e4, 1e4, 5e3]], requires_grad=True)
+    loss = rx.plackett_luce_loss(scores)
+    loss.sum().backward()
+    assert torch.isfinite(loss).all() and torch.isfinite(scores.grad).all()
+    # row 0 is ranked right with huge margins (loss ~ 0); row 1 puts the worst first:
+    # lse(-1e4, 1e4, 5e3) + 1e4 = 2e4, then lse(1e4, 5e3) - 1e4 ~ 0
+    assert loss[0].item() < 1e-3
+    torch.testing.assert_close(loss[1], torch.tensor(2e4), rtol=1e-6, atol=0)
+
+
+def test_float64_gradient_and_zero_gradient_on_padding():
+    scores = torch.randn(3, 4, dtype=torch.float64, requires_grad=True)
+    mask = torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0], [1, 1, 1, 0]], dtype=torch.bool)
+    assert torch.autograd.gradcheck(lambda s: rx.plackett_luce_loss(s, mask), (scores,))
+    rx.plackett_luce_loss(scores, mask).sum().backward()
+    assert (scores.grad[~mask] == 0).all()
+
+
+def test_dpo_pl_equals_sigmoid_dpo_at_k2():
+    torch.manual_seed(0)
+    policy, ref = torch.randn(8, 2, dtype=torch.float64) * 5, torch.randn(8, 2, dtype=torch.float64) * 5
+    beta = 0.3
+    # TRL's sigmoid loss: -logsigmoid(beta * ((pi_c - ref_c) - (pi_r - ref_r)))
+    logits = (policy[:, 0] - ref[:, 0]) - (policy[:, 1] - ref[:, 1])
+    torch.testing.assert_close(rx.dpo_plackett_luce_loss(policy, ref, beta=beta), -F.logsigmoid(beta * logits))
+
+
+def test_dpo_pl_k3_matches_brute_force():
+    policy, ref = torch.tensor([[-3.0, -5.0, -4.0]], dtype=torch.float64), torch.tensor([[-4.0, -4.0, -4.0]], dtype=torch.float64)
+    s = (0.5 * (policy - ref))[0].tolist()
+    assert math.isclose(rx.dpo_plackett_luce_loss(policy, ref, beta=0.5).item(), brute_force_pl_nll(s), rel_tol=1e-12)
+
+
+def test_bad_inputs():
+    with pytest.raises(ValueError, match="list 1 has 1 real item"):
+        rx.plackett_luce_loss(torch.zeros(2, 3), torch.tensor([[1, 1, 0], [1, 0, 0]], dtype=torch.bool))
+    with pytest.raises(ValueError, match="not a prefix"):
+        rx.plackett_luce_loss(torch.zeros(1, 3), torch.tensor([[1, 0, 1]], dtype=torch.bool))
+    with pytest.raises(ValueError, match=r"non-finite value nan at index \(0, 1\)"):
+        rx.plackett_luce_loss(torch.tensor([[0.0, float("nan")]]))
+    with pytest.raises(ValueError, match="ref_logps has shape"):
+        rx.dpo_plackett_luce_loss(torch.zeros(2, 3), torch.zeros(2, 2))
+    with pytest.raises(ValueError, match="top_m must be >= 1"):
+        rx.plackett_luce_loss(torch.zeros(1, 3), top_m=0)
