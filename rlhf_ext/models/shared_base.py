@@ -1,0 +1,318 @@
+"""One base model, four PPO roles: policy, value, reward and reference.
+
+    policy     trainable LoRA adapter "policy"               -> LM head -> logits [B, T, V]
+    value      trainable LoRA adapter "value"  + ScalarHead  -> values [B, T]
+    reward     frozen    LoRA adapter "reward" + ScalarHead  -> scores [B] (last real token)
+    reference  the base with every adapter disabled          -> logits [B, T, V]
+
+Usage:
+
+    from rlhf_ext.models import SharedBase, SharedBaseArguments
+
+    args = SharedBaseArguments(lora_r=16, load_in_4bit=True, reward_adapter_path="out/reward")
+    shared = SharedBase.from_pretrained("HuggingFaceTB/SmolLM2-135M", args)
+    optimizer = torch.optim.AdamW(shared.trainable_parameters(), lr=1e-5)
+    with torch.no_grad():                                    # rollout scoring
+        scores = shared.reward_scores(ids, mask)             # [B]
+        ref_logits = shared.reference_logits(ids, mask)      # [B, T, V]
+        old_values = shared.values(ids, mask)                # [B, T]
+    logits = shared.policy_logits(ids, mask)                 # training: two forwards ...
+    values = shared.values(ids, mask)
+    loss.backward()                                          # ... one backward reaches both adapters
+    shared.save_role("policy", "out/policy"); shared.save_role("value", "out/value")
+
+Switching roles never changes which parameters train: peft's `set_adapter` (and leaving
+`disable_adapter`) sets requires_grad=False on every adapter but the active one, and autograd
+drops the gradient of a leaf whose requires_grad is off at backward time. So "policy forward,
+value forward, one backward" would silently lose the policy gradients; every switch here
+restores the trainable set fixed at construction.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+from peft import PeftModel, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
+from torch import nn
+from transformers import AutoModelForCausalLM, PreTrainedModel
+
+from .heads import ScalarHead
+from .presets import SharedBaseArguments, lora_config, quantization_config
+from .quantization import disable_cpu_4bit_repacking
+from .role_folder import (
+    HEAD_ROLES,
+    base_model_name_or_path,
+    check_adapter_fits,
+    load_head,
+    save_adapter,
+    save_adapter_with_head,
+)
+
+ROLES = ("policy", "value", "reward", "reference")
+TRAINABLE_ROLES = ("policy", "value")
+
+
+def load_base_model(args: SharedBaseArguments) -> PreTrainedModel:
+    """Load `args.model_name_or_path` once, in `args.dtype` or quantized as `args` asks."""
+    if not args.model_name_or_path:
+        raise ValueError("SharedBaseArguments.model_name_or_path is not set: which base model should be loaded?")
+    quantization = quantization_config(args)
+    # bitsandbytes layers must be placed at load time; one device holds the whole base.
+    device_map = {"": torch.cuda.current_device() if torch.cuda.is_available() else "cpu"} if quantization else None
+    return AutoModelForCausalLM.from_pretrained(
+        args.model_name_or_path,
+        revision=args.model_revision,
+        dtype=args.torch_dtype,
+        quantization_config=quantization,
+        device_map=device_map,
+        trust_remote_code=args.trust_remote_code,
+        attn_implementation=args.attn_implementation,
+    )
+
+
+def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Index of the last real token of each row; attention_mask [B, T] (left or right padded) -> [B] long."""
+    positions = torch.arange(attention_mask.shape[1], device=attention_mask.device)
+    return (attention_mask.long() * positions).argmax(dim=-1)
+
+
+def is_adapter_parameter(name: str, adapter_name: str) -> bool:
+    """Whether parameter `name` of a peft model belongs to adapter `adapter_name` (e.g. '...lora_A.policy.weight')."""
+    return f".{adapter_name}." in name and ".lora_" in name
+
+
+class SharedBase(nn.Module):
+    """The four PPO roles on one base model (see the module docstring).
+
+    Built from a transformers causal LM (`SharedBase(model, args)`, the model is wrapped in place)
+    or from a checkpoint (`SharedBase.from_pretrained(path, args)`). `args` gives the LoRA shape of
+    new adapters and the folders to load roles from (`*_adapter_path`). The policy adapter stays
+    active between calls, so `shared.peft_model.generate(...)` samples from the policy.
+    """
+
+    def __init__(self, model: PreTrainedModel, args: SharedBaseArguments | None = None):
+        super().__init__()
+        args = args or SharedBaseArguments()
+        self.args = args
+        self.base_model_name_or_path = args.model_name_or_path or model.config._name_or_path or None
+        disable_cpu_4bit_repacking(model)
+        self.peft_model = self._wrap_with_policy(model, args)
+        self.heads = nn.ModuleDict()
+        self._add_value_role(args)
+        if args.reward_adapter_path:
+            self._add_reward_role(args.reward_adapter_path)
+        self._trainable = self._collect_trainable()
+        self._activate("policy")
+
+    @classmethod
+    def from_pretrained(cls, model_name_or_path: str, args: SharedBaseArguments | None = None) -> "SharedBase":
+        """Load the base from `model_name_or_path` (once, maybe quantized) and build the roles from `args`."""
+        args = replace(args or SharedBaseArguments(), model_name_or_path=model_name_or_path)
+        return cls(load_base_model(args), args)
+
+    # -- construction -----------------------------------------------------------------------------
+
+    @staticmethod
+    def _wrap_with_policy(model: PreTrainedModel, args: SharedBaseArguments) -> PeftModel:
+        """Wrap `model` in peft with the "policy" adapter, fresh or loaded from `args.policy_adapter_path`."""
+        if args.policy_adapter_path:
+            check_adapter_fits(model, args.policy_adapter_path)
+            return PeftModel.from_pretrained(model, args.policy_adapter_path, adapter_name="policy", is_trainable=True)
+        return get_peft_model(model, lora_config(args, model.config.model_type), adapter_name="policy")
+
+    def _add_value_role(self, args: SharedBaseArguments) -> None:
+        """Add the "value" adapter and head, fresh or loaded from `args.value_adapter_path`."""
+        if args.value_adapter_path:
+            self._load_adapter_and_head("value", args.value_adapter_path, is_trainable=True)
+            return
+        config = lora_config(args, self.peft_model.get_base_model().config.model_type)
+        self.peft_model.add_adapter("value", config)
+        self.heads["value"] = ScalarHead(self.hidden_size).to(self.device)
+
+    def _add_reward_role(self, directory: str | os.PathLike) -> None:
+        """Load the frozen "reward" adapter and head from a role folder."""
+        self._load_adapter_and_head("reward", directory, is_trainable=False)
+        self.heads["reward"].requires_grad_(False)
+
+    def _load_adapter_and_head(self, role: str, directory: str | os.PathLike, is_trainable: bool) -> None:
+        """Check the folder against the base, then load its adapter as `role` and its head."""
+        check_adapter_fits(self.peft_model, directory)
+        head = load_head(directory, expected_hidden_size=self.hidden_size)
+        self.peft_model.load_adapter(str(directory), adapter_name=role, is_trainable=is_trainable)
+        self.heads[role] = head.to(self.device)
+
+    def _collect_trainable(self) -> dict[str, dict[str, nn.Parameter]]:
+        """role -> {name: parameter} of what trains: the policy adapter; the value adapter and head."""
+        trainable = {
+            role: {n: p for n, p in self.peft_model.named_parameters() if is_adapter_parameter(n, role)}
+            for role in TRAINABLE_ROLES
+        }
+        trainable["value"].update({f"heads.value.{n}": p for n, p in self.heads["value"].named_parameters()})
+        return trainable
+
+    # -- role switching ---------------------------------------------------------------------------
+
+    @property
+    def hidden_size(self) -> int:
+        """Hidden size H of the base (the input size of the scalar heads)."""
+        return self.peft_model.get_base_model().config.get_text_config().hidden_size
+
+    @property
+    def device(self) -> torch.device:
+        """Device of the base model's parameters."""
+        return self.peft_model.get_base_model().device
+
+    def _restore_trainable(self) -> None:
+        """Set requires_grad back to True exactly on the trainable set, False on every other adapter weight."""
+        trainable_names = {name for params in self._trainable.values() for name in params}
+        for name, param in self.peft_model.named_parameters():
+            if ".lora_" in name:
+                param.requires_grad_(name in trainable_names)
+
+    def _activate(self, role: str) -> None:
+        """Make `role`'s adapter the active one, keeping the trainable set unchanged."""
+        self.peft_model.set_adapter(role)
+        self._restore_trainable()
+
+    def _require_role(self, role: str) -> None:
+        """ValueError naming the missing role and how to provide it."""
+        if role not in ROLES:
+            raise ValueError(f"Unknown role {role!r}; roles are {ROLES}.")
+        if role == "reward" and "reward" not in self.heads:
+            raise ValueError(
+                "No reward role: build the SharedBase with SharedBaseArguments(reward_adapter_path=<folder saved by "
+                "the reward trainer>) or call load_role('reward', <folder>)."
+            )
+
+    @contextmanager
+    def role(self, role: str) -> Iterator[PeftModel]:
+        """Run the block with `role`'s adapter active (adapters disabled for "reference"); yields the peft model.
+
+        The previously active adapter and the trainable set are restored on exit.
+        """
+        self._require_role(role)
+        previous = self.peft_model.active_adapter
+        try:
+            if role == "reference":
+                with self.peft_model.disable_adapter():
+                    yield self.peft_model
+            else:
+                self._activate(role)
+                yield self.peft_model
+        finally:
+            self._activate(previous)
+
+    # -- the four forwards ------------------------------------------------------------------------
+
+    def _last_hidden_state(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+        """Last hidden state [B, T, H] from the decoder body alone: value and reward need no LM head."""
+        body = self.peft_model.get_base_model().base_model
+        return body(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+
+    def policy_logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits [B, T, V] of the policy (policy adapter active, LM head), with grad if enabled."""
+        with self.role("policy"):
+            return self.peft_model(input_ids=input_ids, attention_mask=attention_mask).logits
+
+    def values(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Values [B, T] float32: value adapter, last hidden state, value head; with grad if enabled."""
+        with self.role("value"):
+            return self.heads["value"](self._last_hidden_state(input_ids, attention_mask))
+
+    @torch.no_grad()
+    def reward_scores(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Reward-model scores [B] float32 at each sequence's last real token (frozen, no grad)."""
+        with self.role("reward"):
+            hidden = self._last_hidden_state(input_ids, attention_mask)
+        if attention_mask is None:
+            last = torch.full((hidden.shape[0],), hidden.shape[1] - 1, device=hidden.device)
+        else:
+            last = last_token_index(attention_mask)
+        return self.heads["reward"](hidden[torch.arange(hidden.shape[0], device=hidden.device), last])
+
+    @torch.no_grad()
+    def reference_logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits [B, T, V] of the base with every adapter disabled (no grad): exactly the base model's."""
+        with self.role("reference"):
+            return self.peft_model(input_ids=input_ids, attention_mask=attention_mask).logits
+
+    def trainable_parameters(self, role: str | None = None) -> list[nn.Parameter]:
+        """Parameters that train: all of them, or only `role`'s ("policy" or "value", e.g. for its own lr)."""
+        if role is not None and role not in TRAINABLE_ROLES:
+            raise ValueError(f"Only {TRAINABLE_ROLES} have trainable parameters, got {role!r}.")
+        roles = TRAINABLE_ROLES if role is None else (role,)
+        return [param for r in roles for param in self._trainable[r].values()]
+
+    # -- saving and loading roles -----------------------------------------------------------------
+
+    def save_role(self, role: str, directory: str | os.PathLike) -> Path:
+        """Save one role: policy as a peft adapter folder, value/reward as adapter + head (docs/architecture.md)."""
+        self._require_role(role)
+        if role == "reference":
+            raise ValueError("The reference role is the base model itself; there is nothing of its own to save.")
+        if role == "policy":
+            return save_adapter(self.peft_model, "policy", directory)
+        return save_adapter_with_head(self.peft_model, role, self.heads[role], directory, role)
+
+    def load_role(self, role: str, directory: str | os.PathLike) -> None:
+        """Replace `role`'s adapter (and head) with the one saved in `directory`.
+
+        The role's parameters are new objects afterwards: build the optimizer after loading.
+        """
+        if role not in ("policy", "value", "reward"):
+            raise ValueError(f"load_role takes 'policy', 'value' or 'reward', got {role!r}.")
+        check_adapter_fits(self.peft_model, directory)
+        head = load_head(directory, expected_hidden_size=self.hidden_size) if role in HEAD_ROLES else None
+        if role in self.peft_model.peft_config:
+            self._activate("policy" if role != "policy" else "value")  # peft cannot delete the active adapter
+            self.peft_model.delete_adapter(role)
+        self.peft_model.load_adapter(str(directory), adapter_name=role, is_trainable=role in TRAINABLE_ROLES)
+        if head is not None:
+            self.heads[role] = head.to(self.device).requires_grad_(role in TRAINABLE_ROLES)
+        self._trainable = self._collect_trainable()
+        self._activate("policy")
+
+    def export_merged_policy(
+        self, directory: str | os.PathLike, base: str | PreTrainedModel | None = None, dtype: torch.dtype | None = None
+    ) -> Path:
+        """Save the policy merged into a full-precision copy of the base as a standalone transformers model.
+
+        The merge happens on a fresh copy (`base`: a path, a freshly built model, or by default the
+        path this base was loaded from), never in the live container, whose base is also the
+        reference. A quantized container is merged into the unquantized weights (loaded in `dtype`,
+        default float32), so the export is the policy without quantization error.
+        """
+        fresh = self._fresh_base(base, dtype or torch.float32)
+        config = copy.deepcopy(self.peft_model.peft_config["policy"])
+        config.inference_mode = True
+        merged_source = get_peft_model(fresh, config)
+        state = get_peft_model_state_dict(self.peft_model, adapter_name="policy", save_embedding_layers=False)
+        result = set_peft_model_state_dict(merged_source, state)
+        if result.unexpected_keys:
+            raise ValueError(f"The fresh base does not have modules for policy weights {result.unexpected_keys[:3]}.")
+        merged = merged_source.merge_and_unload()
+        directory = Path(directory)
+        merged.save_pretrained(directory)
+        return directory
+
+    def _fresh_base(self, base: str | PreTrainedModel | None, dtype: torch.dtype) -> PreTrainedModel:
+        """A new, unquantized copy of the base to merge into."""
+        if isinstance(base, PreTrainedModel):
+            if base is self.peft_model.get_base_model():
+                raise ValueError("export_merged_policy needs a fresh copy of the base, not the live one.")
+            return base
+        path = base or self.base_model_name_or_path
+        if not path:
+            raise ValueError(
+                "export_merged_policy needs the base to merge into: pass base=<path or fresh model>; this SharedBase "
+                "was built from an in-memory model with no name_or_path."
+            )
+        return AutoModelForCausalLM.from_pretrained(
+            path, dtype=dtype, revision=self.args.model_revision, trust_remote_code=self.args.trust_remote_code
+        )
