@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import copy
 import os
+import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import replace
@@ -43,6 +44,7 @@ from torch import nn
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
 from .heads import ScalarHead
+from .hub import push_folder_to_hub, write_model_card
 from .presets import SharedBaseArguments, lora_config, quantization_config
 from .quantization import disable_cpu_4bit_repacking
 from .role_folder import (
@@ -279,14 +281,19 @@ class SharedBase(nn.Module):
         self._activate("policy")
 
     def export_merged_policy(
-        self, directory: str | os.PathLike, base: str | PreTrainedModel | None = None, dtype: torch.dtype | None = None
+        self,
+        directory: str | os.PathLike,
+        base: str | PreTrainedModel | None = None,
+        dtype: torch.dtype | None = None,
+        tokenizer=None,
     ) -> Path:
         """Save the policy merged into a full-precision copy of the base as a standalone transformers model.
 
         The merge happens on a fresh copy (`base`: a path, a freshly built model, or by default the
         path this base was loaded from), never in the live container, whose base is also the
         reference. A quantized container is merged into the unquantized weights (loaded in `dtype`,
-        default float32), so the export is the policy without quantization error.
+        default float32), so the export is the policy without quantization error. `tokenizer`, if
+        given, is saved beside the weights so the folder is a complete model.
         """
         fresh = self._fresh_base(base, dtype or torch.float32)
         config = copy.deepcopy(self.peft_model.peft_config["policy"])
@@ -299,6 +306,8 @@ class SharedBase(nn.Module):
         merged = merged_source.merge_and_unload()
         directory = Path(directory)
         merged.save_pretrained(directory)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(directory)
         return directory
 
     def _fresh_base(self, base: str | PreTrainedModel | None, dtype: torch.dtype) -> PreTrainedModel:
@@ -316,3 +325,39 @@ class SharedBase(nn.Module):
         return AutoModelForCausalLM.from_pretrained(
             path, dtype=dtype, revision=self.args.model_revision, trust_remote_code=self.args.trust_remote_code
         )
+
+    # -- Hub --------------------------------------------------------------------------------------
+
+    def save_for_hub(
+        self,
+        role: str,
+        directory: str | os.PathLike,
+        merged: bool = False,
+        base: str | PreTrainedModel | None = None,
+        tokenizer=None,
+    ) -> Path:
+        """Write exactly what `push_to_hub` uploads: the role folder (or the merged policy) and README.md."""
+        if merged:
+            if role != "policy":
+                raise ValueError("Only the policy can be exported merged; value and reward keep their head folder.")
+            self.export_merged_policy(directory, base=base, tokenizer=tokenizer)
+        else:
+            self.save_role(role, directory)
+        write_model_card(directory, self.base_model_name_or_path, role, merged)
+        return Path(directory)
+
+    def push_to_hub(
+        self,
+        repo_id: str,
+        role: str = "policy",
+        merged: bool = False,
+        *,
+        private: bool = False,
+        token: str | None = None,
+        base: str | PreTrainedModel | None = None,
+        tokenizer=None,
+    ):
+        """Upload one role (adapter folder, or the merged policy) with a model card to `repo_id`."""
+        with tempfile.TemporaryDirectory() as directory:
+            self.save_for_hub(role, directory, merged=merged, base=base, tokenizer=tokenizer)
+            return push_folder_to_hub(directory, repo_id, private=private, token=token)

@@ -60,6 +60,13 @@ class PPOConfig(GRPOConfig):
             "through `kl_coef` instead."
         },
     )
+    disable_dropout: bool = field(
+        default=True,
+        metadata={
+            "help": "Turn off dropout in the policy, reference and critic, so that log-probs and values at rollout time "
+            "match those of the first update (TRL's PPO did the same)."
+        },
+    )
     num_ppo_epochs: int = field(
         default=4,
         metadata={"help": "Optimisation passes over each generation batch (theta_old stays fixed across them)."},
@@ -121,6 +128,13 @@ class PPOConfig(GRPOConfig):
         metadata={
             "help": "Subtracted from the score of completions that end without an EOS token (truncated). None: no "
             "penalty."
+        },
+    )
+    max_prompt_length: int | None = field(
+        default=None,
+        metadata={
+            "help": "Longest prompt, in tokens, that the trainer accepts; a longer one raises an error naming it. None: "
+            "the model's max_position_embeddings minus max_completion_length."
         },
     )
     loss_aggregation: str = field(

@@ -1,0 +1,113 @@
+"""Batched chat generation and completion log-probabilities, shared by sampling (stage 1) and
+evaluation (stage 5).
+
+Prompts are rendered with the tokenizer's chat template and left-padded, so every completion
+starts at the same column. A completion runs up to and including its first end-of-sequence token;
+what `generate` appends after that is padding and is masked out.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from .prompts import as_conversation
+
+
+@dataclass(frozen=True)
+class SamplingConfig:
+    """How completions are sampled. top_k=0 and top_p=1.0 sample from the model's own distribution,
+    which the KL estimate in evaluation requires."""
+
+    max_new_tokens: int = 40
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+
+
+@dataclass
+class GeneratedBatch:
+    """One batch of sampled completions; row i*num_samples + j is sample j of prompt i."""
+
+    sequences: torch.Tensor  # [N, P + T] prompt (left-padded) followed by completion tokens
+    attention_mask: torch.Tensor  # [N, P + T] 1 on real prompt tokens and real completion tokens
+    prompt_length: int  # P: completion tokens start at this column
+    completion_mask: torch.Tensor  # [N, T] True on completion tokens up to and including the first EOS
+    texts: list[str]  # N decoded completions, special tokens removed
+
+
+def load_model_and_tokenizer(model_path: str, adapter_path: str | None = None):
+    """A causal LM in eval mode (with a peft adapter on top when `adapter_path` is given) and its tokenizer."""
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
+    if adapter_path:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, adapter_path)
+    return model.eval(), tokenizer
+
+
+def chat_batch(tokenizer, prompts: list[str]) -> dict[str, torch.Tensor]:
+    """Prompts as one-turn conversations with the assistant turn opened, left-padded."""
+    texts = [
+        tokenizer.apply_chat_template(as_conversation(p), add_generation_prompt=True, tokenize=False) for p in prompts
+    ]
+    tokenizer.padding_side = "left"
+    # The chat template already writes any BOS it wants; adding special tokens again would double it.
+    return tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+
+
+def mask_after_first_eos(completion_ids: torch.Tensor, eos_token_id: int) -> torch.Tensor:
+    """[N, T] bool: True up to and including the first EOS of each row (all True when a row has none)."""
+    is_eos = completion_ids == eos_token_id
+    eos_before = torch.cumsum(is_eos.long(), dim=-1) - is_eos.long()
+    return eos_before == 0
+
+
+@torch.no_grad()
+def sample_batch(model, tokenizer, prompts: list[str], num_samples: int, sampling: SamplingConfig) -> GeneratedBatch:
+    """`num_samples` sampled completions for each prompt, decoded and masked."""
+    inputs = chat_batch(tokenizer, prompts)
+    sequences = model.generate(
+        **inputs,
+        do_sample=True,
+        num_return_sequences=num_samples,
+        max_new_tokens=sampling.max_new_tokens,
+        temperature=sampling.temperature,
+        top_p=sampling.top_p,
+        top_k=sampling.top_k,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    prompt_length = inputs["input_ids"].shape[1]
+    completion_ids = sequences[:, prompt_length:]
+    completion_mask = mask_after_first_eos(completion_ids, tokenizer.eos_token_id)
+    prompt_mask = inputs["attention_mask"].repeat_interleave(num_samples, dim=0)
+    texts = [
+        tokenizer.decode(ids[mask], skip_special_tokens=True).strip()
+        for ids, mask in zip(completion_ids, completion_mask)
+    ]
+    return GeneratedBatch(
+        sequences=sequences,
+        attention_mask=torch.cat([prompt_mask, completion_mask.long()], dim=1),
+        prompt_length=prompt_length,
+        completion_mask=completion_mask,
+        texts=texts,
+    )
+
+
+@torch.no_grad()
+def completion_logprobs(model, batch: GeneratedBatch) -> torch.Tensor:
+    """[N, T] log-probability of each completion token under `model` (0 where the mask is False)."""
+    # Positions count real tokens only, as generate() does, so left padding does not shift them.
+    position_ids = (batch.attention_mask.cumsum(-1) - 1).clamp(min=0)
+    logits = model(
+        input_ids=batch.sequences, attention_mask=batch.attention_mask, position_ids=position_ids
+    ).logits
+    # The logit at column c predicts the token at column c + 1.
+    completion_logits = logits[:, batch.prompt_length - 1 : -1].float()
+    targets = batch.sequences[:, batch.prompt_length :]
+    logprobs = torch.log_softmax(completion_logits, dim=-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    return logprobs * batch.completion_mask

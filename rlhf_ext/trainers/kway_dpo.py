@@ -1,0 +1,198 @@
+"""K-way (Plackett-Luce) DPO on TRL's DPOTrainer: learn from K ranked completions per prompt in one pass.
+
+For a prompt x and completions y_1 > ... > y_K (best first), with implicit rewards
+
+    s_k = beta * (log pi_theta(y_k | x) - log pi_ref(y_k | x))          (summed over completion tokens)
+
+the loss is the seed's section 5.2 "PT model" objective, the negative log Plackett-Luce probability of the
+ranking (`rlhf_ext.dpo_plackett_luce_loss`):
+
+    loss = - sum_{k < m} log softmax_{j >= k}(s_j)[k] = - sum_{k < m} [ s_k - log sum_{j >= k} exp s_j ]
+
+with m = K - 1 for a full ranking (the last term is 0), fewer for a partial ranking (`top_m`) or tied scores
+(`tie_policy`). At K=2 it is TRL's sigmoid DPO loss -log sigmoid(s_1 - s_2), and with
+`length_normalization=True` (log-probs divided by the completion length) TRL's "sigmoid_norm".
+
+A batch of B lists is one padded batch of K_1 + ... + K_B sequences, so an epoch costs K forward passes
+per list where TRL on all pairs costs K(K-1) (two per pair).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from accelerate.utils import tqdm
+from torch.utils.data import DataLoader
+from trl import DPOConfig, DPOTrainer
+from trl.trainer.utils import global_then_local_main_first
+
+from ..data import TIE_POLICIES, prepare_ranked_dataset, split_into_lists
+from ..ops import dpo_plackett_luce_loss
+from .kway_reward import (
+    TIE_POLICY_HELP,
+    TOP_M_HELP,
+    gathered_ratio,
+    loss_by_depth,
+    ranked_collator,
+    ranking_depth,
+    ranking_stats,
+    tokenizer_for,
+)
+
+_MODEL_KEYS = ("input_ids", "attention_mask")
+
+
+@dataclass
+class PlackettLuceDPOConfig(DPOConfig):
+    """DPOConfig for K ranked completions per prompt; `beta`, `max_length`, `precompute_ref_log_probs` and the
+    rest of DPOConfig apply. The loss is fixed (Plackett-Luce), so DPOConfig's loss variants are rejected."""
+
+    top_m: int | None = field(default=None, metadata={"help": TOP_M_HELP})
+    length_normalization: bool = field(
+        default=False,
+        metadata={
+            "help": "Divide each completion's summed log-probs (policy and reference) by its number of tokens "
+            "before the loss; at K=2 this is TRL's loss_type='sigmoid_norm'."
+        },
+    )
+    tie_policy: str = field(default="truncate", metadata={"help": TIE_POLICY_HELP, "choices": list(TIE_POLICIES)})
+
+    def __post_init__(self):
+        super().__post_init__()
+        unsupported = {
+            "loss_type": (self.loss_type, ["sigmoid"]),
+            "ld_alpha": (self.ld_alpha, None),
+            "use_weighting": (self.use_weighting, False),
+            "f_divergence_type": (self.f_divergence_type, "reverse_kl"),
+            "truncation_mode": (self.truncation_mode, "keep_start"),
+        }
+        for name, (value, default) in unsupported.items():
+            if value != default:
+                raise ValueError(
+                    f"PlackettLuceDPOConfig supports only {name}={default!r} (got {value!r}): the trainer computes "
+                    "the Plackett-Luce loss; use length_normalization=True for the 'sigmoid_norm' variant."
+                )
+        if self.top_m is not None and self.top_m < 1:
+            raise ValueError(f"top_m must be >= 1 or None, got {self.top_m}")
+        if self.tie_policy not in TIE_POLICIES:
+            raise ValueError(f"tie_policy must be one of {TIE_POLICIES}, got {self.tie_policy!r}")
+
+
+class PlackettLuceDPOTrainer(DPOTrainer):
+    """TRL's DPOTrainer with the K-way Plackett-Luce loss on ranked lists (TRL's pairwise data is K=2).
+
+    Reference log-probs come, as in DPOTrainer, from `ref_model`, or from the base with the LoRA adapter
+    disabled when `model` is a peft model (or `peft_config` is given), or from a pass over the dataset before
+    training when `args.precompute_ref_log_probs=True` (stored per record as a K-long `ref_logps` column).
+
+    Overrides only what depends on the number of completions: dataset preparation, the collator, the
+    reference precompute, and `_compute_loss` (loss and metrics).
+    """
+
+    _tag_names = ["trl", "dpo", "rlhf_ext", "plackett-luce"]
+    _name = "Plackett-Luce DPO"
+
+    def __init__(self, model, ref_model=None, args: PlackettLuceDPOConfig | None = None, data_collator=None,
+                 train_dataset=None, eval_dataset=None, processing_class=None, **kwargs):
+        if args is None:
+            args = PlackettLuceDPOConfig(f"{Path(str(getattr(model, 'name_or_path', model))).name}-PL-DPO")
+        processing_class = tokenizer_for(model, processing_class, args.trust_remote_code)
+        if data_collator is None:
+            data_collator = ranked_collator(processing_class, args.pad_to_multiple_of)
+        super().__init__(model, ref_model=ref_model, args=args, data_collator=data_collator,
+                         train_dataset=train_dataset, eval_dataset=eval_dataset, processing_class=processing_class,
+                         **kwargs)
+
+    # Replaces DPOTrainer._prepare_dataset: ranked records are validated, ordered best first and tokenized into
+    # one prompt and K completions, with TRL's tokenization; truncation to max_length happens (and is counted) here.
+    def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
+        with global_then_local_main_first():
+            return prepare_ranked_dataset(dataset, processing_class, max_length=args.max_length,
+                                          tie_policy=args.tie_policy, num_proc=args.dataset_num_proc,
+                                          name=dataset_name)
+
+    def _set_signature_columns_if_needed(self):
+        if self._signature_columns is None:
+            self._signature_columns = ["prompt_ids", "completion_ids", "num_ranked", "ref_logps"]
+
+    def _reference_logps(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Summed reference log-probs per sequence [N], through DPOTrainer.compute_ref_log_probs (ref model, or
+        the base with adapters off), which returns the batch as two halves; they are joined back in order."""
+        ref_inputs = {k: inputs[k] for k in (*_MODEL_KEYS, "completion_mask")}
+        return torch.cat(self.compute_ref_log_probs(self.ref_model or self.model, ref_inputs))
+
+    # Replaces DPOTrainer._precompute_ref_logps, which stores one chosen and one rejected value per record; a
+    # ranked record needs K. No on-disk cache: the pass is one reference forward over the dataset.
+    def _precompute_ref_logps(self, dataset, name: str, batch_size: int):
+        sizes = [len(ids) for ids in dataset["completion_ids"]]
+        loader = DataLoader(dataset, batch_size=batch_size, collate_fn=self.data_collator, shuffle=False)
+        tables = []
+        for batch in tqdm(self.accelerator.prepare(loader), desc=f"Computing reference log probs for {name}"):
+            table, _ = split_into_lists(self._reference_logps(batch), batch["num_completions"])
+            table = F.pad(table, (0, max(sizes) - table.shape[1]))  # equal widths so processes can gather
+            tables.append(self.accelerator.gather_for_metrics(table).cpu())
+        table = torch.cat(tables)
+        return dataset.add_column("ref_logps", [row[:k].tolist() for row, k in zip(table, sizes)])
+
+    def _sequence_logps(self, model, inputs) -> tuple[torch.Tensor, object]:
+        """Summed policy log-probs of each sequence's completion tokens [N], and the model outputs."""
+        model_kwargs = {k: inputs[k] for k in _MODEL_KEYS}
+        if self.aux_loss_enabled:
+            model_kwargs["output_router_logits"] = True
+        labels = inputs["input_ids"].masked_fill(inputs["completion_mask"] == 0, -100)
+        outputs = model(**model_kwargs, labels=labels, use_cache=False, fused_lm_head=True)
+        # the fused head gives 0 where the label is -100, and prompt-tuning adapters prepend virtual positions
+        per_token = outputs.log_probs[:, -(inputs["input_ids"].shape[1] - 1):]
+        return per_token.sum(dim=1), outputs
+
+    # Replaces DPOTrainer._compute_loss, which splits the batch into a chosen and a rejected half; a ranked batch
+    # holds K_b completions per list, regrouped into [B, K_max] tables before the Plackett-Luce loss.
+    def _compute_loss(self, model, inputs, return_outputs):
+        mode = "train" if self.model.training else "eval"
+        num_completions = inputs["num_completions"]
+        seq_logps, outputs = self._sequence_logps(model, inputs)
+        policy_logps, mask = split_into_lists(seq_logps, num_completions)
+        if self.precompute_ref_logps:
+            ref_logps = inputs["ref_logps"]
+        else:
+            ref_logps, _ = split_into_lists(self._reference_logps(inputs), num_completions)
+        if self.args.length_normalization:
+            lengths, _ = split_into_lists(inputs["completion_mask"].sum(dim=1).clamp(min=1), num_completions)
+            policy_logps, ref_logps = policy_logps / lengths, ref_logps / lengths
+        depth = ranking_depth(inputs["num_ranked"], self.args.top_m)
+        per_list = loss_by_depth(
+            lambda m: dpo_plackett_luce_loss(policy_logps, ref_logps, beta=self.beta, mask=mask, top_m=m), depth
+        )
+        loss = per_list.mean()
+        if self.aux_loss_enabled:
+            loss = loss + self.router_aux_loss_coef * outputs.aux_loss
+        self._log_metrics(mode, policy_logps, ref_logps, mask, depth, inputs["attention_mask"])
+        if return_outputs:
+            # as DPOTrainer: the fused head builds no logits, so `compute_metrics` gets them from a second forward
+            with torch.no_grad():
+                outputs = model(**{k: inputs[k] for k in _MODEL_KEYS})
+            return loss, outputs
+        return loss
+
+    def _log_metrics(self, mode: str, policy_logps, ref_logps, mask, depth, attention_mask) -> None:
+        """TRL's DPO names: rewards/{chosen,rejected,accuracies,margins}, logps/{chosen,rejected}, num_tokens;
+        plus rewards/top1_accuracy. "chosen" is the best completion, "rejected" the mean of the others, and
+        accuracies is pairwise ranking accuracy of the implicit rewards (the same numbers as TRL's at K=2)."""
+        acc = self.accelerator
+        if mode == "train":
+            self._total_train_tokens += acc.gather_for_metrics(attention_mask.sum()).sum().item() // self._tp_size
+        self._metrics[mode]["num_tokens"] = [self._total_train_tokens]
+        rewards = ranking_stats(self.beta * (policy_logps - ref_logps), mask, depth)
+        logps = ranking_stats(policy_logps, mask, depth)
+        ones = torch.ones_like(rewards.chosen)
+        metrics = self._metrics[mode]
+        metrics["rewards/chosen"].append(gathered_ratio(acc, rewards.chosen, ones))
+        metrics["rewards/rejected"].append(gathered_ratio(acc, rewards.rejected, ones))
+        metrics["rewards/accuracies"].append(gathered_ratio(acc, rewards.pairs_correct, rewards.pairs))
+        metrics["rewards/top1_accuracy"].append(gathered_ratio(acc, rewards.top1_correct, rewards.has_top1))
+        metrics["rewards/margins"].append(gathered_ratio(acc, rewards.chosen - rewards.rejected, ones))
+        metrics["logps/chosen"].append(gathered_ratio(acc, logps.chosen, ones))
+        metrics["logps/rejected"].append(gathered_ratio(acc, logps.rejected, ones))

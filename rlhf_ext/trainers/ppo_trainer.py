@@ -1,0 +1,475 @@
+"""PPO with a critic, as a thin subclass of TRL's GRPOTrainer (seed sections 2.9, 2.10 and 4).
+
+TRL's GRPOTrainer already does the parts PPO shares with GRPO: sampling completions with the policy
+(transformers or vLLM), calling reward functions, buffering one generation batch across
+`steps_per_generation` minibatches and `num_iterations` passes (PPO's epochs), accelerate, logging and
+checkpointing. This subclass changes two methods and adds the critic:
+
+    _generate_and_score_completions   super() samples and scores; we add theta_old log-probs, reference
+                                      log-probs, values, per-token rewards and GAE advantages [B, T]
+    _compute_loss                     policy + value forward, then `rlhf_ext.ppo_loss`
+
+The trainer's `model` is the policy (a causal LM or a PeftModel). The critic's trainable module is attached
+to it as the submodule `value_model`, so TRL's optimizer, DDP and device placement see every trainable
+parameter; `_save` / `_load_from_checkpoint` write and read the critic beside the policy.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import textwrap
+from collections.abc import Callable
+from contextlib import nullcontext
+
+import torch
+from accelerate.utils import gather, is_peft_model
+from torch import nn
+from transformers import AutoModelForCausalLM, PreTrainedModel
+from trl import GRPOTrainer
+from trl.data_utils import apply_chat_template, is_conversational
+from trl.trainer.utils import add_fused_lm_head, disable_dropout_in_model
+
+from ..models import SharedBase
+from ..ops import gae, masked_mean, masked_whiten, ppo_loss, rewards_to_go, token_rewards
+from .ppo_config import PPOConfig
+
+VALUE_DIR = "value"
+
+
+def token_values(value_model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """V(s) after every prefix of the sequence: [B, L] float32.
+
+    A module with a `values(input_ids, attention_mask)` method (the shared base's value role) is asked
+    directly. Otherwise `value_model` is a transformers model with a one-label `score` head (an
+    `AutoModelForSequenceClassification` or `...TokenClassification` with `num_labels=1`, the value model
+    format of TRL's PPO): its backbone runs once and the head is applied at every position.
+    """
+    if hasattr(value_model, "values"):
+        return value_model.values(input_ids, attention_mask).float()
+    if not hasattr(value_model, "score"):
+        raise TypeError(
+            f"value_model {type(value_model).__name__} has neither a `values(input_ids, attention_mask)` method nor a "
+            "`score` head; pass e.g. AutoModelForSequenceClassification.from_pretrained(path, num_labels=1)."
+        )
+    backbone = getattr(value_model, value_model.base_model_prefix)
+    hidden = backbone(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+    return value_model.score(hidden).squeeze(-1).float()
+
+
+def completion_values(
+    value_model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, completion_length: int
+) -> torch.Tensor:
+    """V(s_t) for each completion token a_t: [B, C], where s_t is the prompt plus the completion before a_t.
+
+    The state before completion token t ends at position P + t - 1 of the prompt+completion sequence, so the
+    values come from positions P - 1 ... P + C - 2, the same shift as next-token log-probs.
+    """
+    values = token_values(value_model, input_ids, attention_mask)
+    return values[:, -completion_length - 1 : -1]
+
+
+class SharedBaseCritic(nn.Module):
+    """The value role of a `SharedBase`, as the critic module the trainer attaches to its policy.
+
+    It registers the shared base's `heads` (so the optimizer and checkpoints see the value head) but not the
+    base itself, which already belongs to the trainer's model; the value adapter lives in that base.
+    """
+
+    def __init__(self, shared: SharedBase):
+        super().__init__()
+        self.heads = shared.heads  # the same ModuleDict, so a head replaced by `load_role` is seen here too
+        object.__setattr__(self, "shared", shared)  # a plain attribute: registering it would nest the base twice
+
+    def values(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return self.shared.values(input_ids, attention_mask)
+
+    def save(self, path: str) -> None:
+        self.shared.save_role("value", path)
+
+    def load(self, path: str) -> None:
+        self.shared.load_role("value", path)
+
+
+class SharedBaseReward:
+    """The reward role of a `SharedBase` as a TRL reward function: the score of prompt + completion text [N].
+
+    Like TRL's reward-model path, the text is re-tokenized (with the chat template for conversations), right-padded,
+    and scored at its last real token.
+    """
+
+    __name__ = "reward_role"
+
+    def __init__(self, shared: SharedBase, tokenizer, chat_template_kwargs: dict | None = None):
+        self.shared = shared
+        self.tokenizer = tokenizer
+        self.chat_template_kwargs = chat_template_kwargs or {}
+
+    def __call__(self, prompts: list, completions: list, **kwargs) -> list[float]:
+        if is_conversational({"prompt": prompts[0]}):
+            texts = [
+                apply_chat_template({"messages": p + c}, self.tokenizer, **self.chat_template_kwargs)["text"]
+                for p, c in zip(prompts, completions, strict=True)
+            ]
+        else:
+            texts = [p + c for p, c in zip(prompts, completions, strict=True)]
+        batch = self.tokenizer(
+            text=texts, return_tensors="pt", padding=True, padding_side="right", add_special_tokens=False
+        ).to(self.shared.device)
+        return self.shared.reward_scores(batch["input_ids"], batch["attention_mask"]).tolist()
+
+
+class PPOTrainer(GRPOTrainer):
+    r"""PPO with a value function, GAE and a KL-penalised per-token reward, on top of TRL's GRPOTrainer.
+
+    Args:
+        model: a `SharedBase` (policy, value, reward and reference roles on one base), or the policy alone as in
+            `GRPOTrainer` (model id or path, `PreTrainedModel`, or `PeftModel`).
+        reward_funcs: any TRL reward function (a callable, a sequence-classification model or its path) or a
+            list of them, weighted by `args.reward_weights`. Default with a `SharedBase`: its reward role.
+        args: a [`PPOConfig`].
+        value_model: the critic. Default with a `SharedBase`: its value role. Otherwise required: a module with
+            `values(input_ids, attention_mask) -> [B, L]`, or a transformers model with a one-label `score` head
+            (TRL PPO's value model format).
+        ref_model: the reference policy for the KL penalty. Default: the policy with its adapters disabled
+            when the policy is a PeftModel (or `peft_config` is given), otherwise a frozen copy of the policy.
+        Other arguments are passed to `GRPOTrainer` unchanged.
+    """
+
+    _tag_names = ["trl", "ppo", "rlhf_ext"]
+    _name = "PPO"
+    _paper = {
+        "title": "Fine-Tuning Language Models from Human Preferences",
+        "id": "1909.08593",
+        # docstyle-ignore
+        "citation": textwrap.dedent("""\
+            @article{ziegler2019fine,
+                title        = {{Fine-Tuning Language Models from Human Preferences}},
+                author       = {Daniel M. Ziegler and Nisan Stiennon and Jeffrey Wu and Tom B. Brown and Alec Radford and Dario Amodei and Paul Christiano and Geoffrey Irving},
+                year         = 2019,
+                eprint       = {arXiv:1909.08593}
+            }"""),
+    }
+
+    def __init__(
+        self,
+        model: str | PreTrainedModel | nn.Module,
+        reward_funcs: Callable | nn.Module | str | list | None = None,
+        args: PPOConfig | None = None,
+        train_dataset=None,
+        eval_dataset=None,
+        processing_class=None,
+        value_model: nn.Module | None = None,
+        ref_model: PreTrainedModel | None = None,
+        reward_processing_classes=None,
+        callbacks=None,
+        optimizers=(None, None),
+        peft_config=None,
+    ):
+        if args is None:
+            args = PPOConfig("ppo-output")
+        if not isinstance(args, PPOConfig):
+            raise TypeError(f"PPOTrainer needs a PPOConfig, got {type(args).__name__}.")
+        _check_train_dataset(train_dataset)
+        self.shared_base = model if isinstance(model, SharedBase) else None
+        if self.shared_base is not None:
+            value_model = value_model or SharedBaseCritic(self.shared_base)
+            if reward_funcs is None and "reward" in self.shared_base.heads:
+                reward_funcs = SharedBaseReward(self.shared_base, processing_class, args.chat_template_kwargs)
+            model = self.shared_base.peft_model
+        if value_model is None:
+            raise ValueError("PPOTrainer needs a critic: pass `value_model`, or a SharedBase as `model`.")
+        if isinstance(model, str):
+            model = AutoModelForCausalLM.from_pretrained(model, **(args.model_init_kwargs or {}))
+        uses_adapters = is_peft_model(model) or peft_config is not None
+        if ref_model is None and not uses_adapters:
+            # A full fine-tune moves every weight, so the reference must be a copy taken before training.
+            ref_model = copy.deepcopy(model).eval().requires_grad_(False)
+        super().__init__(
+            model=model,
+            reward_funcs=reward_funcs,
+            args=args,
+            train_dataset=train_dataset,
+            eval_dataset=eval_dataset,
+            processing_class=processing_class,
+            reward_processing_classes=reward_processing_classes,
+            callbacks=callbacks,
+            optimizers=optimizers,
+            peft_config=peft_config,
+        )
+        self.ppo_ref_model = self._prepare_reference(ref_model)
+        # Attached after super().__init__ so that a `peft_config` never injects LoRA into the critic.
+        self.model.add_module("value_model", value_model.to(self.args.device))
+        if self.args.disable_dropout:
+            disable_dropout_in_model(value_model)
+        self._last_rewards_per_func = None
+
+    # ---------------------------------------------------------------- setup
+
+    def _prepare_reference(self, ref_model):
+        if ref_model is None:
+            return None
+        add_fused_lm_head(ref_model, temperature=self.temperature, cast_lm_head_to_fp32=self.args.cast_lm_head_to_fp32)
+        return self.accelerator.prepare_model(ref_model, evaluation_mode=True)
+
+    @property
+    def value_model(self) -> nn.Module:
+        return self.accelerator.unwrap_model(self.model).value_model
+
+    # ---------------------------------------------------------------- rollout (seed 4, steps 1-5)
+
+    def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
+        # Extends GRPOTrainer._calculate_rewards: keep the gathered [N_global, n_funcs] rewards, which super() turns
+        # into group-relative advantages and then drops; PPO needs the raw weighted score of every completion.
+        rewards_per_func = super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)
+        self._last_rewards_per_func = rewards_per_func
+        return rewards_per_func
+
+    def _tokenize_prompts(self, prompts: list):
+        # Extends GRPOTrainer._tokenize_prompts with a length check: a prompt that leaves no room for the completion
+        # would otherwise fail deep inside generation, or silently attend past the position limit.
+        prompt_ids, *rest = super()._tokenize_prompts(prompts)
+        limit = self._max_prompt_length()
+        for i, ids in enumerate(prompt_ids):
+            if len(ids) > limit:
+                raise ValueError(
+                    f"Prompt {i} of this batch has {len(ids)} tokens, more than the limit of {limit} "
+                    f"(max_prompt_length, or max_position_embeddings - max_completion_length). Shorten or filter it: "
+                    f"{str(prompts[i])[:200]!r}"
+                )
+        return (prompt_ids, *rest)
+
+    def _max_prompt_length(self) -> int:
+        if self.args.max_prompt_length is not None:
+            return self.args.max_prompt_length
+        config = self.accelerator.unwrap_model(self.model).config.get_text_config()
+        return getattr(config, "max_position_embeddings", float("inf")) - self.max_completion_length
+
+    def _generate_and_score_completions(self, inputs):
+        # super() samples with theta_old, runs the reward functions and builds GRPO's outputs; we replace its
+        # group-relative advantages with per-token GAE advantages from the critic and the KL-penalised reward.
+        batch = super()._generate_and_score_completions(inputs)
+        mode = "train" if self.model.training else "eval"
+        prompt_completion_ids = torch.cat([batch["prompt_ids"], batch["completion_ids"]], dim=1)
+        attention_mask = torch.cat([batch["prompt_mask"], batch["completion_mask"]], dim=1)
+        completion_length = batch["completion_ids"].size(1)
+        mask = batch["completion_mask"].bool()
+        if "tool_mask" in batch:
+            mask = mask & batch["tool_mask"].bool()
+
+        with torch.no_grad():
+            logprobs = batch.get("old_per_token_logps")
+            if logprobs is None:
+                logprobs = self._policy_logprobs(prompt_completion_ids, attention_mask, completion_length)
+            ref_logprobs = self._reference_logprobs(prompt_completion_ids, attention_mask, completion_length)
+            values = completion_values(self.value_model, prompt_completion_ids, attention_mask, completion_length)
+
+        scores, scored = self._local_scores(len(mask), mode)
+        rollout = self._advantages(scores, scored, logprobs, ref_logprobs, values, mask, batch["completion_ids"])
+        loss_mask = mask & scored[:, None]
+        batch.update(
+            old_per_token_logps=logprobs,
+            advantages=rollout["advantages"],
+            returns=rollout["returns"],
+            old_values=values,
+            ppo_mask=loss_mask,
+            num_items_in_batch=self.accelerator.gather(loss_mask.sum()).sum(),
+            num_sequences_in_batch=self.accelerator.gather(scored.sum()).sum(),
+        )
+        self._log_rollout(rollout, scores, scored, logprobs, values, mask, mode)
+        return batch
+
+    def _policy_logprobs(self, input_ids, attention_mask, completion_length):
+        logps, _, _ = self._get_per_token_logps_and_entropies(
+            self.model, input_ids, attention_mask, completion_length, batch_size=self.args.per_device_train_batch_size
+        )
+        return logps
+
+    def _reference_logprobs(self, input_ids, attention_mask, completion_length):
+        """log pi_ref of the sampled tokens [B, C]: the reference model, or the policy with its adapters off."""
+        if self.ppo_ref_model is not None:
+            model, context = self.ppo_ref_model, nullcontext()
+        elif self.shared_base is not None:
+            # The shared base's own switch: peft's disable_adapter alone would freeze the value adapter on exit.
+            model, context = self.model, self.shared_base.role("reference")
+        else:
+            model, context = self.model, self.accelerator.unwrap_model(self.model).disable_adapter()
+        with context:
+            logps, _, _ = self._get_per_token_logps_and_entropies(
+                model, input_ids, attention_mask, completion_length, batch_size=self.args.per_device_train_batch_size
+            )
+        return logps
+
+    def _local_scores(self, batch_size: int, mode: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """This process's [B] weighted reward sums and a [B] bool marking the completions with a finite score.
+
+        A completion whose reward is NaN or None under any reward function is skipped (its tokens leave the loss)
+        and counted in `objective/skipped_completions`, rather than being scored with a partial sum.
+        """
+        rewards_per_func = self._last_rewards_per_func
+        weights = self.reward_weights.to(rewards_per_func.device)
+        scores_global = (rewards_per_func * weights).sum(dim=1)
+        scored_global = torch.isfinite(scores_global)
+        self._metrics[mode]["objective/skipped_completions"].append((~scored_global).sum().item())
+        start = self.accelerator.process_index * batch_size
+        local = slice(start, start + batch_size)
+        return scores_global[local].nan_to_num(0.0), scored_global[local]
+
+    def _has_eos(self, completion_ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        last = completion_ids.gather(1, (mask.sum(dim=1, keepdim=True) - 1).clamp(min=0)).squeeze(1)
+        return torch.isin(last, torch.tensor(self.eos_token_ids, device=last.device))
+
+    def _advantages(self, scores, scored, logprobs, ref_logprobs, values, mask, completion_ids) -> dict:
+        """Per-token rewards (score at the last token minus kl_coef * KL) and their advantages and returns."""
+        args = self.args
+        rewards = token_rewards(
+            scores,
+            logprobs,
+            ref_logprobs,
+            mask,
+            kl_coef=args.kl_coef,
+            kl_estimator=args.kl_estimator,
+            missing_eos_penalty=args.missing_eos_penalty,
+            has_eos=self._has_eos(completion_ids, mask),
+        )
+        learn_mask = mask & scored[:, None]
+        per_token = rewards.rewards
+        if args.whiten_rewards:
+            # No mean shift: it would move reward from the last token onto every token (TRL's PPO did the same).
+            per_token = masked_whiten(per_token, learn_mask, shift_mean=False) * learn_mask
+        if args.advantage_estimator == "gae":
+            advantages, returns = gae(per_token, values, mask, gamma=args.gamma, lam=args.lam)
+        else:
+            advantages, returns = rewards_to_go(per_token, mask, gamma=args.gamma, baseline=values * mask)
+        if args.whiten_advantages and learn_mask.any():
+            advantages = masked_whiten(advantages, learn_mask) * learn_mask
+        return {"advantages": advantages, "returns": returns, "token_rewards": rewards}
+
+    # ---------------------------------------------------------------- update (seed 2.10 and 4, step 6)
+
+    def _compute_loss(self, model, inputs):
+        # Replaces GRPOTrainer._compute_loss: PPO adds the critic's value loss to the clipped policy loss, in one
+        # backward, and needs its own aggregation (`ppo_loss`), so there is no GRPO loss to reuse.
+        input_ids = torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], dim=1)
+        attention_mask = torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], dim=1)
+        completion_length = inputs["completion_ids"].size(1)
+        logprobs, entropy, _ = self._get_per_token_logps_and_entropies(
+            model, input_ids, attention_mask, completion_length, compute_entropy=True
+        )
+        values = completion_values(self.value_model, input_ids, attention_mask, completion_length)
+        out = ppo_loss(
+            logprobs,
+            inputs["old_per_token_logps"],
+            inputs["advantages"],
+            inputs["ppo_mask"],
+            values=values,
+            old_values=inputs["old_values"],
+            returns=inputs["returns"],
+            entropy=entropy,
+            clip_range=self.args.cliprange,
+            clip_range_value=self.args.cliprange_value,
+            vf_coef=self.args.vf_coef,
+            ent_coef=self.args.ent_coef,
+            aggregation=self.args.loss_aggregation,
+            normalizer=self._loss_normalizer(inputs),
+        )
+        self._log_update(out, logprobs, inputs)
+        return out.loss
+
+    def _loss_normalizer(self, inputs) -> torch.Tensor:
+        """Tokens (or sequences) one process stands for in one optimizer step, across all processes.
+
+        A generation batch holds `num_items_in_batch` real tokens over all processes and feeds
+        `steps_per_generation` micro-batches per process; an optimizer step sums the gradients of
+        `gradient_accumulation_steps` micro-batches and DDP averages over processes. Dividing each micro-batch's
+        summed loss by  N * grad_accum / (steps_per_generation * num_processes)  makes the step's gradient the
+        gradient of the mean over the step's tokens, whatever the split.
+        """
+        key = "num_items_in_batch" if self.args.loss_aggregation == "token" else "num_sequences_in_batch"
+        total = inputs[key].float() / self.accelerator.num_processes
+        if self.model.training:
+            total = total * self.current_gradient_accumulation_steps / self.args.steps_per_generation
+        return total
+
+    # ---------------------------------------------------------------- logging, under TRL PPO's metric names
+
+    def _gathered_mean(self, x: torch.Tensor) -> float:
+        return self.accelerator.gather(x.detach().float().reshape(-1)).mean().item()
+
+    def _log_rollout(self, rollout, scores, scored, logprobs, values, mask, mode):
+        rewards = rollout["token_rewards"]
+        kl = gather(rewards.kl.sum(dim=1)[scored])
+        non_score = gather(rewards.non_score_reward[scored])
+        final_scores = gather(rewards.scores[scored])
+        entropy = gather((-logprobs * mask).sum(dim=1)[scored])
+        metrics = self._metrics[mode]
+        if len(final_scores):
+            metrics["objective/kl"].append(kl.mean().item())
+            metrics["objective/entropy"].append(entropy.mean().item())
+            metrics["objective/non_score_reward"].append(non_score.mean().item())
+            metrics["objective/scores"].append(final_scores.mean().item())
+            metrics["objective/rlhf_reward"].append((final_scores + non_score).mean().item())
+        learn_mask = mask & scored[:, None]
+        returns = rollout["returns"]
+        if learn_mask.any():
+            residual_var = masked_mean((returns - values) ** 2, learn_mask) - masked_mean(returns - values, learn_mask) ** 2
+            returns_var = masked_mean(returns**2, learn_mask) - masked_mean(returns, learn_mask) ** 2
+            metrics["val/explained_variance"].append(self._gathered_mean(1 - residual_var / returns_var.clamp(min=1e-8)))
+
+    def _log_update(self, out, logprobs, inputs):
+        mode = "train" if self.model.training else "eval"
+        mask = inputs["ppo_mask"]
+        ratio = torch.exp(logprobs.detach() - inputs["old_per_token_logps"])
+        metrics = self._metrics[mode]
+        metrics["policy/approxkl_avg"].append(self._gathered_mean(out.approx_kl))
+        metrics["policy/clipfrac_avg"].append(self._gathered_mean(out.clip_fraction))
+        metrics["policy/entropy_avg"].append(self._gathered_mean(masked_mean(-logprobs.detach(), mask)))
+        metrics["loss/policy_avg"].append(self._gathered_mean(out.policy_loss))
+        metrics["loss/value_avg"].append(self._gathered_mean(out.value_loss))
+        metrics["val/clipfrac_avg"].append(self._gathered_mean(out.value_clip_fraction))
+        metrics["val/ratio"].append(self._gathered_mean(masked_mean(ratio, mask)))
+
+    # ---------------------------------------------------------------- checkpoints: the critic beside the policy
+
+    def _save(self, output_dir: str | None = None, state_dict=None):
+        # Extends Trainer._save: the policy is saved without the attached critic's weights (so it loads as a plain
+        # causal LM or adapter), and the critic is saved on its own in `<output_dir>/value`.
+        output_dir = output_dir if output_dir is not None else self.args.output_dir
+        if state_dict is None:
+            state_dict = self.accelerator.unwrap_model(self.model).state_dict()
+        policy_state = {k: v for k, v in state_dict.items() if not k.startswith("value_model.")}
+        super()._save(output_dir, state_dict=policy_state)
+        if self.args.should_save:
+            save_value_model(self.value_model, os.path.join(output_dir, VALUE_DIR))
+
+    def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
+        # Extends Trainer._load_from_checkpoint, which restores only the policy, with the critic saved by `_save`.
+        super()._load_from_checkpoint(resume_from_checkpoint, model)
+        load_value_model(self.value_model, os.path.join(resume_from_checkpoint, VALUE_DIR))
+
+
+def save_value_model(value_model: nn.Module, path: str) -> None:
+    """Save the critic: its own `save` (the shared base's value role) or `save_pretrained` (a transformers model)."""
+    if hasattr(value_model, "save"):
+        value_model.save(path)
+    else:
+        value_model.save_pretrained(path)
+
+
+def load_value_model(value_model: nn.Module, path: str) -> None:
+    """Load critic weights saved by `save_value_model` into `value_model`, in place."""
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"No critic checkpoint at {path}; was this checkpoint written by PPOTrainer?")
+    if hasattr(value_model, "load"):
+        value_model.load(path)
+        return
+    from safetensors.torch import load_file
+
+    value_model.load_state_dict(load_file(os.path.join(path, "model.safetensors")))
+
+
+def _check_train_dataset(train_dataset) -> None:
+    if train_dataset is not None and hasattr(train_dataset, "__len__") and len(train_dataset) == 0:
+        raise ValueError("train_dataset is empty: PPO needs at least one prompt.")
+    if train_dataset is not None and "prompt" not in (train_dataset.column_names or []):
+        raise ValueError(f"train_dataset needs a 'prompt' column, got columns {train_dataset.column_names}.")
