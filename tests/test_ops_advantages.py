@@ -110,3 +110,15 @@ def test_bad_inputs_raise_clear_errors():
         rx.gae(r, r, torch.tensor([[1, 1, 0], [0, 1, 1]], dtype=torch.bool))
     with pytest.raises(ValueError, match="must have 2 dimensions"):
         rx.gae(torch.zeros(3), torch.zeros(3), torch.ones(3, dtype=torch.bool))
+
+
+def test_non_finite_padding_does_not_leak_into_real_tokens():
+    mask = right_padded_mask([3, 2], 4)
+    rewards, values = torch.randn(2, 4), torch.randn(2, 4)
+    clean_adv, clean_ret = rx.gae(rewards, values, mask)
+    dirty_r = rewards.masked_fill(~mask, float("nan"))
+    dirty_v = values.masked_fill(~mask, float("inf"))
+    adv, ret = rx.gae(dirty_r, dirty_v, mask)
+    torch.testing.assert_close(adv, clean_adv)
+    torch.testing.assert_close(ret, clean_ret)
+    torch.testing.assert_close(rx.rewards_to_go(dirty_r, mask)[0], rx.rewards_to_go(rewards, mask)[0])

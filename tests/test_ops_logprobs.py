@@ -42,3 +42,8 @@ def test_bad_inputs():
         rx.selective_log_softmax(torch.zeros(1, 3, 4), torch.zeros(1, 2, dtype=torch.long))
     with pytest.raises(ValueError, match="chunk_size must be >= 1"):
         rx.entropy_from_logits(torch.zeros(1, 3, 4), chunk_size=0)
+
+
+def test_entropy_ignores_masked_out_vocabulary_entries():
+    logits = torch.tensor([[[0.0, 0.0, float("-inf")]]])
+    torch.testing.assert_close(rx.entropy_from_logits(logits), torch.log(torch.tensor([[2.0]])))

@@ -128,3 +128,9 @@ def test_bad_inputs():
         rx.ppo_loss(b["logprobs"], b["old"], b["adv"][:, :3], b["mask"])
     with pytest.raises(ValueError, match="clip ranges must be positive"):
         rx.ppo_loss(b["logprobs"], b["old"], b["adv"], b["mask"], clip_range=0.0)
+
+
+def test_non_positive_normalizer_is_an_error():
+    b = random_batch()
+    with pytest.raises(ValueError, match="normalizer must be positive"):
+        rx.ppo_loss(b["logprobs"], b["old"], b["adv"], b["mask"], normalizer=0)

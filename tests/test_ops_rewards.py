@@ -55,3 +55,12 @@ def test_bad_inputs():
         rx.kl_penalty(z, z, "k4")
     with pytest.raises(ValueError, match="needs has_eos"):
         rx.token_rewards(torch.zeros(2), z, z, torch.ones(2, 3, dtype=torch.bool), kl_coef=0.1, missing_eos_penalty=1.0)
+
+
+def test_minus_infinity_log_probs_on_padding_give_finite_rewards():
+    logprobs = torch.tensor([[-1.0, float("-inf")]])
+    ref = torch.tensor([[-2.0, float("-inf")]])
+    out = rx.token_rewards(torch.tensor([1.0]), logprobs, ref, torch.tensor([[True, False]]), kl_coef=0.5, kl_estimator="k3")
+    k3 = torch.expm1(torch.tensor(-1.0)) + 1.0
+    torch.testing.assert_close(out.rewards, torch.tensor([[1.0 - 0.5 * k3, 0.0]]))
+    assert torch.isfinite(out.non_score_reward).all()

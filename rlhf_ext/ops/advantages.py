@@ -10,20 +10,33 @@ computed as a two-level chunked scan of small matrix products (`discounted_rever
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
+import torch.nn.functional as F
 
 from ._checks import check_ndim, check_prefix_mask, check_same_shape
 
 
-def _decay_matrix(n: int, c: float, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """[n, n] upper-triangular Toeplitz matrix M[i, j] = c^(j - i) for j >= i, else 0."""
+@functools.lru_cache(maxsize=64)
+def _decay_matrix_t(n: int, c: float, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """Transpose of the [n, n] upper-triangular Toeplitz matrix M[i, j] = c^(j - i) for j >= i, else 0.
+
+    Cached: a training run calls GAE with the same few lengths and discounts over and over.
+    """
     offsets = torch.arange(n, dtype=torch.float64, device=device)
     gaps = offsets[None, :] - offsets[:, None]
     # where, not multiply: c^(negative gap) is inf when c = 0, and inf * 0 would be NaN.
     m = torch.where(gaps >= 0, torch.tensor(c, dtype=torch.float64, device=device) ** gaps.clamp(min=0), 0.0)
-    return m.to(dtype)
+    return m.T.contiguous().to(dtype)
+
+
+@functools.lru_cache(maxsize=64)
+def _tail_decay(chunk: int, c: float, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """[chunk] vector c^(chunk - i): how much the next chunk's start value weighs at position i."""
+    exponents = torch.arange(chunk, 0, -1, dtype=torch.float64, device=device)
+    return (torch.tensor(c, dtype=torch.float64, device=device) ** exponents).to(dtype)
 
 
 def discounted_reverse_cumsum(x: torch.Tensor, c: float) -> torch.Tensor:
@@ -39,14 +52,13 @@ def discounted_reverse_cumsum(x: torch.Tensor, c: float) -> torch.Tensor:
         return x.clone()
     chunk = max(1, math.isqrt(length - 1) + 1)
     n_chunks = -(-length // chunk)
-    padded = torch.nn.functional.pad(x, (0, n_chunks * chunk - length)).view(batch, n_chunks, chunk)
-    local = padded @ _decay_matrix(chunk, c, x.dtype, x.device).T  # [B, n, L]
-    chunk_starts = local[:, :, 0] @ _decay_matrix(n_chunks, c**chunk, x.dtype, x.device).T  # [B, n]
-    next_start = torch.nn.functional.pad(chunk_starts[:, 1:], (0, 1))
-    exponents = torch.arange(chunk, 0, -1, dtype=torch.float64, device=x.device)
-    tail_decay = (torch.tensor(c, dtype=torch.float64, device=x.device) ** exponents).to(x.dtype)
-    y = local + next_start[:, :, None] * tail_decay
-    return y.reshape(batch, -1)[:, :length]
+    if n_chunks * chunk != length:
+        x = F.pad(x, (0, n_chunks * chunk - length))
+    local = x.view(batch, n_chunks, chunk) @ _decay_matrix_t(chunk, c, x.dtype, x.device)  # [B, n, L]
+    chunk_starts = local[:, :, 0] @ _decay_matrix_t(n_chunks, c**chunk, x.dtype, x.device)  # [B, n]
+    carry = chunk_starts[:, 1:, None] * _tail_decay(chunk, c, x.dtype, x.device)  # [B, n-1, L]
+    y = torch.cat([local[:, :-1] + carry, local[:, -1:]], dim=1)
+    return y.view(batch, -1)[:, :length]
 
 
 def _checked_inputs(rewards: torch.Tensor, mask: torch.Tensor, **others) -> torch.Tensor:
@@ -72,18 +84,20 @@ def gae(
         rewards: [B, T] per-token rewards.
         values: [B, T] value estimates V_t.
         mask: [B, T] bool, True on real response tokens, right-padded.
-        gamma: discount factor; lam: GAE lambda (0 gives the TD residual, 1 the Monte Carlo return).
+        gamma: discount factor; lam: GAE lambda (0 gives the TD residual delta_t; 1 gives
+            A_t = G_t - V_t, so the returns are the Monte Carlo returns G_t).
 
     Returns:
         (advantages, returns), both [B, T] and 0 where mask is False.
     """
     mask = _checked_inputs(rewards, mask, values=values)
-    m = mask.to(rewards.dtype)
-    values = values * m
-    next_values = torch.nn.functional.pad(values[:, 1:], (0, 1))
-    deltas = (rewards + gamma * next_values - values) * m
-    advantages = discounted_reverse_cumsum(deltas, gamma * lam) * m
-    return advantages, (advantages + values) * m
+    padding = ~mask
+    # masked_fill, not multiply by the mask: NaN or inf on padding must not leak into real tokens.
+    values = values.masked_fill(padding, 0.0)
+    next_values = F.pad(values[:, 1:], (0, 1))
+    deltas = (rewards + gamma * next_values - values).masked_fill(padding, 0.0)
+    advantages = discounted_reverse_cumsum(deltas, gamma * lam)  # exactly 0 on padding: its deltas are 0
+    return advantages, advantages + values
 
 
 def rewards_to_go(
@@ -106,11 +120,11 @@ def rewards_to_go(
         (advantages, returns = G), both [B, T] and 0 where mask is False.
     """
     mask = _checked_inputs(rewards, mask)
-    m = mask.to(rewards.dtype)
-    returns = discounted_reverse_cumsum(rewards * m, gamma) * m
+    padding = ~mask
+    returns = discounted_reverse_cumsum(rewards.masked_fill(padding, 0.0), gamma)
     if baseline is None:
         return returns, returns
     if baseline.dim() == 1:
         baseline = baseline[:, None].expand_as(rewards)
     check_same_shape(rewards=rewards, baseline=baseline)
-    return (returns - baseline) * m, returns
+    return (returns - baseline).masked_fill(padding, 0.0), returns

@@ -54,5 +54,8 @@ def entropy_from_logits(logits: torch.Tensor, chunk_size: int = 256) -> torch.Te
     out = []
     for start in _chunks(logits.shape[1], chunk_size):
         chunk = _at_least_float32(logits[:, start : start + chunk_size])
-        out.append(torch.logsumexp(chunk, dim=-1) - (torch.softmax(chunk, dim=-1) * chunk).sum(dim=-1))
+        probs = torch.softmax(chunk, dim=-1)
+        # where: a masked-out logit of -inf has probability 0 and must add 0, not 0 * -inf = NaN.
+        expected_logit = torch.where(probs > 0, probs * chunk, 0.0).sum(dim=-1)
+        out.append(torch.logsumexp(chunk, dim=-1) - expected_logit)
     return torch.cat(out, dim=1)

@@ -54,8 +54,14 @@ def aggregate(
         total, count = (masked_sum(per_token, mask, dim=1) / lengths).sum(), mask.shape[0]
     else:
         raise ValueError(f"aggregation must be one of {AGGREGATIONS}, got {aggregation!r}")
-    denominator = count if normalizer is None else normalizer
-    return total / torch.as_tensor(denominator, dtype=per_token.dtype, device=per_token.device).clamp(min=1)
+    if normalizer is None:
+        # an all-padding micro-batch contributes 0, not 0/0
+        denominator = torch.as_tensor(count, dtype=per_token.dtype, device=per_token.device).clamp(min=1)
+    elif normalizer <= 0:
+        raise ValueError(f"normalizer must be positive, got {normalizer}")
+    else:
+        denominator = torch.as_tensor(normalizer, dtype=per_token.dtype, device=per_token.device)
+    return total / denominator
 
 
 def clipped_policy_loss(

@@ -1,5 +1,8 @@
-"""Per-token PPO rewards: the sequence score at the last real token, a KL penalty on every token
-(seed 4.1; Ziegler et al. 2019; Stiennon et al. 2020).
+"""Per-token PPO rewards: the sequence score at the last real token, a KL penalty on every token.
+
+The seed (4.1) treats each token as an action with the reward model scoring the finished
+response; the KL-to-reference penalty keeping the policy near pi_ref is the RLHF objective of
+Ziegler et al. 2019 and Stiennon et al. 2020 (InstructGPT, eq. 2) spread over the tokens:
 
     r_t = -kl_coef * KL_t + [t == last real token] * score
 """
@@ -90,8 +93,8 @@ def token_rewards(
         if has_eos is None:
             raise ValueError("missing_eos_penalty needs has_eos, a [B] bool tensor")
         scores = scores - missing_eos_penalty * (~has_eos.bool()).to(scores.dtype)
-    m = mask.to(logprobs.dtype)
-    kl = kl_penalty(logprobs, ref_logprobs, kl_estimator) * m
+    # where, not multiply: padded log-probs may be -inf, and -inf * 0 is NaN.
+    kl = torch.where(mask, kl_penalty(logprobs, ref_logprobs, kl_estimator), 0.0)
     rewards = -kl_coef * kl
     rows = torch.arange(mask.shape[0], device=mask.device)
     rewards[rows, last_token_index(mask)] += scores.to(rewards.dtype)

@@ -1,4 +1,8 @@
-"""Masked statistics over real tokens, and whitening (used for rewards and advantages, seed 4.1)."""
+"""Masked statistics over real tokens, and whitening of rewards and advantages.
+
+Whitening is not in the seed; it is the standard PPO-for-LLMs variance reduction (TRL, OpenAI's
+lm-human-preferences) that keeps the advantage scale fixed while rewards drift.
+"""
 
 from __future__ import annotations
 
