@@ -12,7 +12,17 @@ from .ops import __all__ as _ops_all
 __version__ = "0.1.0"
 
 # public name -> module that defines it, imported on first attribute access
-_LAZY = {}
+_LAZY = {
+    "PlackettLuceDPOConfig": ".trainers.kway_dpo",
+    "PlackettLuceDPOTrainer": ".trainers.kway_dpo",
+    "PlackettLuceRewardConfig": ".trainers.kway_reward",
+    "PlackettLuceRewardTrainer": ".trainers.kway_reward",
+    "DataCollatorForRankedPreference": ".data",
+    "load_preference_dataset": ".data",
+    "SharedBase": ".models",
+    "SharedBaseArguments": ".models",
+    "ScalarHead": ".models",
+}
 
 
 def __getattr__(name):

@@ -3,6 +3,10 @@ import torch
 
 from rlhf_ext.testing import tiny_causal_lm, tiny_tokenizer
 
+# Tiny models: one thread is faster than two (no cross-thread handoff on every small op), and
+# CI machines are small and shared.
+torch.set_num_threads(1)
+
 
 @pytest.fixture
 def tokenizer():

@@ -5,13 +5,14 @@ import json
 
 import pytest
 import torch
+from peft import LoraConfig, get_peft_model
 from safetensors.torch import save_file
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, LlamaForSequenceClassification
 
 from rlhf_ext.models import SharedBase, SharedBaseArguments, save_adapter_with_head
 from rlhf_ext.models.heads import ScalarHead
-from rlhf_ext.models.shared_base import last_token_index
-from rlhf_ext.testing import save_tiny_model, tiny_causal_lm
+from rlhf_ext.models.shared_base import is_adapter_parameter, last_token_index
+from rlhf_ext.testing import save_tiny_model, tiny_causal_lm, tiny_llama_config
 
 ARGS = SharedBaseArguments(lora_r=4, lora_alpha=8, lora_dropout=0.0)
 
@@ -35,7 +36,8 @@ def batch(seed: int = 0, batch_size: int = 3, length: int = 9):
     return input_ids, attention_mask
 
 
-def grads_of(params) -> list[torch.Tensor]:
+def grads_of(params) -> list[torch.Tensor | None]:
+    """A copy of each parameter's .grad (None where backward did not reach it)."""
     return [p.grad.clone() if p.grad is not None else None for p in params]
 
 
@@ -129,6 +131,13 @@ def test_last_token_index_handles_left_and_right_padding():
     assert last_token_index(mask).tolist() == [2, 4, 4]
 
 
+def test_adapter_parameters_are_told_apart_from_base_modules_named_like_a_role():
+    name = "model.layers.0.attention.value.lora_A.policy.weight"  # a base module called "value"
+    assert is_adapter_parameter(name, "policy")
+    assert not is_adapter_parameter(name, "value")
+    assert is_adapter_parameter("model.embed_tokens.lora_embedding_B.value", "value")
+
+
 def test_missing_reward_role_is_a_clear_error(shared):
     input_ids, attention_mask = batch()
     with pytest.raises(ValueError, match="reward_adapter_path"):
@@ -155,10 +164,11 @@ def test_each_role_saved_alone_reloads_onto_a_fresh_base_with_identical_outputs(
     assert sorted(p.name for p in (tmp_path / "value").iterdir()) == [
         "adapter_config.json", "adapter_model.safetensors", "head.safetensors", "head_config.json",
     ]
-    assert sorted(p.name for p in (tmp_path / "policy").iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
-    assert torch.equal(reloaded.policy_logits(input_ids, attention_mask), shared.policy_logits(input_ids, attention_mask))
-    assert torch.equal(reloaded.values(input_ids, attention_mask), shared.values(input_ids, attention_mask))
-    assert torch.equal(reloaded.reward_scores(input_ids, attention_mask), shared.reward_scores(input_ids, attention_mask))
+    policy_files = sorted(p.name for p in (tmp_path / "policy").iterdir())
+    assert policy_files == ["adapter_config.json", "adapter_model.safetensors"]
+    for forward in ("policy_logits", "values", "reward_scores"):
+        got = getattr(reloaded, forward)(input_ids, attention_mask)
+        assert torch.equal(got, getattr(shared, forward)(input_ids, attention_mask)), forward
     # the reloaded policy and value train, the reloaded reward does not
     assert {id(p) for p in reloaded.trainable_parameters()} == {id(p) for p in reloaded.parameters() if p.requires_grad}
     assert len(reloaded.trainable_parameters()) == 58
@@ -166,8 +176,6 @@ def test_each_role_saved_alone_reloads_onto_a_fresh_base_with_identical_outputs(
 
 def test_reward_folder_written_by_a_plain_peft_model_loads_as_the_reward_role(base, tmp_path):
     """What the K-way reward trainer does: its own peft model and a score Linear [1, H] without bias."""
-    from peft import LoraConfig, get_peft_model
-
     trainer_model = get_peft_model(copy.deepcopy(base), LoraConfig(r=2, target_modules=["q_proj", "v_proj"]))
     score = torch.nn.Linear(32, 1, bias=False)
     save_adapter_with_head(trainer_model, "default", score, tmp_path / "rm", role="reward")
@@ -237,3 +245,23 @@ def test_merged_export_of_an_in_memory_base_asks_for_the_base(shared, tmp_path):
 def test_head_keeps_float32_on_a_bfloat16_base():
     head = ScalarHead(8)
     assert head(torch.randn(2, 5, 8, dtype=torch.bfloat16)).dtype == torch.float32
+
+
+def test_reward_folder_of_a_sequence_classification_peft_model_scores_like_that_model(base, tmp_path):
+    """The K-way reward trainer may train LlamaForSequenceClassification + LoRA (task SEQ_CLS), whose
+    `score` is a peft ModulesToSaveWrapper: the folder must carry the trained copy of the score."""
+    classifier = LlamaForSequenceClassification(tiny_llama_config(num_labels=1))
+    classifier.model.load_state_dict(base.model.state_dict())
+    lora = LoraConfig(r=2, target_modules=["q_proj", "v_proj"], task_type="SEQ_CLS")
+    trainer_model = get_peft_model(classifier, lora)
+    with torch.no_grad():
+        for name, param in trainer_model.named_parameters():
+            if "lora_B" in name or "modules_to_save" in name:  # as if trained: adapter and score copy moved
+                param.normal_()
+    score = trainer_model.base_model.model.score
+    save_adapter_with_head(trainer_model, "default", score, tmp_path / "rm", role="reward")
+
+    shared = SharedBase(copy.deepcopy(base), SharedBaseArguments(lora_r=4, reward_adapter_path=str(tmp_path / "rm")))
+    input_ids, attention_mask = batch()
+    expected = trainer_model.eval()(input_ids=input_ids, attention_mask=attention_mask).logits.squeeze(-1)
+    assert torch.allclose(shared.reward_scores(input_ids, attention_mask), expected, atol=1e-5)

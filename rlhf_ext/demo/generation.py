@@ -13,8 +13,6 @@ from dataclasses import dataclass
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from .prompts import as_conversation
-
 
 @dataclass(frozen=True)
 class SamplingConfig:
@@ -49,11 +47,9 @@ def load_model_and_tokenizer(model_path: str, adapter_path: str | None = None):
     return model.eval(), tokenizer
 
 
-def chat_batch(tokenizer, prompts: list[str]) -> dict[str, torch.Tensor]:
-    """Prompts as one-turn conversations with the assistant turn opened, left-padded."""
-    texts = [
-        tokenizer.apply_chat_template(as_conversation(p), add_generation_prompt=True, tokenize=False) for p in prompts
-    ]
+def chat_batch(tokenizer, conversations: list[list[dict[str, str]]]) -> dict[str, torch.Tensor]:
+    """Conversations rendered with the chat template, the assistant turn opened, left-padded."""
+    texts = [tokenizer.apply_chat_template(c, add_generation_prompt=True, tokenize=False) for c in conversations]
     tokenizer.padding_side = "left"
     # The chat template already writes any BOS it wants; adding special tokens again would double it.
     return tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
@@ -67,9 +63,11 @@ def mask_after_first_eos(completion_ids: torch.Tensor, eos_token_id: int) -> tor
 
 
 @torch.no_grad()
-def sample_batch(model, tokenizer, prompts: list[str], num_samples: int, sampling: SamplingConfig) -> GeneratedBatch:
-    """`num_samples` sampled completions for each prompt, decoded and masked."""
-    inputs = chat_batch(tokenizer, prompts)
+def sample_batch(
+    model, tokenizer, conversations: list[list[dict[str, str]]], num_samples: int, sampling: SamplingConfig
+) -> GeneratedBatch:
+    """`num_samples` sampled completions for each conversation, decoded and masked."""
+    inputs = chat_batch(tokenizer, conversations)
     sequences = model.generate(
         **inputs,
         do_sample=True,

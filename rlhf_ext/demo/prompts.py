@@ -58,6 +58,11 @@ def demo_split(n_train: int | None = None, n_heldout: int = N_HELDOUT) -> Prompt
     return PromptSplit(train=train, heldout=split.heldout)
 
 
-def as_conversation(prompt: str) -> list[dict[str, str]]:
-    """A prompt as a one-turn conversation, the form the ranked dataset and the chat template use."""
-    return [{"role": "user", "content": prompt}]
+def as_conversation(prompt: str, system_prompt: str | None = None) -> list[dict[str, str]]:
+    """A prompt as a one-turn conversation, the form the ranked dataset and the chat template use.
+
+    With `system_prompt=None` the chat template supplies its own default system turn, if it has one
+    (SmolLM2's adds 16 tokens to every prompt; the demo passes "" to keep sequences short).
+    """
+    system = [] if system_prompt is None else [{"role": "system", "content": system_prompt}]
+    return system + [{"role": "user", "content": prompt}]

@@ -2,8 +2,10 @@
 
 Writes a JSON-lines file in the DESIGN.md ranked format, conversational:
 `{"prompt": [{"role": "user", ...}], "completions": [[{"role": "assistant", ...}], ...], "scores": [...]}`
-with completions best first. Lists whose K completions all score the same state no preference;
-they are dropped and counted (`n_all_tied`), never silently.
+with completions best first. Two kinds of samples cannot be trained on, and are dropped and counted,
+never silently: empty completions (the model ended its turn at once; the ranked-data validator
+rejects them), and lists left with fewer than two completions or whose completions all score the
+same, which state no preference.
 """
 
 from __future__ import annotations
@@ -17,40 +19,50 @@ from tqdm.auto import tqdm
 from transformers import set_seed
 
 from .generation import SamplingConfig, sample_batch
-from .prompts import as_conversation
-from .sentiment import is_all_tied, ranked_record
+from .sentiment import completion_text, is_all_tied, ranked_record
 
 logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
 class RankedDatasetStats:
-    """What a ranked file holds: how many lists were written and how many all-tied lists were dropped."""
+    """What a ranked file holds, and what was dropped on the way."""
 
     n_prompts: int
     n_written: int
-    n_all_tied: int
-    mean_score: float  # mean VADER compound over every sampled completion, tied lists included
+    n_empty_completions: int  # dropped from their lists
+    n_lists_dropped: int  # fewer than two completions left, or (with drop_all_tied) all scores equal
+    mean_score: float  # mean VADER compound over every sampled completion, dropped ones included
 
 
 def ranked_completions(
-    model, tokenizer, prompts: list[str], k: int, sampling: SamplingConfig, batch_size: int, desc: str
+    model, tokenizer, conversations: list[list[dict]], k: int, sampling: SamplingConfig, batch_size: int, desc: str
 ) -> list[dict]:
-    """One ranked record per prompt: K sampled completions ordered best first by VADER."""
+    """One ranked record per conversation: K sampled completions ordered best first by VADER."""
     records = []
-    for start in tqdm(range(0, len(prompts), batch_size), desc=desc, unit="batch"):
-        chunk = prompts[start : start + batch_size]
+    for start in tqdm(range(0, len(conversations), batch_size), desc=desc, unit="batch"):
+        chunk = conversations[start : start + batch_size]
         batch = sample_batch(model, tokenizer, chunk, num_samples=k, sampling=sampling)
-        for i, prompt in enumerate(chunk):
+        for i, conversation in enumerate(chunk):
             completions = [[{"role": "assistant", "content": t}] for t in batch.texts[i * k : (i + 1) * k]]
-            records.append(ranked_record(as_conversation(prompt), completions))
+            records.append(ranked_record(conversation, completions))
     return records
 
 
+def without_empty_completions(record: dict) -> dict:
+    """The record with its empty completions removed (order and scores of the rest unchanged)."""
+    keep = [i for i, c in enumerate(record["completions"]) if completion_text(c).strip()]
+    completions, scores = record["completions"], record["scores"]
+    return {**record, "completions": [completions[i] for i in keep], "scores": [scores[i] for i in keep]}
+
+
 def write_ranked_dataset(records: list[dict], path: Path, drop_all_tied: bool = True) -> RankedDatasetStats:
-    """Write `records` as JSON lines (dropping all-tied lists if asked) and return what was written."""
+    """Write `records` as JSON lines, without empty completions (and without lists that state no
+    preference, if asked), and return what was written and dropped."""
     scores = [s for r in records for s in r["scores"]]
-    kept = [r for r in records if not (drop_all_tied and is_all_tied(r))]
+    cleaned = [without_empty_completions(r) for r in records]
+    n_empty = sum(len(r["completions"]) for r in records) - sum(len(r["completions"]) for r in cleaned)
+    kept = [r for r in cleaned if len(r["completions"]) >= 2 and not (drop_all_tied and is_all_tied(r))]
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("w", encoding="utf-8") as f:
         for record in kept:
@@ -58,17 +70,19 @@ def write_ranked_dataset(records: list[dict], path: Path, drop_all_tied: bool = 
     stats = RankedDatasetStats(
         n_prompts=len(records),
         n_written=len(kept),
-        n_all_tied=len(records) - len(kept),
+        n_empty_completions=n_empty,
+        n_lists_dropped=len(records) - len(kept),
         mean_score=sum(scores) / max(len(scores), 1),
     )
-    logger.info("%s: %d ranked lists written, %d all-tied lists dropped", path, stats.n_written, stats.n_all_tied)
+    logger.info("%s: %d ranked lists written; dropped %d empty completions and %d lists that state no preference",
+                path, stats.n_written, stats.n_empty_completions, stats.n_lists_dropped)  # fmt: skip
     return stats
 
 
 def build_ranked_dataset(
     model,
     tokenizer,
-    prompts: list[str],
+    conversations: list[list[dict]],
     path: Path,
     *,
     k: int,
@@ -81,7 +95,7 @@ def build_ranked_dataset(
     if k < 2:
         raise ValueError(f"a ranking needs at least 2 completions per prompt, got k={k}")
     set_seed(seed)
-    records = ranked_completions(model, tokenizer, prompts, k, sampling, batch_size, desc=f"sampling {path.stem}")
+    records = ranked_completions(model, tokenizer, conversations, k, sampling, batch_size, desc=f"sampling {path.stem}")
     return write_ranked_dataset(records, path, drop_all_tied)
 
 

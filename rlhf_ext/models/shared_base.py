@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import copy
 import os
+import re
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -49,7 +50,6 @@ from .presets import SharedBaseArguments, lora_config, quantization_config
 from .quantization import disable_cpu_4bit_repacking
 from .role_folder import (
     HEAD_ROLES,
-    base_model_name_or_path,
     check_adapter_fits,
     load_head,
     save_adapter,
@@ -85,8 +85,12 @@ def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
 
 
 def is_adapter_parameter(name: str, adapter_name: str) -> bool:
-    """Whether parameter `name` of a peft model belongs to adapter `adapter_name` (e.g. '...lora_A.policy.weight')."""
-    return f".{adapter_name}." in name and ".lora_" in name
+    """Whether parameter `name` of a peft model belongs to adapter `adapter_name` (e.g. '...lora_A.policy.weight').
+
+    The adapter name is matched right after the `lora_*` container, so a base module that happens
+    to be called "value" (BERT-style attention) is not mistaken for the value adapter.
+    """
+    return re.search(rf"\.lora_[A-Za-z_]+\.{re.escape(adapter_name)}(\.|$)", name) is not None
 
 
 class SharedBase(nn.Module):

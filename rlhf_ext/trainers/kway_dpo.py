@@ -34,11 +34,13 @@ from ..ops import dpo_plackett_luce_loss
 from .kway_reward import (
     TIE_POLICY_HELP,
     TOP_M_HELP,
-    gathered_ratio,
+    best_and_rest_mean,
+    gather_lists,
     loss_by_depth,
     ranked_collator,
     ranking_depth,
     ranking_stats,
+    ratio,
     tokenizer_for,
 )
 
@@ -99,6 +101,8 @@ class PlackettLuceDPOTrainer(DPOTrainer):
                  train_dataset=None, eval_dataset=None, processing_class=None, **kwargs):
         if args is None:
             args = PlackettLuceDPOConfig(f"{Path(str(getattr(model, 'name_or_path', model))).name}-PL-DPO")
+        if not isinstance(args, PlackettLuceDPOConfig):
+            raise TypeError(f"args must be a PlackettLuceDPOConfig, got {type(args).__name__}")
         processing_class = tokenizer_for(model, processing_class, args.trust_remote_code)
         if data_collator is None:
             data_collator = ranked_collator(processing_class, args.pad_to_multiple_of)
@@ -122,7 +126,8 @@ class PlackettLuceDPOTrainer(DPOTrainer):
         """Summed reference log-probs per sequence [N], through DPOTrainer.compute_ref_log_probs (ref model, or
         the base with adapters off), which returns the batch as two halves; they are joined back in order."""
         ref_inputs = {k: inputs[k] for k in (*_MODEL_KEYS, "completion_mask")}
-        return torch.cat(self.compute_ref_log_probs(self.ref_model or self.model, ref_inputs))
+        reference = self.ref_model if self.ref_model is not None else self.model
+        return torch.cat(self.compute_ref_log_probs(reference, ref_inputs))
 
     # Replaces DPOTrainer._precompute_ref_logps, which stores one chosen and one rejected value per record; a
     # ranked record needs K. No on-disk cache: the pass is one reference forward over the dataset.
@@ -160,7 +165,8 @@ class PlackettLuceDPOTrainer(DPOTrainer):
         else:
             ref_logps, _ = split_into_lists(self._reference_logps(inputs), num_completions)
         if self.args.length_normalization:
-            lengths, _ = split_into_lists(inputs["completion_mask"].sum(dim=1).clamp(min=1), num_completions)
+            lengths, _ = split_into_lists(inputs["completion_mask"].sum(dim=1), num_completions)
+            lengths = lengths.clamp(min=1)  # padding has length 0: keep its (masked-out) entries finite
             policy_logps, ref_logps = policy_logps / lengths, ref_logps / lengths
         depth = ranking_depth(inputs["num_ranked"], self.args.top_m)
         per_list = loss_by_depth(
@@ -186,13 +192,16 @@ class PlackettLuceDPOTrainer(DPOTrainer):
             self._total_train_tokens += acc.gather_for_metrics(attention_mask.sum()).sum().item() // self._tp_size
         self._metrics[mode]["num_tokens"] = [self._total_train_tokens]
         rewards = ranking_stats(self.beta * (policy_logps - ref_logps), mask, depth)
-        logps = ranking_stats(policy_logps, mask, depth)
-        ones = torch.ones_like(rewards.chosen)
+        logps_chosen, logps_rejected = best_and_rest_mean(policy_logps.detach(), mask)
+        chosen, rejected, pairs_correct, pairs, top1_correct, has_top1, logps_chosen, logps_rejected = gather_lists(
+            acc, rewards.chosen, rewards.rejected, rewards.pairs_correct, rewards.pairs, rewards.top1_correct,
+            rewards.has_top1, logps_chosen, logps_rejected,
+        )
         metrics = self._metrics[mode]
-        metrics["rewards/chosen"].append(gathered_ratio(acc, rewards.chosen, ones))
-        metrics["rewards/rejected"].append(gathered_ratio(acc, rewards.rejected, ones))
-        metrics["rewards/accuracies"].append(gathered_ratio(acc, rewards.pairs_correct, rewards.pairs))
-        metrics["rewards/top1_accuracy"].append(gathered_ratio(acc, rewards.top1_correct, rewards.has_top1))
-        metrics["rewards/margins"].append(gathered_ratio(acc, rewards.chosen - rewards.rejected, ones))
-        metrics["logps/chosen"].append(gathered_ratio(acc, logps.chosen, ones))
-        metrics["logps/rejected"].append(gathered_ratio(acc, logps.rejected, ones))
+        metrics["rewards/chosen"].append(chosen.mean().item())
+        metrics["rewards/rejected"].append(rejected.mean().item())
+        metrics["rewards/accuracies"].append(ratio(pairs_correct, pairs))
+        metrics["rewards/top1_accuracy"].append(ratio(top1_correct, has_top1))
+        metrics["rewards/margins"].append((chosen - rejected).mean().item())
+        metrics["logps/chosen"].append(logps_chosen.mean().item())
+        metrics["logps/rejected"].append(logps_rejected.mean().item())

@@ -68,6 +68,13 @@ class RankingStats:
     rejected: torch.Tensor  # mean score of the other items
 
 
+def best_and_rest_mean(scores: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(s_1, mean of s_2..s_K) per list: TRL's "chosen" and, averaged over the others, "rejected". [B, K] -> 2 x [B]."""
+    others = mask.clone()
+    others[:, 0] = False
+    return scores[:, 0], (scores * others).sum(dim=1) / others.sum(dim=1)
+
+
 def ranking_stats(scores: torch.Tensor, mask: torch.Tensor, depth: torch.Tensor) -> RankingStats:
     """Top-1 and pairwise ranking accuracy of `scores` against the known order (the first `depth` places).
 
@@ -81,25 +88,31 @@ def ranking_stats(scores: torch.Tensor, mask: torch.Tensor, depth: torch.Tensor)
     counted = (positions[:, None] < positions[None, :]) & (positions[None, :, None] < depth[:, None, None])
     counted = counted & mask[:, None, :] & mask[:, :, None]
     beats = scores[:, :, None] > scores[:, None, :]
-    others = mask.clone()
-    others[:, 0] = False
-    best_wins = (beats[:, 0] | ~others).all(dim=1)
+    below_best = mask & (positions > 0)
+    best_wins = (beats[:, 0] | ~below_best).all(dim=1)
     has_top1 = (depth >= 1).float()
+    chosen, rejected = best_and_rest_mean(scores, mask)
     return RankingStats(
         top1_correct=best_wins.float() * has_top1,
         has_top1=has_top1,
         pairs_correct=(beats & counted).sum(dim=(1, 2)).float(),
         pairs=counted.sum(dim=(1, 2)).float(),
-        chosen=scores[:, 0],
-        rejected=(scores * others).sum(dim=1) / others.sum(dim=1),
+        chosen=chosen,
+        rejected=rejected,
     )
 
 
-def gathered_ratio(accelerator, numerator: torch.Tensor, denominator: torch.Tensor) -> float:
-    """sum(numerator) / sum(denominator) over all processes (0 when nothing was counted)."""
-    total = accelerator.gather_for_metrics(torch.stack([numerator.sum(), denominator.sum()]).reshape(1, 2))
-    num, den = total.sum(dim=0).tolist()
-    return num / den if den > 0 else 0.0
+def gather_lists(accelerator, *columns: torch.Tensor) -> list[torch.Tensor]:
+    """Per-list values [B] from every process, each [B_total]. gather_for_metrics drops the lists that
+    even batches repeat, so only per-list (never per-sequence) values go through here."""
+    gathered = accelerator.gather_for_metrics(torch.stack([c.float() for c in columns], dim=1))
+    return list(gathered.unbind(dim=1))
+
+
+def ratio(numerator: torch.Tensor, denominator: torch.Tensor) -> float:
+    """sum(numerator) / sum(denominator), 0 when nothing was counted."""
+    den = denominator.sum().item()
+    return numerator.sum().item() / den if den > 0 else 0.0
 
 
 @dataclass
@@ -154,6 +167,8 @@ class PlackettLuceRewardTrainer(RewardTrainer):
                  eval_dataset=None, processing_class=None, **kwargs):
         if args is None:
             args = PlackettLuceRewardConfig(f"{Path(str(getattr(model, 'name_or_path', model))).name}-PL-Reward")
+        if not isinstance(args, PlackettLuceRewardConfig):
+            raise TypeError(f"args must be a PlackettLuceRewardConfig, got {type(args).__name__}")
         processing_class = tokenizer_for(model, processing_class, args.trust_remote_code)
         if data_collator is None:
             data_collator = ranked_collator(processing_class, args.pad_to_multiple_of)
@@ -196,14 +211,19 @@ class PlackettLuceRewardTrainer(RewardTrainer):
             self._total_train_tokens += acc.gather_for_metrics(attention_mask.sum()).sum().item() // self._tp_size
         self._metrics[mode]["num_tokens"] = [self._total_train_tokens]
         stats = ranking_stats(rewards, mask, depth)
-        real = acc.gather_for_metrics(rewards.detach()[mask])
-        self._metrics[mode]["min_reward"].append(real.min().item())
-        self._metrics[mode]["mean_reward"].append(real.mean().item())
-        self._metrics[mode]["max_reward"].append(real.max().item())
-        self._metrics[mode]["accuracy"].append(gathered_ratio(acc, stats.pairs_correct, stats.pairs))
-        self._metrics[mode]["top1_accuracy"].append(gathered_ratio(acc, stats.top1_correct, stats.has_top1))
-        margins = stats.chosen - stats.rejected
-        self._metrics[mode]["margin"].append(gathered_ratio(acc, margins, torch.ones_like(margins)))
+        rewards = rewards.detach()
+        lowest, highest, total, count, pairs_correct, pairs, top1_correct, has_top1, margin = gather_lists(
+            acc, rewards.masked_fill(~mask, torch.inf).amin(dim=1), rewards.masked_fill(~mask, -torch.inf).amax(dim=1),
+            (rewards * mask).sum(dim=1), mask.sum(dim=1), stats.pairs_correct, stats.pairs, stats.top1_correct,
+            stats.has_top1, stats.chosen - stats.rejected,
+        )
+        metrics = self._metrics[mode]
+        metrics["min_reward"].append(lowest.min().item())
+        metrics["mean_reward"].append(ratio(total, count))
+        metrics["max_reward"].append(highest.max().item())
+        metrics["accuracy"].append(ratio(pairs_correct, pairs))
+        metrics["top1_accuracy"].append(ratio(top1_correct, has_top1))
+        metrics["margin"].append(margin.mean().item())
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False):
         """Save as RewardTrainer does; a LoRA reward model's final save is the adapter + head role folder.

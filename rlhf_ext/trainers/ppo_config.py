@@ -67,6 +67,13 @@ class PPOConfig(GRPOConfig):
             "match those of the first update (TRL's PPO did the same)."
         },
     )
+    ddp_find_unused_parameters: bool | None = field(
+        default=False,
+        metadata={
+            "help": "DDP's search for parameters unused by the forward. Off for PPO: the critic runs outside the "
+            "policy's DDP forward, so the search would mark its parameters unused and then see their gradients."
+        },
+    )
     num_ppo_epochs: int = field(
         default=4,
         metadata={"help": "Optimisation passes over each generation batch (theta_old stays fixed across them)."},
@@ -182,5 +189,10 @@ class PPOConfig(GRPOConfig):
             raise ValueError(f"kl_coef must be >= 0, got {self.kl_coef}.")
         if not 0.0 <= self.gamma <= 1.0 or not 0.0 <= self.lam <= 1.0:
             raise ValueError(f"gamma and lam must lie in [0, 1], got gamma={self.gamma}, lam={self.lam}.")
+        if self.mask_truncated_completions:
+            raise ValueError(
+                "mask_truncated_completions is not supported by PPO: it leaves completions without a token to carry "
+                "their score. Use missing_eos_penalty to penalise completions that end without EOS."
+            )
         if self.cliprange <= 0:
             raise ValueError(f"cliprange must be > 0, got {self.cliprange}.")

@@ -23,7 +23,7 @@ from collections.abc import Callable
 from contextlib import nullcontext
 
 import torch
-from accelerate.utils import gather, is_peft_model
+from accelerate.utils import gather, gather_object, is_peft_model
 from torch import nn
 from transformers import AutoModelForCausalLM, PreTrainedModel
 from trl import GRPOTrainer
@@ -95,7 +95,8 @@ class SharedBaseReward:
     """The reward role of a `SharedBase` as a TRL reward function: the score of prompt + completion text [N].
 
     Like TRL's reward-model path, the text is re-tokenized (with the chat template for conversations), right-padded,
-    and scored at its last real token.
+    and scored at its last real token. A plain-text completion gets the EOS token appended, as the reward trainer's
+    tokenization (`rlhf_ext.data.prepare`, like TRL's) appended it to the completions the reward role learned from.
     """
 
     __name__ = "reward_role"
@@ -112,7 +113,7 @@ class SharedBaseReward:
                 for p, c in zip(prompts, completions, strict=True)
             ]
         else:
-            texts = [p + c for p, c in zip(prompts, completions, strict=True)]
+            texts = [p + c + self.tokenizer.eos_token for p, c in zip(prompts, completions, strict=True)]
         batch = self.tokenizer(
             text=texts, return_tensors="pt", padding=True, padding_side="right", add_special_tokens=False
         ).to(self.shared.device)
@@ -203,6 +204,7 @@ class PPOTrainer(GRPOTrainer):
         if self.args.disable_dropout:
             disable_dropout_in_model(value_model)
         self._last_rewards_per_func = None
+        self.last_rollout: list[dict] = []
 
     # ---------------------------------------------------------------- setup
 
@@ -277,6 +279,7 @@ class PPOTrainer(GRPOTrainer):
             num_sequences_in_batch=self.accelerator.gather(scored.sum()).sum(),
         )
         self._log_rollout(rollout, scores, scored, logprobs, values, mask, mode)
+        self.last_rollout = self._rollout_records(batch, rollout["token_rewards"], scored)
         return batch
 
     def _policy_logprobs(self, input_ids, attention_mask, completion_length):
@@ -357,6 +360,7 @@ class PPOTrainer(GRPOTrainer):
             model, input_ids, attention_mask, completion_length, compute_entropy=True
         )
         values = completion_values(self.value_model, input_ids, attention_mask, completion_length)
+        normalizer = self._loss_normalizer(inputs)
         out = ppo_loss(
             logprobs,
             inputs["old_per_token_logps"],
@@ -371,9 +375,9 @@ class PPOTrainer(GRPOTrainer):
             vf_coef=self.args.vf_coef,
             ent_coef=self.args.ent_coef,
             aggregation=self.args.loss_aggregation,
-            normalizer=self._loss_normalizer(inputs),
+            normalizer=normalizer,
         )
-        self._log_update(out, logprobs, inputs)
+        self._log_update(out, entropy, logprobs, inputs, normalizer)
         return out.loss
 
     def _loss_normalizer(self, inputs) -> torch.Tensor:
@@ -389,7 +393,8 @@ class PPOTrainer(GRPOTrainer):
         total = inputs[key].float() / self.accelerator.num_processes
         if self.model.training:
             total = total * self.current_gradient_accumulation_steps / self.args.steps_per_generation
-        return total
+        # 0 only when every completion was skipped (NaN rewards): the masked loss is then 0 whatever we divide by.
+        return total.clamp(min=1.0)
 
     # ---------------------------------------------------------------- logging, under TRL PPO's metric names
 
@@ -397,35 +402,64 @@ class PPOTrainer(GRPOTrainer):
         return self.accelerator.gather(x.detach().float().reshape(-1)).mean().item()
 
     def _log_rollout(self, rollout, scores, scored, logprobs, values, mask, mode):
+        # Every process gathers full-size tensors and only then drops skipped completions: all-gather needs equal
+        # shapes on every process, and every process must join every collective.
         rewards = rollout["token_rewards"]
-        kl = gather(rewards.kl.sum(dim=1)[scored])
-        non_score = gather(rewards.non_score_reward[scored])
-        final_scores = gather(rewards.scores[scored])
-        entropy = gather((-logprobs * mask).sum(dim=1)[scored])
+        scored_all = gather(scored)
+        per_completion = {
+            "objective/kl": rewards.kl.sum(dim=1),
+            "objective/entropy": (-logprobs * mask).sum(dim=1),
+            "objective/non_score_reward": rewards.non_score_reward,
+            "objective/scores": rewards.scores,
+            "objective/rlhf_reward": rewards.scores + rewards.non_score_reward,
+        }
         metrics = self._metrics[mode]
-        if len(final_scores):
-            metrics["objective/kl"].append(kl.mean().item())
-            metrics["objective/entropy"].append(entropy.mean().item())
-            metrics["objective/non_score_reward"].append(non_score.mean().item())
-            metrics["objective/scores"].append(final_scores.mean().item())
-            metrics["objective/rlhf_reward"].append((final_scores + non_score).mean().item())
-        learn_mask = mask & scored[:, None]
-        returns = rollout["returns"]
-        if learn_mask.any():
-            residual_var = masked_mean((returns - values) ** 2, learn_mask) - masked_mean(returns - values, learn_mask) ** 2
-            returns_var = masked_mean(returns**2, learn_mask) - masked_mean(returns, learn_mask) ** 2
-            metrics["val/explained_variance"].append(self._gathered_mean(1 - residual_var / returns_var.clamp(min=1e-8)))
+        metrics["objective/kl_coef"].append(self.args.kl_coef)
+        for name, values_per_completion in per_completion.items():
+            kept = gather(values_per_completion.float())[scored_all]
+            if len(kept):
+                metrics[name].append(kept.mean().item())
+        metrics["val/explained_variance"].append(self._explained_variance(rollout["returns"], values, mask & scored[:, None]))
 
-    def _log_update(self, out, logprobs, inputs):
+    def _explained_variance(self, returns, values, mask) -> float:
+        """1 - Var(R - V) / Var(R) over the real tokens of all processes (NaN if there are none)."""
+        m = mask.float()
+        residual = (returns - values) * m
+        local = torch.stack([m.sum(), (returns * m).sum(), (returns**2 * m).sum(), residual.sum(), (residual**2).sum()])
+        n, r, r2, e, e2 = self.accelerator.reduce(local, reduction="sum").tolist()
+        if n == 0:
+            return float("nan")
+        returns_var, residual_var = r2 / n - (r / n) ** 2, e2 / n - (e / n) ** 2
+        return 1.0 - residual_var / max(returns_var, 1e-8)
+
+    def _rollout_records(self, batch, rewards, scored) -> list[dict]:
+        """One dict per completion of the generation batch (all processes), for tables such as
+        `rlhf_ext.callbacks.CompletionsTableCallback`."""
+        decode = self.processing_class.batch_decode
+        columns = {
+            "prompt": decode(batch["prompt_ids"], skip_special_tokens=True),
+            "completion": decode(batch["completion_ids"], skip_special_tokens=True),
+            "score": rewards.scores.tolist(),
+            "kl": rewards.kl.sum(dim=1).tolist(),
+            "rlhf_reward": (rewards.scores + rewards.non_score_reward).tolist(),
+            "skipped": (~scored).tolist(),
+        }
+        columns = {name: gather_object(values) for name, values in columns.items()}
+        return [dict(zip(columns, row)) for row in zip(*columns.values())]
+
+    def _log_update(self, out, entropy, logprobs, inputs, normalizer):
         mode = "train" if self.model.training else "eval"
         mask = inputs["ppo_mask"]
+        # The losses are this micro-batch's share of the step's mean; rescale them to this micro-batch's own mean.
+        count = mask.sum() if self.args.loss_aggregation == "token" else mask.any(dim=1).sum()
+        share = normalizer / count.clamp(min=1)
         ratio = torch.exp(logprobs.detach() - inputs["old_per_token_logps"])
         metrics = self._metrics[mode]
         metrics["policy/approxkl_avg"].append(self._gathered_mean(out.approx_kl))
         metrics["policy/clipfrac_avg"].append(self._gathered_mean(out.clip_fraction))
-        metrics["policy/entropy_avg"].append(self._gathered_mean(masked_mean(-logprobs.detach(), mask)))
-        metrics["loss/policy_avg"].append(self._gathered_mean(out.policy_loss))
-        metrics["loss/value_avg"].append(self._gathered_mean(out.value_loss))
+        metrics["policy/entropy_avg"].append(self._gathered_mean(masked_mean(entropy.detach(), mask)))
+        metrics["loss/policy_avg"].append(self._gathered_mean(out.policy_loss * share))
+        metrics["loss/value_avg"].append(self._gathered_mean(out.value_loss * share))
         metrics["val/clipfrac_avg"].append(self._gathered_mean(out.value_clip_fraction))
         metrics["val/ratio"].append(self._gathered_mean(masked_mean(ratio, mask)))
 

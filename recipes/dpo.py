@@ -1,0 +1,55 @@
+"""K-way (Plackett-Luce) DPO: fine-tune a causal LM on prompts with K ranked completions.
+
+    accelerate launch recipes/dpo.py --config recipes/configs/dpo.yaml \
+        --model_name_or_path <model or path> --dataset_name <hub name | file.jsonl | file.parquet> \
+        [--use_peft --lora_r 16] [--top_m 2] [--length_normalization] [--push_to_hub --hub_model_id <id>]
+
+Datasets: the ranked format of docs/kway.md (`prompt` + `completions` best first, or with `ranking` / `scores`)
+or TRL's pairwise `prompt`/`chosen`/`rejected`. `--help` lists every option (TRL's DPOConfig and ModelConfig
+plus `top_m`, `length_normalization`, `tie_policy`). In-process: `main(script_args, training_args, model_args)`.
+"""
+
+import transformers
+from packaging.version import Version
+from trl import ModelConfig, ScriptArguments, TrlParser, get_peft_config, get_quantization_config
+
+from rlhf_ext.data import load_preference_dataset
+from rlhf_ext.trainers import PlackettLuceDPOConfig, PlackettLuceDPOTrainer
+
+
+def main(script_args: ScriptArguments, training_args: PlackettLuceDPOConfig, model_args: ModelConfig):
+    """Train, save to `training_args.output_dir`, push if asked; returns the trainer."""
+    training_args.model_init_kwargs = {
+        "revision": model_args.model_revision,
+        "trust_remote_code": training_args.trust_remote_code,
+        "attn_implementation": model_args.attn_implementation,
+        "dtype": model_args.dtype,
+        **(training_args.model_init_kwargs or {}),
+    }
+    dataset = load_preference_dataset(script_args.dataset_name, script_args.dataset_config)
+    evaluate = training_args.eval_strategy != "no"
+    trainer = PlackettLuceDPOTrainer(
+        model=model_args.model_name_or_path,
+        args=training_args,
+        train_dataset=dataset[script_args.dataset_train_split],
+        eval_dataset=dataset[script_args.dataset_test_split] if evaluate else None,
+        quantization_config=get_quantization_config(model_args),
+        peft_config=get_peft_config(model_args),
+    )
+    trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    trainer.save_model(training_args.output_dir)
+    trainer.accelerator.print(f"Model saved to {training_args.output_dir}")
+    if training_args.push_to_hub:
+        trainer.push_to_hub(dataset_name=script_args.dataset_name)
+        trainer.accelerator.print(f"Model pushed to https://huggingface.co/{trainer.hub_model_id}")
+    if Version(transformers.__version__) >= Version("5.18.0"):
+        trainer.end()  # finish the trackers and the process group
+    return trainer
+
+
+def make_parser() -> TrlParser:
+    return TrlParser((ScriptArguments, PlackettLuceDPOConfig, ModelConfig))
+
+
+if __name__ == "__main__":
+    main(*make_parser().parse_args_and_config())

@@ -1,0 +1,92 @@
+"""Callbacks: the adaptive KL controller (arithmetic, in a run, across a resume) and the completions table."""
+
+import json
+
+import pytest
+import torch
+from datasets import Dataset
+from transformers import AutoModelForSequenceClassification
+
+from rlhf_ext.callbacks import AdaptiveKLCallback, CompletionsTableCallback, adaptive_kl_coef
+from rlhf_ext.testing import tiny_causal_lm, tiny_llama_config, tiny_tokenizer
+from rlhf_ext.trainers.ppo_config import PPOConfig
+from rlhf_ext.trainers.ppo_trainer import PPOTrainer
+
+
+def fraction_of_a(completions, **kwargs):
+    return [c.count("a") / max(len(c), 1) for c in completions]
+
+
+def tiny_trainer(tmp_path, callbacks_for=lambda trainer: [], **overrides) -> PPOTrainer:
+    tokenizer = tiny_tokenizer()
+    tokenizer.padding_side = "left"
+    torch.manual_seed(1)
+    critic = AutoModelForSequenceClassification.from_config(tiny_llama_config(num_labels=1))
+    kwargs = dict(
+        output_dir=str(tmp_path), per_device_train_batch_size=4, max_completion_length=6, max_steps=3,
+        num_ppo_epochs=1, learning_rate=1e-2, report_to=[], use_cpu=True, bf16=False, gradient_checkpointing=False,
+        save_strategy="no", logging_steps=1, disable_tqdm=True,
+    )  # fmt: skip
+    kwargs.update(overrides)
+    trainer = PPOTrainer(
+        tiny_causal_lm(seed=0),
+        reward_funcs=fraction_of_a,
+        args=PPOConfig(**kwargs),
+        train_dataset=Dataset.from_dict({"prompt": ["abc", "hello", "xy", "qrs"] * 4}),
+        processing_class=tokenizer,
+        value_model=critic,
+    )
+    for callback in callbacks_for(trainer):
+        trainer.add_callback(callback)
+    return trainer
+
+
+@pytest.mark.parametrize(
+    ("kl", "expected"),
+    [
+        (12.0, 0.1 * (1 + 0.2 * 100 / 1000)),  # far above target: error clipped at +0.2
+        (0.0, 0.1 * (1 - 0.2 * 100 / 1000)),  # far below: clipped at -0.2
+        (6.6, 0.1 * (1 + 0.1 * 100 / 1000)),  # within the clip: proportional
+        (6.0, 0.1),  # on target: unchanged
+    ],
+)
+def test_adaptive_kl_coef_follows_ziegler(kl, expected):
+    assert adaptive_kl_coef(0.1, kl, target=6.0, n_steps=100, horizon=1000) == pytest.approx(expected)
+
+
+def test_adaptive_kl_rejects_nonpositive_target():
+    with pytest.raises(ValueError, match="target and horizon must be positive"):
+        AdaptiveKLCallback(target=0.0)
+
+
+def test_adaptive_kl_callback_steers_kl_coef_in_a_run(tmp_path):
+    callback = AdaptiveKLCallback(target=1e-6, horizon=10)  # a short horizon, so beta visibly moves each step
+    trainer = tiny_trainer(tmp_path, callbacks_for=lambda t: [callback], kl_coef=0.05)
+    trainer.train()
+    logged = [log for log in trainer.state.log_history if "objective/kl" in log]
+    expected = 0.05
+    for log in logged:
+        assert log["objective/kl_coef"] == pytest.approx(expected)  # the rollout used the current beta
+        expected = adaptive_kl_coef(expected, log["objective/kl"], 1e-6, n_steps=4, horizon=10)
+    assert len(logged) == 3 and trainer.args.kl_coef == pytest.approx(expected) != pytest.approx(0.05)
+
+
+def test_adaptive_kl_callback_state_round_trips():
+    callback = AdaptiveKLCallback(target=3.0, horizon=500, kl_coef=0.2)
+    saved = callback.state()
+    restored = AdaptiveKLCallback(**saved["args"])
+    for name, value in saved["attributes"].items():  # as Trainer._load_callback_state does
+        setattr(restored, name, value)
+    assert (restored.target, restored.horizon, restored.kl_coef) == (3.0, 500, 0.2)
+
+
+def test_completions_table_every_n_steps(tmp_path):
+    trainer = tiny_trainer(tmp_path, callbacks_for=lambda t: [CompletionsTableCallback(t, every_n_steps=2)])
+    trainer.train()
+    tables = sorted((tmp_path / "completions").glob("ppo_step_*.jsonl"))
+    assert [p.name for p in tables] == ["ppo_step_000002.jsonl"]
+    rows = [json.loads(line) for line in tables[0].read_text().splitlines()]
+    assert len(rows) == 4
+    assert {"prompt", "completion", "score", "kl", "rlhf_reward", "skipped"} <= set(rows[0])
+    assert [r["score"] for r in rows] == pytest.approx(fraction_of_a([r["completion"] for r in rows]))
+    assert {r["prompt"] for r in rows} <= {"abc", "hello", "xy", "qrs"}

@@ -1,0 +1,85 @@
+"""The CI variant of the demo: every stage of recipes/demo.py on a tiny random model, and a cached rerun."""
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+from trl import TrlParser
+
+ROOT = Path(__file__).resolve().parents[1]
+STAGES = ("sample", "reward", "ppo", "dpo", "eval")
+
+
+@pytest.fixture(scope="module")
+def demo():
+    spec = importlib.util.spec_from_file_location("rlhf_ext_recipe_demo", ROOT / "recipes" / "demo.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def tiny_run(demo, tmp_path_factory):
+    out = tmp_path_factory.mktemp("demo_tiny")
+    args = ["--config", str(ROOT / "recipes" / "configs" / "demo_tiny.yaml"), "--output_dir", str(out)]
+    (config,) = TrlParser(demo.DemoConfig).parse_args_and_config(args)
+    return config, demo.main(config)
+
+
+def test_every_stage_writes_its_outputs(tiny_run):
+    config, metrics = tiny_run
+    out = Path(config.output_dir)
+    assert metrics["stages_run"] == ["sample", *STAGES[1:]]
+    assert (out / "ranked" / "train.jsonl").stat().st_size > 0 and (out / "ranked" / "test.jsonl").is_file()
+    assert (out / "reward" / "head.safetensors").is_file() and (out / "reward" / "adapter_config.json").is_file()
+    assert (out / "ppo" / "policy" / "adapter_config.json").is_file()
+    assert (out / "dpo" / "adapter_config.json").is_file()
+    samples = json.loads((out / "eval" / "samples.json").read_text())
+    assert set(samples) == {"base", "ppo", "dpo"}
+    assert all(len(s["texts"]) == config.n_heldout_prompts for s in samples.values())
+
+
+def test_metrics_json_and_report_render(tiny_run):
+    config, metrics = tiny_run
+    out = Path(config.output_dir)
+    assert json.loads((out / "metrics.json").read_text()) == json.loads(json.dumps(metrics))
+    assert set(metrics["policies"]) == {"base", "ppo", "dpo"}
+    assert metrics["policies"]["base"]["win_rate_vs_base"] == 0.5
+    assert 0 <= metrics["reward"]["heldout_top1_accuracy"] <= 1
+    report = (out / "report.md").read_text()
+    for needle in ("| base |", "| PPO |", "| K-way DPO |", "not from people", "plots/comparison.png",
+                   "plots/ppo.png", "plots/dpo.png", "Sample completions on held-out prompts"):  # fmt: skip
+        assert needle in report
+    for plot in ("comparison", "ppo", "dpo"):
+        assert (out / "plots" / f"{plot}.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_rerun_reuses_every_cached_stage(demo, tiny_run, monkeypatch):
+    config, metrics = tiny_run
+
+    def must_not_run(*args, **kwargs):
+        raise AssertionError("a cached stage ran again")
+
+    monkeypatch.setattr(demo, "build_ranked_dataset", must_not_run)
+    monkeypatch.setattr(demo, "run_recipe", must_not_run)
+    monkeypatch.setattr(demo, "evaluate_policies", must_not_run)
+    rerun = demo.main(config)
+    assert rerun["policies"] == metrics["policies"] and rerun["timings_s"] == metrics["timings_s"]
+
+
+class StageRan(Exception):
+    pass
+
+
+def test_a_changed_setting_reruns_its_stage(demo, tiny_run, monkeypatch):
+    config, _ = tiny_run
+
+    def sampled_with(*args, **kwargs):
+        raise StageRan(kwargs["k"])
+
+    monkeypatch.setattr(demo, "build_ranked_dataset", sampled_with)
+    with pytest.raises(StageRan, match=str(config.k + 1)):
+        demo.main(type(config)(**{**vars(config), "k": config.k + 1}))

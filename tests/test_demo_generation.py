@@ -1,0 +1,39 @@
+import torch
+
+from rlhf_ext.demo.generation import (
+    SamplingConfig,
+    completion_logprobs,
+    load_model_and_tokenizer,
+    mask_after_first_eos,
+    sample_batch,
+)
+from rlhf_ext.demo.prompts import as_conversation
+from rlhf_ext.demo.tiny import save_tiny_word_model
+
+
+def test_mask_after_first_eos_keeps_the_eos_and_drops_what_follows():
+    ids = torch.tensor([[5, 6, 2, 2, 7], [5, 2, 6, 6, 6], [5, 6, 7, 8, 9]])
+    expected = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 0, 0, 0], [1, 1, 1, 1, 1]], dtype=torch.bool)
+    assert torch.equal(mask_after_first_eos(ids, eos_token_id=2), expected)
+
+
+def test_batched_left_padded_logprobs_match_each_sequence_alone(tmp_path):
+    model, tokenizer = load_model_and_tokenizer(save_tiny_word_model(tmp_path / "tiny"))
+    prompts = ["Hi.", "Tell me about your morning and the weather today."]  # different lengths: padding
+    batch = sample_batch(model, tokenizer, [as_conversation(p) for p in prompts], 2, SamplingConfig(max_new_tokens=6))
+    batched = completion_logprobs(model, batch)
+    for row in range(batch.sequences.shape[0]):
+        real = batch.attention_mask[row].bool()
+        alone = batch.sequences[row][real].unsqueeze(0)  # no padding at all
+        with torch.no_grad():
+            logprobs = torch.log_softmax(model(alone).logits[0, :-1], -1).gather(-1, alone[0, 1:, None]).squeeze(-1)
+        n_completion = int(batch.completion_mask[row].sum())
+        expected = logprobs[-n_completion:]
+        assert torch.allclose(batched[row][batch.completion_mask[row]], expected, atol=1e-5)
+
+
+def test_sample_batch_decodes_one_text_per_completion(tmp_path):
+    model, tokenizer = load_model_and_tokenizer(save_tiny_word_model(tmp_path / "tiny"))
+    batch = sample_batch(model, tokenizer, [as_conversation("Hi.")] * 3, 2, SamplingConfig(max_new_tokens=5))
+    assert len(batch.texts) == 6 and batch.completion_mask.shape == (6, batch.sequences.shape[1] - batch.prompt_length)
+    assert all(isinstance(t, str) for t in batch.texts)

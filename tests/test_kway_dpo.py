@@ -1,0 +1,209 @@
+import math
+
+import pytest
+import torch
+from datasets import Dataset
+from peft import LoraConfig
+from trl import DPOConfig, DPOTrainer
+
+from rlhf_ext.testing import save_tiny_model, tiny_causal_lm, tiny_tokenizer
+from rlhf_ext.trainers import PlackettLuceDPOConfig, PlackettLuceDPOTrainer
+
+BETA = 0.5
+PAIRS = [
+    {"prompt": "count the a: ", "chosen": "aaa", "rejected": "b"},
+    {"prompt": "hi ", "chosen": "hello there", "rejected": "go"},
+    {"prompt": "2+2=", "chosen": "4", "rejected": "five"},
+    {"prompt": "x", "chosen": "yz", "rejected": "zzzy"},
+    {"prompt": "color? ", "chosen": "blue", "rejected": "green!"},
+]
+LISTS = [
+    {"prompt": "q1 ", "completions": ["aa", "b", "ccc"]},
+    {"prompt": "q2 ", "completions": ["dd", "e", "ff", "g!"]},
+    {"prompt": "q3 ", "completions": ["h", "ii"]},
+    {"prompt": "q4 ", "completions": ["jj", "k", "lll", "m"]},
+]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """Tiny models run several times faster on one thread when the CPU is shared."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def model_path(tmp_path_factory):
+    return save_tiny_model(tmp_path_factory.mktemp("tiny"), seed=0)
+
+
+@pytest.fixture(scope="module")
+def trainer(model_path, tmp_path_factory):
+    """One K-way DPO trainer shared by the tests that only evaluate (each restores any arg it changes)."""
+    return pl_trainer(model_path, tmp_path_factory.mktemp("out"), PAIRS)
+
+
+def evaluate(trainer, records, **arg_overrides) -> float:
+    """eval_loss of `records` with some trainer args temporarily changed."""
+    saved = {name: getattr(trainer.args, name) for name in arg_overrides}
+    for name, value in arg_overrides.items():
+        setattr(trainer.args, name, value)
+    try:
+        return trainer.evaluate(eval_dataset=Dataset.from_list(records))["eval_loss"]
+    finally:
+        for name, value in saved.items():
+            setattr(trainer.args, name, value)
+
+
+def common_args(tmp_path, **overrides):
+    args = dict(
+        output_dir=str(tmp_path), per_device_eval_batch_size=2, report_to="none", bf16=False, use_cpu=True,
+        gradient_checkpointing=False, disable_tqdm=True, max_length=64, beta=BETA, seed=0,
+    )
+    return {**args, **overrides}
+
+
+def pl_trainer(model_path, tmp_path, eval_records, ref_model="seed1", **overrides):
+    """A K-way DPO trainer whose reference (by default) is a differently seeded model, so rewards are not 0."""
+    ref = tiny_causal_lm(seed=1) if ref_model == "seed1" else ref_model
+    return PlackettLuceDPOTrainer(
+        model=model_path, ref_model=ref, args=PlackettLuceDPOConfig(**common_args(tmp_path, **overrides)),
+        train_dataset=Dataset.from_list(eval_records), eval_dataset=Dataset.from_list(eval_records),
+        processing_class=tiny_tokenizer(),
+    )
+
+
+def completion_logp(model, prompt: str, completion: str) -> float:
+    """log p(completion + EOS | prompt), one sequence at a time, from the plain logits (no collator, no fused head)."""
+    tok = tiny_tokenizer()
+    prompt_len = len(tok(prompt)["input_ids"])
+    ids = torch.tensor([tok(prompt + completion + tok.eos_token)["input_ids"]])
+    with torch.no_grad():
+        logps = torch.log_softmax(model(input_ids=ids, fused_lm_head=False).logits[0].double(), dim=-1)
+    return sum(logps[t - 1, ids[0, t]].item() for t in range(prompt_len, ids.shape[1]))
+
+
+def plackett_luce_nll(scores: list[float], top_m: int | None = None) -> float:
+    """-log P(order) by the sequential-choice definition: pick the k-th best among the remaining items."""
+    m = len(scores) - 1 if top_m is None else min(top_m, len(scores) - 1)
+    log_p = 0.0
+    for k in range(m):
+        remaining = [math.exp(s) for s in scores[k:]]
+        log_p += math.log(remaining[0] / sum(remaining))
+    return -log_p
+
+
+def expected_dpo_loss(policy, ref, records, top_m=None) -> float:
+    losses = []
+    for record in records:
+        scores = [BETA * (completion_logp(policy, record["prompt"], y) - completion_logp(ref, record["prompt"], y))
+                  for y in record["completions"]]
+        losses.append(plackett_luce_nll(scores, top_m))
+    return sum(losses) / len(losses)
+
+
+def test_k2_pairwise_data_matches_trl_sigmoid_dpo(model_path, tmp_path, trainer):
+    trl_trainer = DPOTrainer(
+        model=model_path, ref_model=tiny_causal_lm(seed=1), args=DPOConfig(**common_args(tmp_path)),
+        train_dataset=Dataset.from_list(PAIRS), eval_dataset=Dataset.from_list(PAIRS),
+        processing_class=tiny_tokenizer(),
+    )
+    expected = trl_trainer.evaluate()
+    got = trainer.evaluate()
+    assert got["eval_loss"] == pytest.approx(expected["eval_loss"], abs=1e-5)
+    assert expected["eval_loss"] != pytest.approx(math.log(2), abs=1e-3)  # policy != reference: a real check
+    for name in ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen"):
+        assert got[f"eval_{name}"] == pytest.approx(expected[f"eval_{name}"], abs=1e-5), name
+
+    # the same records in the ranked format: best first, by ranking, by scores
+    ranked = [{"prompt": r["prompt"], "completions": [r["chosen"], r["rejected"]]} for r in PAIRS]
+    by_ranking = [{"prompt": r["prompt"], "completions": [r["rejected"], r["chosen"]], "ranking": [1, 0]}
+                  for r in PAIRS]
+    by_scores = [{"prompt": r["prompt"], "completions": [r["rejected"], r["chosen"]], "scores": [-1.0, 2.5]}
+                 for r in PAIRS]
+    for records in (ranked, by_ranking, by_scores):
+        assert evaluate(trainer, records) == pytest.approx(expected["eval_loss"], abs=1e-5)
+
+
+def test_k2_length_normalization_matches_trl_sigmoid_norm(model_path, tmp_path, trainer):
+    trl_trainer = DPOTrainer(
+        model=model_path, ref_model=tiny_causal_lm(seed=1),
+        args=DPOConfig(**common_args(tmp_path, loss_type=["sigmoid_norm"])),
+        train_dataset=Dataset.from_list(PAIRS), eval_dataset=Dataset.from_list(PAIRS),
+        processing_class=tiny_tokenizer(),
+    )
+    expected = trl_trainer.evaluate()["eval_loss"]
+    assert evaluate(trainer, PAIRS, length_normalization=True) == pytest.approx(expected, abs=1e-5)
+
+
+def test_k3_k4_loss_is_the_plackett_luce_probability_and_mixed_batches_agree(trainer):
+    expected = expected_dpo_loss(tiny_causal_lm(seed=0), tiny_causal_lm(seed=1), LISTS)
+    # one batch holding lists of K = 3, 4, 2, 4, then the lists one by one
+    assert evaluate(trainer, LISTS, per_device_eval_batch_size=4) == pytest.approx(expected, abs=1e-5)
+    assert evaluate(trainer, LISTS, per_device_eval_batch_size=1) == pytest.approx(expected, abs=1e-5)
+
+    expected_top1 = expected_dpo_loss(tiny_causal_lm(seed=0), tiny_causal_lm(seed=1), LISTS, top_m=1)
+    assert evaluate(trainer, LISTS, top_m=1) == pytest.approx(expected_top1, abs=1e-5)
+
+
+def test_tied_scores_keep_only_the_known_part_of_the_ranking(trainer):
+    # scores: aa 5 > {b, ccc} tied at 3: only "aa beats the other two" is known, so the loss is the top-1 term
+    records = [{"prompt": "q1 ", "completions": ["ccc", "aa", "b"], "scores": [3.0, 5.0, 3.0]}]
+    expected = expected_dpo_loss(tiny_causal_lm(seed=0), tiny_causal_lm(seed=1), LISTS[:1], top_m=1)
+    assert evaluate(trainer, records) == pytest.approx(expected, abs=1e-5)
+
+
+def test_precomputed_reference_logps_give_the_same_loss(model_path, tmp_path):
+    trainer = pl_trainer(model_path, tmp_path, LISTS, precompute_ref_log_probs=True, per_device_eval_batch_size=3)
+    assert [len(v) for v in trainer.eval_dataset["ref_logps"]] == [3, 4, 2, 4]
+    expected = expected_dpo_loss(tiny_causal_lm(seed=0), tiny_causal_lm(seed=1), LISTS)
+    assert trainer.evaluate()["eval_loss"] == pytest.approx(expected, abs=1e-5)
+
+
+def test_lora_reference_is_the_base_with_the_adapter_off(model_path, tmp_path):
+    lora = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
+    trainer = PlackettLuceDPOTrainer(
+        model=model_path, args=PlackettLuceDPOConfig(**common_args(tmp_path)), peft_config=lora,
+        train_dataset=Dataset.from_list(LISTS), eval_dataset=Dataset.from_list(LISTS),
+        processing_class=tiny_tokenizer(),
+    )
+    with torch.no_grad():  # move the adapter away from its zero init, so policy != base
+        for name, param in trainer.model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.5)
+    expected = expected_dpo_loss(trainer.model, _AdapterOff(trainer.model), LISTS)
+    assert trainer.evaluate()["eval_loss"] == pytest.approx(expected, abs=1e-5)
+    all_zero_rewards = sum(math.log(math.factorial(len(r["completions"]))) for r in LISTS) / len(LISTS)
+    assert expected != pytest.approx(all_zero_rewards, abs=1e-3)
+
+
+class _AdapterOff:
+    """A peft model called with its adapters disabled: the base model."""
+
+    def __init__(self, peft_model):
+        self.peft_model = peft_model
+
+    def __call__(self, **kwargs):
+        with self.peft_model.disable_adapter():
+            return self.peft_model(**kwargs)
+
+
+@pytest.mark.parametrize(
+    "overrides", [{"loss_type": ["hinge"]}, {"ld_alpha": 0.5}, {"use_weighting": True}, {"top_m": 0}]
+)
+def test_config_rejects_what_the_plackett_luce_loss_does_not_do(tmp_path, overrides):
+    with pytest.raises(ValueError):
+        PlackettLuceDPOConfig(**common_args(tmp_path, **overrides))
+
+
+def test_training_on_mixed_k_lists_lowers_the_loss(model_path, tmp_path):
+    # lists of K = 3, 4, 2, 4 in one batch, with length normalization
+    trainer = pl_trainer(model_path, tmp_path, LISTS, length_normalization=True, per_device_train_batch_size=4,
+                         max_steps=5, learning_rate=1e-2, logging_steps=1)
+    before = trainer.evaluate()["eval_loss"]
+    trainer.train()
+    losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+    assert len(losses) == 5 and all(math.isfinite(loss) for loss in losses)
+    assert trainer.evaluate()["eval_loss"] < before - 0.1

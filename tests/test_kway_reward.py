@@ -1,0 +1,155 @@
+import json
+import math
+
+import pytest
+import torch
+from datasets import Dataset
+from peft import LoraConfig
+from safetensors.torch import load_file
+from transformers import AutoModelForSequenceClassification
+from trl import RewardConfig, RewardTrainer
+
+from rlhf_ext.models import SharedBase, SharedBaseArguments, load_head
+from rlhf_ext.testing import save_tiny_model, tiny_tokenizer
+from rlhf_ext.trainers import PlackettLuceRewardConfig, PlackettLuceRewardTrainer
+
+PAIRS = [
+    {"prompt": "count the a: ", "chosen": "aaa", "rejected": "b"},
+    {"prompt": "hi ", "chosen": "hello there", "rejected": "go"},
+    {"prompt": "2+2=", "chosen": "4", "rejected": "five"},
+    {"prompt": "x", "chosen": "yz", "rejected": "zzzy"},
+    {"prompt": "color? ", "chosen": "blue", "rejected": "green!"},
+]
+LISTS = [
+    {"prompt": "q1 ", "completions": ["aa", "b", "ccc"]},
+    {"prompt": "q2 ", "completions": ["dd", "e", "ff", "g!"]},
+    {"prompt": "q3 ", "completions": ["h", "ii"]},
+]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """Tiny models run several times faster on one thread when the CPU is shared."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def model_path(tmp_path_factory):
+    return save_tiny_model(tmp_path_factory.mktemp("tiny"), seed=0)
+
+
+def common_args(tmp_path, **overrides):
+    args = dict(
+        output_dir=str(tmp_path), per_device_eval_batch_size=2, per_device_train_batch_size=2, report_to="none",
+        bf16=False, use_cpu=True, gradient_checkpointing=False, disable_tqdm=True, max_length=64, seed=0,
+    )
+    return {**args, **overrides}
+
+
+def pl_trainer(model_path, tmp_path, records, **kwargs):
+    args = PlackettLuceRewardConfig(**common_args(tmp_path, **kwargs.pop("args", {})))
+    return PlackettLuceRewardTrainer(
+        model=model_path, args=args, train_dataset=Dataset.from_list(records),
+        eval_dataset=Dataset.from_list(records), processing_class=tiny_tokenizer(), **kwargs,
+    )
+
+
+def sequence_reward(model, prompt: str, completion: str) -> float:
+    """The reward model's score of one unpadded sequence prompt + completion + EOS."""
+    tok = tiny_tokenizer()
+    ids = torch.tensor([tok(prompt + completion + tok.eos_token)["input_ids"]])
+    with torch.no_grad():
+        return model(input_ids=ids).logits[0, 0].item()
+
+
+def plackett_luce_nll(scores: list[float], top_m: int | None = None) -> float:
+    """-log P(order) by the sequential-choice definition: pick the k-th best among the remaining items."""
+    m = len(scores) - 1 if top_m is None else min(top_m, len(scores) - 1)
+    return -sum(math.log(math.exp(scores[k]) / sum(math.exp(s) for s in scores[k:])) for k in range(m))
+
+
+def test_k2_pairwise_data_matches_trl_reward_trainer(model_path, tmp_path):
+    trl_trainer = RewardTrainer(
+        model=model_path, args=RewardConfig(**common_args(tmp_path)), train_dataset=Dataset.from_list(PAIRS),
+        eval_dataset=Dataset.from_list(PAIRS), processing_class=tiny_tokenizer(),
+    )
+    expected = trl_trainer.evaluate()
+    ours = pl_trainer(model_path, tmp_path, PAIRS)
+    got = ours.evaluate()
+    assert got["eval_loss"] == pytest.approx(expected["eval_loss"], abs=1e-5)
+    assert expected["eval_loss"] != pytest.approx(math.log(2), abs=1e-3)  # rewards differ: a real check
+    for name in ("accuracy", "margin", "min_reward", "mean_reward", "max_reward"):
+        assert got[f"eval_{name}"] == pytest.approx(expected[f"eval_{name}"], abs=1e-5), name
+
+    ranked = [{"prompt": r["prompt"], "completions": [r["rejected"], r["chosen"]], "ranking": [1, 0]} for r in PAIRS]
+    loss = ours.evaluate(eval_dataset=Dataset.from_list(ranked))["eval_loss"]
+    assert loss == pytest.approx(expected["eval_loss"], abs=1e-5)
+
+
+def test_k3_k4_loss_is_the_plackett_luce_probability_of_the_rewards(model_path, tmp_path):
+    trainer = pl_trainer(model_path, tmp_path, LISTS, args={"per_device_eval_batch_size": 3})
+    model = trainer.model
+    expected = [plackett_luce_nll([sequence_reward(model, r["prompt"], y) for y in r["completions"]]) for r in LISTS]
+    assert trainer.evaluate()["eval_loss"] == pytest.approx(sum(expected) / len(expected), abs=1e-5)
+
+    trainer.args.per_device_eval_batch_size = 1  # the lists one by one
+    assert trainer.evaluate()["eval_loss"] == pytest.approx(sum(expected) / len(expected), abs=1e-5)
+
+
+def test_training_raises_ranking_accuracy_on_a_learnable_ranking(model_path, tmp_path):
+    # completions ranked by their number of "b" (the untrained model happens to prefer "a")
+    lists = [{"prompt": f"{i} ", "completions": ["b" * (3 - k) + "a" * k for k in range(4)]} for i in range(8)]
+    trainer = pl_trainer(model_path, tmp_path, lists, args={"learning_rate": 3e-3, "num_train_epochs": 8,
+                                                            "logging_steps": 4, "per_device_train_batch_size": 4})
+    before = trainer.evaluate()
+    trainer.train()
+    after = trainer.evaluate()
+    assert after["eval_loss"] < before["eval_loss"] - 0.5
+    assert before["eval_accuracy"] < 0.5
+    assert after["eval_accuracy"] == 1.0 and after["eval_top1_accuracy"] == 1.0
+
+
+def test_lora_reward_model_is_saved_as_the_shared_base_reward_role(model_path, tmp_path):
+    lora = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], task_type="SEQ_CLS")
+    trainer = pl_trainer(model_path, tmp_path, LISTS, peft_config=lora, args={"max_steps": 2, "learning_rate": 1e-2})
+    trainer.train()
+    out = tmp_path / "reward"
+    trainer.save_model(str(out))
+
+    head_config = json.loads((out / "head_config.json").read_text())
+    assert head_config["role"] == "reward" and head_config["hidden_size"] == 32
+    score = trainer.model.get_base_model().score.modules_to_save["default"]
+    head = load_head(out, expected_hidden_size=32)
+    torch.testing.assert_close(head.linear.weight, score.weight.float())
+    assert head.linear.bias.item() == 0.0  # Llama's score layer has no bias
+    adapter = load_file(out / "adapter_model.safetensors")
+    assert any("lora_A" in key for key in adapter)
+    assert json.loads((out / "adapter_config.json").read_text())["base_model_name_or_path"] == model_path
+
+    # the shared base loads the folder as its reward role and scores as the trained reward model does
+    shared = SharedBase.from_pretrained(model_path, SharedBaseArguments(reward_adapter_path=str(out)))
+    tok = tiny_tokenizer()
+    batch = tok(["q1 aa</s>", "q2 ff</s>"], return_tensors="pt")
+    with torch.no_grad():
+        expected = trainer.model(**batch).logits.squeeze(-1)
+    torch.testing.assert_close(shared.reward_scores(batch["input_ids"], batch["attention_mask"]), expected)
+
+
+def test_full_model_is_saved_as_a_sequence_classifier(model_path, tmp_path):
+    trainer = pl_trainer(model_path, tmp_path, LISTS, args={"max_steps": 1})
+    trainer.train()
+    trainer.save_model(str(tmp_path / "rm"))
+    reloaded = AutoModelForSequenceClassification.from_pretrained(tmp_path / "rm")
+    record = LISTS[0]
+    assert sequence_reward(reloaded, record["prompt"], "aa") == pytest.approx(
+        sequence_reward(trainer.model, record["prompt"], "aa"), abs=1e-5
+    )
+
+
+def test_margin_column_is_rejected_not_ignored(model_path, tmp_path):
+    records = [{**PAIRS[0], "margin": 1.0}]
+    with pytest.raises(ValueError, match="'margin' column"):
+        pl_trainer(model_path, tmp_path, records)

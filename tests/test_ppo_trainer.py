@@ -1,0 +1,385 @@
+"""PPOTrainer on tiny models: what one step trains, the loss it optimises, padding, checkpoints, bad input."""
+
+import math
+
+import pytest
+import torch
+from datasets import Dataset
+from transformers import AutoModelForSequenceClassification, TrainerCallback
+
+from rlhf_ext.models import SharedBase, SharedBaseArguments, save_adapter_with_head
+from rlhf_ext.ops import gae, masked_whiten, ppo_loss, token_rewards
+from rlhf_ext.testing import tiny_causal_lm, tiny_llama_config, tiny_tokenizer
+from rlhf_ext.trainers.ppo_config import PPOConfig
+from rlhf_ext.trainers.ppo_trainer import PPOTrainer, SharedBaseReward
+
+LORA = dict(lora_r=4, lora_alpha=8, lora_dropout=0.0)
+PROMPTS = ["abc", "hello", "xy", "qrs"]
+
+
+def fraction_of_a(completions, **kwargs):
+    """A programmatic reward: the share of 'a' characters in the completion."""
+    return [c.count("a") / max(len(c), 1) for c in completions]
+
+
+def randomize_lora(peft_model, adapter: str, seed: int, scale: float = 0.2) -> None:
+    """peft starts lora_B at 0; random weights make an adapter differ from the base."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in peft_model.named_parameters():
+            if f".{adapter}." in name and ".lora_" in name:
+                param.copy_(scale * torch.randn(param.shape, generator=generator))
+
+
+@pytest.fixture
+def left_tokenizer():
+    tokenizer = tiny_tokenizer()
+    tokenizer.padding_side = "left"
+    return tokenizer
+
+
+@pytest.fixture
+def reward_folder(tmp_path):
+    """An adapter + head folder with random weights, loadable as the reward role."""
+    donor = SharedBase(tiny_causal_lm(seed=0), SharedBaseArguments(**LORA))
+    randomize_lora(donor.peft_model, "value", seed=3)
+    return str(save_adapter_with_head(donor.peft_model, "value", donor.heads["value"], tmp_path / "reward", "reward"))
+
+
+def make_shared(reward_folder) -> SharedBase:
+    return SharedBase(tiny_causal_lm(seed=0), SharedBaseArguments(reward_adapter_path=reward_folder, **LORA))
+
+
+def ppo_args(tmp_path, **overrides) -> PPOConfig:
+    kwargs = dict(
+        output_dir=str(tmp_path / "out"),
+        per_device_train_batch_size=4,
+        max_completion_length=6,
+        max_steps=1,
+        num_ppo_epochs=1,
+        learning_rate=1e-2,
+        kl_coef=0.1,
+        report_to=[],
+        use_cpu=True,
+        bf16=False,
+        gradient_checkpointing=False,
+        save_strategy="no",
+        logging_steps=1,
+        disable_tqdm=True,
+        seed=0,
+    )
+    kwargs.update(overrides)
+    return PPOConfig(**kwargs)
+
+
+def prompts(n: int = 8) -> Dataset:
+    return Dataset.from_dict({"prompt": (PROMPTS * n)[:n]})
+
+
+def rollout(trainer: PPOTrainer) -> dict:
+    """One generation batch, as `_prepare_inputs` would build it before the first update."""
+    trainer.model.train()
+    trainer.current_gradient_accumulation_steps = 1  # set by Trainer's training loop, which we bypass here
+    return trainer._generate_and_score_completions([{"prompt": p} for p in PROMPTS])
+
+
+def completion_slice(x: torch.Tensor, completion_length: int) -> torch.Tensor:
+    """Positions whose outputs predict (or value the state before) each completion token."""
+    return x[:, -completion_length - 1 : -1]
+
+
+def independent_policy_terms(shared: SharedBase, batch: dict):
+    """log pi(a_t|s_t), entropy and V(s_t) [B, C] straight from the SharedBase, without TRL's fused LM head."""
+    input_ids = torch.cat([batch["prompt_ids"], batch["completion_ids"]], dim=1)
+    attention_mask = torch.cat([batch["prompt_mask"], batch["completion_mask"]], dim=1)
+    length = batch["completion_ids"].size(1)
+    logits = completion_slice(shared.policy_logits(input_ids, attention_mask), length).float()
+    log_probs = logits.log_softmax(-1)
+    logprobs = log_probs.gather(-1, batch["completion_ids"][..., None]).squeeze(-1)
+    entropy = -(log_probs.exp() * log_probs).sum(-1)
+    values = completion_slice(shared.values(input_ids, attention_mask), length)
+    return logprobs, entropy, values
+
+
+def snapshot(named_params) -> dict:
+    return {name: p.detach().clone() for name, p in named_params}
+
+
+def changed(before: dict, named_params) -> set:
+    return {name for name, p in named_params if name in before and not torch.equal(before[name], p)}
+
+
+# ----------------------------------------------------------------------------- what one step trains
+
+
+def test_one_step_trains_policy_and_value_and_leaves_reward_and_base(tmp_path, reward_folder, left_tokenizer):
+    shared = make_shared(reward_folder)
+    named = lambda: list(shared.peft_model.named_parameters()) + [  # noqa: E731
+        (f"heads.{n}", p) for n, p in shared.heads.named_parameters()
+    ]
+    before = snapshot(named())
+    trainer = PPOTrainer(shared, args=ppo_args(tmp_path), train_dataset=prompts(), processing_class=left_tokenizer)
+    trainer.train()
+
+    moved = changed(before, named())
+    assert any(".lora_B.policy." in n for n in moved), "policy adapter did not move"
+    assert any(".lora_A.value." in n or ".lora_B.value." in n for n in moved), "value adapter did not move"
+    assert {"heads.value.linear.weight", "heads.value.linear.bias"} <= moved
+    frozen = [n for n in before if ".reward." in n or n.startswith("heads.reward") or ".lora_" not in n]
+    frozen = [n for n in frozen if not n.startswith("heads.value")]
+    assert frozen and not moved & set(frozen), f"frozen weights moved: {sorted(moved & set(frozen))[:5]}"
+
+
+def test_one_step_with_separate_policy_value_and_reward_function(tmp_path, left_tokenizer):
+    policy = tiny_causal_lm(seed=0)
+    torch.manual_seed(1)
+    critic = AutoModelForSequenceClassification.from_config(tiny_llama_config(num_labels=1))
+    policy_before, critic_before = snapshot(policy.named_parameters()), snapshot(critic.named_parameters())
+    trainer = PPOTrainer(
+        policy,
+        reward_funcs=[fraction_of_a, lambda completions, **kw: [float(len(c)) for c in completions]],
+        args=ppo_args(tmp_path, reward_weights=[1.0, 0.01]),
+        train_dataset=prompts(),
+        processing_class=left_tokenizer,
+        value_model=critic,
+    )
+    reference_before = snapshot(trainer.ppo_ref_model.named_parameters())
+    trainer.train()
+    assert changed(policy_before, policy.named_parameters())
+    assert changed(critic_before, critic.named_parameters())
+    assert not changed(reference_before, trainer.ppo_ref_model.named_parameters())
+    assert trainer.ppo_ref_model is not policy
+
+
+# ----------------------------------------------------------------------------- rollout and loss match the ops
+
+
+@pytest.fixture
+def trainer_and_batch(tmp_path, reward_folder, left_tokenizer):
+    shared = make_shared(reward_folder)
+    randomize_lora(shared.peft_model, "policy", seed=5, scale=0.1)  # so the KL to the reference is not 0
+    args = ppo_args(tmp_path, cliprange_value=0.05, ent_coef=0.01)
+    trainer = PPOTrainer(
+        shared, reward_funcs=fraction_of_a, args=args, train_dataset=prompts(), processing_class=left_tokenizer
+    )
+    return trainer, shared, rollout(trainer)
+
+
+def test_rollout_advantages_are_gae_of_kl_penalised_rewards(trainer_and_batch):
+    trainer, shared, batch = trainer_and_batch
+    args = trainer.args
+    mask = batch["completion_mask"].bool()
+    with torch.no_grad():
+        logprobs, _, values = independent_policy_terms(shared, batch)
+        input_ids = torch.cat([batch["prompt_ids"], batch["completion_ids"]], dim=1)
+        attention_mask = torch.cat([batch["prompt_mask"], batch["completion_mask"]], dim=1)
+        ref_logits = completion_slice(shared.reference_logits(input_ids, attention_mask), mask.size(1))
+        ref_logprobs = ref_logits.log_softmax(-1).gather(-1, batch["completion_ids"][..., None]).squeeze(-1)
+    completions = left_tokenizer_decode(trainer, batch)
+    scores = torch.tensor(fraction_of_a(completions))
+    eos = trainer.processing_class.eos_token_id
+    has_eos = torch.tensor([eos in row[m].tolist() for row, m in zip(batch["completion_ids"], mask)])
+    rewards = token_rewards(scores, logprobs, ref_logprobs, mask, kl_coef=args.kl_coef, has_eos=has_eos)
+    advantages, returns = gae(rewards.rewards, values, mask, gamma=args.gamma, lam=args.lam)
+
+    assert (ref_logprobs - logprobs)[mask].abs().max() > 1e-3, "policy == reference: the KL check is vacuous"
+    torch.testing.assert_close(batch["old_per_token_logps"] * mask, logprobs * mask, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(batch["old_values"] * mask, values * mask, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(batch["returns"], returns, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(batch["advantages"], masked_whiten(advantages, mask) * mask, atol=1e-4, rtol=1e-4)
+
+
+def left_tokenizer_decode(trainer, batch) -> list[str]:
+    return trainer.processing_class.batch_decode(batch["completion_ids"], skip_special_tokens=True)
+
+
+def test_loss_optimised_equals_ppo_loss_on_the_same_tensors(trainer_and_batch):
+    trainer, shared, batch = trainer_and_batch
+    args = trainer.args
+    loss = trainer._compute_loss(trainer.model, batch)
+    trainer.model.zero_grad()
+    loss.backward()
+    got_grads = {n: p.grad.clone() for n, p in shared.named_parameters() if p.grad is not None}
+
+    shared.zero_grad()
+    logprobs, entropy, values = independent_policy_terms(shared, batch)
+    expected = ppo_loss(
+        logprobs,
+        batch["old_per_token_logps"],
+        batch["advantages"],
+        batch["completion_mask"].bool(),
+        values=values,
+        old_values=batch["old_values"],
+        returns=batch["returns"],
+        entropy=entropy,
+        clip_range=args.cliprange,
+        clip_range_value=args.cliprange_value,
+        vf_coef=args.vf_coef,
+        ent_coef=args.ent_coef,
+    )
+    expected.loss.backward()
+    torch.testing.assert_close(loss, expected.loss, atol=1e-6, rtol=1e-5)
+    assert got_grads and any(".value." in n for n in got_grads) and any(".policy." in n for n in got_grads)
+    for name, grad in got_grads.items():
+        torch.testing.assert_close(grad, dict(shared.named_parameters())[name].grad, atol=1e-6, rtol=1e-4)
+
+
+def test_padding_contributes_nothing(trainer_and_batch):
+    trainer, shared, batch = trainer_and_batch
+    loss = trainer._compute_loss(trainer.model, batch)
+    extra = 3
+    padded = dict(batch)
+    pad = trainer.processing_class.pad_token_id
+    rows = batch["completion_ids"].size(0)
+    padded["completion_ids"] = torch.cat([batch["completion_ids"], torch.full((rows, extra), pad)], dim=1)
+    padded["completion_mask"] = torch.cat([batch["completion_mask"], torch.zeros(rows, extra, dtype=torch.long)], 1)
+    padded["ppo_mask"] = torch.cat([batch["ppo_mask"], torch.zeros(rows, extra, dtype=torch.bool)], dim=1)
+    for key in ("old_per_token_logps", "advantages", "returns", "old_values"):
+        junk = 1e3 * torch.randn(rows, extra)  # anything at all may sit under the padding
+        padded[key] = torch.cat([batch[key], junk], dim=1)
+    padded_loss = trainer._compute_loss(trainer.model, padded)
+    torch.testing.assert_close(padded_loss, loss, atol=1e-6, rtol=1e-5)
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+
+def final_weights(shared: SharedBase) -> dict:
+    trainable = {id(p) for p in shared.trainable_parameters()}
+    weights = {n: p.detach().clone() for n, p in shared.peft_model.named_parameters() if id(p) in trainable}
+    weights.update({f"head.{n}": p.detach().clone() for n, p in shared.heads["value"].named_parameters()})
+    return weights
+
+
+class StopAfter(TrainerCallback):
+    """Interrupt training after `step` optimizer steps, as a crash or a preempted job would."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == self.step:
+            control.should_training_stop = True
+
+
+def test_resume_from_checkpoint_equals_straight_run(tmp_path, reward_folder, left_tokenizer):
+    def run(output_dir, resume=None, stop_after=None):
+        shared = make_shared(reward_folder)
+        args = ppo_args(
+            tmp_path, output_dir=str(output_dir), max_steps=4, num_ppo_epochs=2, learning_rate=3e-3,
+            save_strategy="steps", save_steps=2,
+        )
+        callbacks = [StopAfter(stop_after)] if stop_after else None
+        trainer = PPOTrainer(
+            shared, args=args, train_dataset=prompts(16), processing_class=left_tokenizer, callbacks=callbacks
+        )
+        trainer.train(resume_from_checkpoint=resume)
+        return shared
+
+    straight = run(tmp_path / "straight")
+    run(tmp_path / "split", stop_after=2)
+    # a fresh process starts from fresh weights: resuming must restore adapters, heads, optimizer and scheduler
+    resumed = run(tmp_path / "split", resume=str(tmp_path / "split" / "checkpoint-2"))
+    expected, got = final_weights(straight), final_weights(resumed)
+    assert expected.keys() == got.keys()
+    for name in expected:
+        torch.testing.assert_close(got[name], expected[name], atol=1e-6, rtol=1e-5, msg=name)
+    assert {p.requires_grad for p in resumed.trainable_parameters()} == {True}
+
+
+def test_saved_checkpoint_holds_policy_adapter_and_value_role(tmp_path, reward_folder, left_tokenizer):
+    shared = make_shared(reward_folder)
+    trainer = PPOTrainer(shared, args=ppo_args(tmp_path), train_dataset=prompts(), processing_class=left_tokenizer)
+    trainer.train()
+    trainer.save_model(str(tmp_path / "saved"))
+    value_dir = tmp_path / "saved" / "value"
+    assert {"adapter_model.safetensors", "head.safetensors", "head_config.json"} <= {p.name for p in value_dir.iterdir()}
+    reloaded = make_shared(reward_folder)
+    reloaded.load_role("value", value_dir)
+    torch.testing.assert_close(reloaded.heads["value"].linear.weight, shared.heads["value"].linear.weight)
+
+
+# ----------------------------------------------------------------------------- bad input
+
+
+def test_empty_dataset_is_rejected(tmp_path, reward_folder, left_tokenizer):
+    empty = Dataset.from_dict({"prompt": []})
+    with pytest.raises(ValueError, match="empty"):
+        PPOTrainer(make_shared(reward_folder), args=ppo_args(tmp_path), train_dataset=empty, processing_class=left_tokenizer)
+
+
+def test_prompt_longer_than_the_limit_is_rejected(tmp_path, reward_folder, left_tokenizer):
+    dataset = Dataset.from_dict({"prompt": ["short", "x" * 40, "ok", "fine"]})
+    args = ppo_args(tmp_path, max_prompt_length=16)
+    trainer = PPOTrainer(make_shared(reward_folder), args=args, train_dataset=dataset, processing_class=left_tokenizer)
+    with pytest.raises(ValueError, match=r"has 40 tokens, more than the limit of 16"):
+        trainer.train()
+
+
+def test_reward_function_with_wrong_count_is_rejected(tmp_path, reward_folder, left_tokenizer):
+    trainer = PPOTrainer(
+        make_shared(reward_folder),
+        reward_funcs=lambda completions, **kw: [0.0],
+        args=ppo_args(tmp_path),
+        train_dataset=prompts(),
+        processing_class=left_tokenizer,
+    )
+    with pytest.raises(ValueError, match="returned 1 rewards, but 4 were expected"):
+        trainer.train()
+
+
+def test_nan_rewards_are_skipped_and_logged_not_learned_from(tmp_path, reward_folder, left_tokenizer):
+    shared = make_shared(reward_folder)
+    before = snapshot(shared.peft_model.named_parameters())
+    trainer = PPOTrainer(
+        shared,
+        reward_funcs=lambda completions, **kw: [math.nan] * len(completions),
+        args=ppo_args(tmp_path),
+        train_dataset=prompts(),
+        processing_class=left_tokenizer,
+    )
+    trainer.train()
+    log = trainer.state.log_history[0]
+    assert log["objective/skipped_completions"] == 4
+    assert math.isfinite(log["loss"])
+    assert not changed(before, shared.peft_model.named_parameters())
+
+
+def test_partly_nan_rewards_train_on_the_rest(tmp_path, reward_folder, left_tokenizer):
+    def half_nan(completions, **kw):
+        return [math.nan if i % 2 else 1.0 for i in range(len(completions))]
+
+    shared = make_shared(reward_folder)
+    before = snapshot(shared.peft_model.named_parameters())
+    trainer = PPOTrainer(
+        shared, reward_funcs=half_nan, args=ppo_args(tmp_path), train_dataset=prompts(), processing_class=left_tokenizer
+    )
+    trainer.train()
+    log = trainer.state.log_history[0]
+    assert log["objective/skipped_completions"] == 2 and log["objective/scores"] == 1.0
+    assert changed(before, shared.peft_model.named_parameters())
+
+
+def test_trainer_logs_trl_ppo_metric_names(tmp_path, reward_folder, left_tokenizer):
+    trainer = PPOTrainer(
+        make_shared(reward_folder), args=ppo_args(tmp_path), train_dataset=prompts(), processing_class=left_tokenizer
+    )
+    trainer.train()
+    names = {
+        "objective/kl", "objective/entropy", "objective/scores", "objective/rlhf_reward",
+        "objective/non_score_reward", "policy/approxkl_avg", "policy/clipfrac_avg", "policy/entropy_avg",
+        "loss/policy_avg", "loss/value_avg", "val/clipfrac_avg", "val/ratio", "val/explained_variance",
+    }  # fmt: skip
+    assert names <= set(trainer.state.log_history[0])
+
+
+def test_reward_role_scores_prompt_completion_and_eos(reward_folder, left_tokenizer):
+    shared = make_shared(reward_folder)
+    reward = SharedBaseReward(shared, left_tokenizer)
+    prompts, completions = ["abc", "hello"], ["xyz", "w"]
+    got = reward(prompts=prompts, completions=completions)
+    for prompt, completion, score in zip(prompts, completions, got):
+        ids = left_tokenizer(prompt + completion + "</s>", add_special_tokens=False, return_tensors="pt")["input_ids"]
+        assert ids[0, -1] == left_tokenizer.eos_token_id
+        expected = shared.reward_scores(ids, torch.ones_like(ids)).item()  # one unpadded sequence
+        assert score == pytest.approx(expected, abs=1e-5)
