@@ -54,6 +54,14 @@ def test_top_m_partial_ranking():
     torch.testing.assert_close(rx.plackett_luce_loss(scores, top_m=1), F.cross_entropy(scores, torch.tensor([0])).reshape(1))
 
 
+def test_per_list_depth_equals_lists_one_by_one():
+    torch.manual_seed(4)
+    scores = torch.randn(3, 4, dtype=torch.float64)
+    depth = torch.tensor([0, 1, 3])
+    expected = torch.tensor([0.0] + [brute_force_pl_nll(scores[i].tolist(), top_m=int(depth[i])) for i in (1, 2)], dtype=torch.float64)
+    torch.testing.assert_close(rx.plackett_luce_loss(scores, top_m=depth), expected)
+
+
 def test_shift_invariant():
     scores = torch.randn(4, 5, dtype=torch.float64)
     torch.testing.assert_close(rx.plackett_luce_loss(scores), rx.plackett_luce_loss(scores + 123.4))
@@ -104,3 +112,7 @@ def test_bad_inputs():
         rx.dpo_plackett_luce_loss(torch.zeros(2, 3), torch.zeros(2, 2))
     with pytest.raises(ValueError, match="top_m must be >= 1"):
         rx.plackett_luce_loss(torch.zeros(1, 3), top_m=0)
+    with pytest.raises(ValueError, match="list 1 has -1"):
+        rx.plackett_luce_loss(torch.zeros(2, 3), top_m=torch.tensor([1, -1]))
+    with pytest.raises(ValueError, match=r"shape \(2,\)"):
+        rx.plackett_luce_loss(torch.zeros(2, 3), top_m=torch.tensor([1]))

@@ -39,13 +39,27 @@ def _checked_mask(scores: torch.Tensor, mask: torch.Tensor | None, name: str) ->
     return mask
 
 
+def _checked_top_m(top_m: int | torch.Tensor | None, batch: int) -> int | torch.Tensor | None:
+    if top_m is None:
+        return None
+    if isinstance(top_m, torch.Tensor):
+        if top_m.shape != (batch,) or top_m.is_floating_point():
+            raise ValueError(f"top_m as a tensor must be integer with shape ({batch},), got {top_m.dtype} {tuple(top_m.shape)}")
+        if (top_m < 0).any():
+            raise ValueError(f"top_m must be >= 0, list {int((top_m < 0).nonzero()[0])} has {int(top_m.min())}")
+        return top_m
+    if top_m < 1:
+        raise ValueError(f"top_m must be >= 1, got {top_m}")
+    return int(top_m)
+
+
 def reverse_logcumsumexp(x: torch.Tensor) -> torch.Tensor:
     """out[..., k] = log sum_{j>=k} exp(x[..., j]), computed stably along the last dimension."""
     return torch.logcumsumexp(x.flip(-1), dim=-1).flip(-1)
 
 
 def plackett_luce_loss(
-    scores: torch.Tensor, mask: torch.Tensor | None = None, top_m: int | None = None
+    scores: torch.Tensor, mask: torch.Tensor | None = None, top_m: int | torch.Tensor | None = None
 ) -> torch.Tensor:
     """Negative log Plackett-Luce likelihood of the given order, one value per list.
 
@@ -56,21 +70,23 @@ def plackett_luce_loss(
         mask: optional [B, K] bool, True on real items; a prefix of each row (lists shorter than K
             are padded at the end). Every list needs at least 2 real items.
         top_m: optional partial ranking: only the first top_m places are modelled (the order among
-            the rest is unknown), m_b = min(top_m, n_b). None models the full ranking.
+            the rest is unknown), m_b = min(top_m, n_b). An int applies to every list; a [B] integer
+            tensor gives each list its own depth (0: nothing known, the list adds 0, e.g. a tie at
+            the top). None models the full ranking.
 
     Returns:
         [B] loss per list. Finite for |scores| up to 1e4 and beyond (reverse log-cumsum-exp).
     """
     mask = _checked_mask(scores, mask, "scores")
-    if top_m is not None and top_m < 1:
-        raise ValueError(f"top_m must be >= 1, got {top_m}")
+    top_m = _checked_top_m(top_m, scores.shape[0])
     row_min = scores.detach().masked_fill(~mask, float("inf")).amin(dim=1, keepdim=True)
     filled = torch.where(mask, scores, row_min - _PAD_GAP)
     terms = reverse_logcumsumexp(filled) - filled
     modelled = mask
     if top_m is not None:
         positions = torch.arange(scores.shape[1], device=scores.device)
-        modelled = mask & (positions < top_m)
+        depth = top_m if isinstance(top_m, int) else top_m.to(scores.device)[:, None]
+        modelled = mask & (positions < depth)
     return torch.where(modelled, terms, torch.zeros_like(terms)).sum(dim=1)
 
 
@@ -79,7 +95,7 @@ def dpo_plackett_luce_loss(
     ref_logps: torch.Tensor,
     beta: float = 0.1,
     mask: torch.Tensor | None = None,
-    top_m: int | None = None,
+    top_m: int | torch.Tensor | None = None,
 ) -> torch.Tensor:
     """K-way DPO loss: Plackett-Luce on implicit rewards (seed 5.2, the final L_DPO for K > 2).
 

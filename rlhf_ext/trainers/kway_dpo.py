@@ -36,7 +36,6 @@ from .kway_reward import (
     TOP_M_HELP,
     best_and_rest_mean,
     gather_lists,
-    loss_by_depth,
     ranked_collator,
     ranking_depth,
     ranking_stats,
@@ -169,10 +168,7 @@ class PlackettLuceDPOTrainer(DPOTrainer):
             lengths = lengths.clamp(min=1)  # padding has length 0: keep its (masked-out) entries finite
             policy_logps, ref_logps = policy_logps / lengths, ref_logps / lengths
         depth = ranking_depth(inputs["num_ranked"], self.args.top_m)
-        per_list = loss_by_depth(
-            lambda m: dpo_plackett_luce_loss(policy_logps, ref_logps, beta=self.beta, mask=mask, top_m=m), depth
-        )
-        loss = per_list.mean()
+        loss = dpo_plackett_luce_loss(policy_logps, ref_logps, beta=self.beta, mask=mask, top_m=depth).mean()
         if self.aux_loss_enabled:
             loss = loss + self.router_aux_loss_coef * outputs.aux_loss
         self._log_metrics(mode, policy_logps, ref_logps, mask, depth, inputs["attention_mask"])

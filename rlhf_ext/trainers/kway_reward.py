@@ -14,7 +14,6 @@ and the ranking metrics.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -41,19 +40,6 @@ TOP_M_HELP = (
 def ranking_depth(num_ranked: torch.Tensor, top_m: int | None) -> torch.Tensor:
     """m_b = min(num_ranked_b, top_m): how many Plackett-Luce terms list b contributes. long [B] -> long [B]."""
     return num_ranked if top_m is None else num_ranked.clamp(max=top_m)
-
-
-def loss_by_depth(loss_at_depth: Callable[[int], torch.Tensor], depth: torch.Tensor) -> torch.Tensor:
-    """loss_b = loss_at_depth(depth_b)[b]; 0 for a list of depth 0 (tied at the top: no known preference).
-
-    `loss_at_depth(m)` returns the [B] losses with `top_m=m`; the ops take one top_m per call, so each distinct
-    depth (at most K-1 of them) costs one call on the [B, K] scores, which is negligible next to the forward.
-    """
-    loss = torch.zeros(depth.shape, device=depth.device)
-    for m in depth.unique().tolist():
-        if m > 0:
-            loss = torch.where(depth == m, loss_at_depth(m), loss)
-    return loss
 
 
 @dataclass
@@ -197,7 +183,7 @@ class PlackettLuceRewardTrainer(RewardTrainer):
         outputs = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], use_cache=False)
         rewards, mask = split_into_lists(outputs.logits.squeeze(-1), inputs["num_completions"])
         depth = ranking_depth(inputs["num_ranked"], self.args.top_m)
-        loss = loss_by_depth(lambda m: plackett_luce_loss(rewards, mask, top_m=m), depth).mean()
+        loss = plackett_luce_loss(rewards, mask, top_m=depth).mean()
         if self.args.center_rewards_coefficient is not None:
             # TRL's centring term mean((r_c + r_r)^2), summed over the K items of each list
             loss = loss + self.args.center_rewards_coefficient * (rewards * mask).sum(dim=1).pow(2).mean()
