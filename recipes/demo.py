@@ -16,8 +16,7 @@ then report.md, metrics.json and plots/*.png in `<output_dir>`.
 
 Stages 2-4 run the other recipes in this process through their `make_parser()` and `main(...)`; the
 arguments each gets are `<stage>_args` from the YAML plus the paths this script owns (model, data,
-output_dir), which take precedence. A stage whose recipe file is absent is skipped with a warning and
-the report says so.
+output_dir), which take precedence.
 """
 
 from __future__ import annotations
@@ -172,16 +171,12 @@ def write_prompt_file(path: Path, prompts: list[str], system_prompt: str | None)
             f.write(json.dumps({"prompt": as_conversation(prompt, system_prompt)}, ensure_ascii=False) + "\n")
 
 
-def recipe_path(name: str) -> Path:
-    return RECIPES_DIR / f"{name}.py"
-
-
 def load_recipe(name: str):
     """recipes/<name>.py imported as a module (recipes/ is a folder of scripts, not a package)."""
     module_name = f"rlhf_ext_recipe_{name}"
     if module_name in sys.modules:
         return sys.modules[module_name]
-    spec = importlib.util.spec_from_file_location(module_name, recipe_path(name))
+    spec = importlib.util.spec_from_file_location(module_name, RECIPES_DIR / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     # Registered before running it: dataclasses look their module up in sys.modules.
     sys.modules[module_name] = module
@@ -205,11 +200,8 @@ def run_recipe(name: str, args: dict[str, Any], out_dir: Path) -> list[dict]:
 
 
 def recipe_stage(name: str, cfg: DemoConfig, out: Path, upstream: list[StageResult], paths: dict[str, Any],
-                 summarize) -> StageResult | None:  # fmt: skip
-    """A training stage run by recipes/<name>.py; None (stage skipped) while that recipe does not exist."""
-    if not recipe_path(name).is_file():
-        logger.warning("stage %s skipped: recipes/%s.py does not exist yet", name, name)
-        return None
+                 summarize) -> StageResult:  # fmt: skip
+    """A training stage run by recipes/<name>.py, cached like the others; `summarize` reads its outputs."""
     stage_dir = out / name
     user_args = getattr(cfg, f"{name}_args")
     args = {"seed": cfg.seed, "report_to": "none", **user_args, **paths, "output_dir": str(stage_dir)}
@@ -289,14 +281,13 @@ def eval_stage(cfg: DemoConfig, out: Path, base: StageResult, policies: dict[str
     return result, samples
 
 
-def make_plots(out: Path, stages: dict[str, StageResult], policies: dict[str, dict]) -> dict[str, str]:
+def make_plots(out: Path, policies: dict[str, dict]) -> dict[str, str]:
     """Every plot this run can draw, as {title: path relative to out}."""
     plots = {"Final comparison on held-out prompts": plot_comparison(policies, out / "plots" / "comparison.png")}
     curves = (("ppo", "PPO: reward and KL", plot_ppo_curves), ("dpo", "K-way DPO: loss and accuracy", plot_dpo_curves))
     for name, title, plot in curves:
-        if name in stages:
-            log_history = json.loads((out / name / "log_history.json").read_text())
-            plots[title] = plot(log_history, out / "plots" / f"{name}.png")
+        log_history = json.loads((out / name / "log_history.json").read_text())
+        plots[title] = plot(log_history, out / "plots" / f"{name}.png")
     return {title: str(path.relative_to(out)) for title, path in plots.items()}
 
 
@@ -308,42 +299,29 @@ def main(cfg: DemoConfig) -> dict[str, Any]:
     split = demo_split(cfg.n_train_prompts, cfg.n_heldout_prompts)
     base = base_model_stage(cfg, out)
     base_path = base.summary["path"]
-    stages = {"sample": sample_stage(cfg, out, base, split)}
-
-    reward = recipe_stage("reward", cfg, out, [stages["sample"]], {
-        "model_name_or_path": base_path, "dataset_name": str(out / "ranked"),
-    }, summarize_reward)  # fmt: skip
-    if reward is not None:
-        stages["reward"] = reward
-        ppo = recipe_stage("ppo", cfg, out, [stages["sample"], reward], {
-            "model_name_or_path": base_path, "dataset_name": str(out / "prompts" / "train.jsonl"),
-            "reward_adapter_path": reward.summary["role_dir"],
-        }, summarize_policy)  # fmt: skip
-        if ppo is not None:
-            stages["ppo"] = ppo
-    dpo = recipe_stage("dpo", cfg, out, [stages["sample"]], {
-        "model_name_or_path": base_path, "dataset_name": str(out / "ranked"),
+    stages = {"base": base}
+    stages["sample"] = sample_stage(cfg, out, base, split)
+    ranked_data = {"model_name_or_path": base_path, "dataset_name": str(out / "ranked")}
+    stages["reward"] = recipe_stage("reward", cfg, out, [stages["sample"]], ranked_data, summarize_reward)
+    stages["ppo"] = recipe_stage("ppo", cfg, out, [stages["sample"], stages["reward"]], {
+        "model_name_or_path": base_path, "dataset_name": str(out / "prompts" / "train.jsonl"),
+        "reward_adapter_path": stages["reward"].summary["role_dir"],
     }, summarize_policy)  # fmt: skip
-    if dpo is not None:
-        stages["dpo"] = dpo
-
-    policies = {name: stages[name] for name in ("ppo", "dpo") if name in stages}
-    evaluation, samples = eval_stage(cfg, out, base, policies, split)
-    stages["eval"] = evaluation
+    stages["dpo"] = recipe_stage("dpo", cfg, out, [stages["sample"]], ranked_data, summarize_policy)
+    stages["eval"], samples = eval_stage(cfg, out, base, {"ppo": stages["ppo"], "dpo": stages["dpo"]}, split)
 
     metrics = {
         "base_model": base.summary["name"],
         "config": dataclasses.asdict(cfg),
         "n_train_prompts": len(split.train),
         "n_heldout_prompts": len(split.heldout),
-        "stages_run": list(stages),
         "ranked_data": stages["sample"].summary,
-        "reward": stages["reward"].summary if "reward" in stages else None,
-        "policies": evaluation.summary["policies"],
+        "reward": stages["reward"].summary,
+        "policies": stages["eval"].summary["policies"],
         "timings_s": {name: stage.summary["seconds"] for name, stage in stages.items()},
     }
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
-    plots = make_plots(out, stages, metrics["policies"])
+    plots = make_plots(out, metrics["policies"])
     report = write_report(out, render_report(metrics, samples, split.heldout, plots, cfg.n_show))
     logger.info("report written to %s", report)
     return metrics

@@ -13,6 +13,10 @@ __version__ = "0.1.0"
 
 # public name -> module that defines it, imported on first attribute access
 _LAZY = {
+    "PPOConfig": ".trainers.ppo_config",
+    "PPOTrainer": ".trainers.ppo_trainer",
+    "AdaptiveKLCallback": ".callbacks",
+    "CompletionsTableCallback": ".callbacks",
     "PlackettLuceDPOConfig": ".trainers.kway_dpo",
     "PlackettLuceDPOTrainer": ".trainers.kway_dpo",
     "PlackettLuceRewardConfig": ".trainers.kway_reward",

@@ -32,7 +32,7 @@ def tiny_run(demo, tmp_path_factory):
 def test_every_stage_writes_its_outputs(tiny_run):
     config, metrics = tiny_run
     out = Path(config.output_dir)
-    assert metrics["stages_run"] == ["sample", *STAGES[1:]]
+    assert set(metrics["timings_s"]) == {"base", *STAGES}
     assert (out / "ranked" / "train.jsonl").stat().st_size > 0 and (out / "ranked" / "test.jsonl").is_file()
     assert (out / "reward" / "head.safetensors").is_file() and (out / "reward" / "adapter_config.json").is_file()
     assert (out / "ppo" / "policy" / "adapter_config.json").is_file()

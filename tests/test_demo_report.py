@@ -38,15 +38,16 @@ def test_report_shows_results_samples_plots_and_the_lexicon_caveat():
         name: PolicySamples(name, [[f"{name} says | hi\nthere"]], [[0.25]], [[0.0]], [[3]]) for name in POLICIES
     }
     metrics = {
-        "base_model": "tiny", "n_train_prompts": 8, "n_heldout_prompts": 1, "stages_run": ["sample", "ppo", "eval"],
+        "base_model": "tiny", "n_train_prompts": 8, "n_heldout_prompts": 1,
         "config": {"k": 4, "temperature": 1.0, "max_new_tokens": 32},
         "ranked_data": {"train": {"n_written": 7, "n_empty_completions": 1, "n_lists_dropped": 1, "mean_score": 0.3}},
-        "reward": None, "policies": POLICIES, "timings_s": {"sample": 60.0, "eval": 30.0},
+        "reward": {"heldout_top1_accuracy": 0.5, "heldout_pairwise_accuracy": None},
+        "policies": POLICIES, "timings_s": {"sample": 60.0, "eval": 30.0},
     }  # fmt: skip
     report = render_report(metrics, samples, ["How was your day?"], {"comparison": "plots/comparison.png"}, n_show=1)
     assert "| PPO | 0.600 ± 0.040 |" in report
     assert "![comparison](plots/comparison.png)" in report
     assert "| PPO | ppo says \\| hi there | +0.25 |" in report  # pipe escaped, newline flattened
     assert "not from people" in report
-    assert "Stages not run in this report: reward, dpo." in report
+    assert "not evaluated on held-out lists" in report
     assert "total 1.5 min" in report

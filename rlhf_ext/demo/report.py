@@ -56,6 +56,16 @@ def comparison_table(policies: dict[str, dict[str, float]]) -> str:
     return "\n".join(rows)
 
 
+def _reward_line(reward: dict[str, Any], k: int) -> str:
+    top1, pairwise = reward["heldout_top1_accuracy"], reward["heldout_pairwise_accuracy"]
+    if top1 is None or pairwise is None:
+        return "- Reward adapter + head: not evaluated on held-out lists (set `eval_strategy` in `reward_args`)."
+    return (
+        f"- Reward adapter + head, on held-out ranked lists: top-1 accuracy {top1:.2f}, pairwise accuracy "
+        f"{pairwise:.2f} (chance: {1 / k:.2f} and 0.50)."
+    )
+
+
 def _setup_section(metrics: dict[str, Any]) -> str:
     config, data = metrics["config"], metrics["ranked_data"]
     train = data["train"]
@@ -71,16 +81,7 @@ def _setup_section(metrics: dict[str, Any]) -> str:
         f"and {train['n_lists_dropped']} lists that stated no preference (all scores tied, or fewer than two "
         f"completions left) were dropped. Mean score of the base's samples: {train['mean_score']:.3f}.",
     ]
-    reward = metrics.get("reward")
-    if reward:
-        lines.append(
-            f"- Reward adapter + head, on held-out ranked lists: top-1 accuracy {reward['heldout_top1_accuracy']:.2f}, "
-            f"pairwise accuracy {reward['heldout_pairwise_accuracy']:.2f} "
-            f"(chance: {1 / config['k']:.2f} and 0.50)."
-        )
-    not_run = [s for s in ("reward", "ppo", "dpo") if s not in metrics.get("stages_run", [])]
-    if not_run:
-        lines.append(f"- Stages not run in this report: {', '.join(not_run)}.")
+    lines.append(_reward_line(metrics["reward"], config["k"]))
     timings = metrics.get("timings_s", {})
     if timings:
         spent = ", ".join(f"{stage} {seconds / 60:.1f} min" for stage, seconds in timings.items())

@@ -1,9 +1,15 @@
-"""Thin subclasses of TRL trainers: K-way (Plackett-Luce) DPO and reward models."""
+"""Thin subclasses of TRL trainers: PPO with a critic (on GRPOTrainer), K-way (Plackett-Luce) DPO and reward models."""
 
 from .kway_dpo import PlackettLuceDPOConfig, PlackettLuceDPOTrainer
 from .kway_reward import PlackettLuceRewardConfig, PlackettLuceRewardTrainer
+from .ppo_config import PPOConfig
+from .ppo_trainer import PPOTrainer, SharedBaseCritic, SharedBaseReward
 
 __all__ = [
+    "PPOConfig",
+    "PPOTrainer",
+    "SharedBaseCritic",
+    "SharedBaseReward",
     "PlackettLuceDPOConfig",
     "PlackettLuceDPOTrainer",
     "PlackettLuceRewardConfig",

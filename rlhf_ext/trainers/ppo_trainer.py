@@ -278,7 +278,7 @@ class PPOTrainer(GRPOTrainer):
             num_items_in_batch=self.accelerator.gather(loss_mask.sum()).sum(),
             num_sequences_in_batch=self.accelerator.gather(scored.sum()).sum(),
         )
-        self._log_rollout(rollout, scores, scored, logprobs, values, mask, mode)
+        self._log_rollout(rollout, scored, logprobs, values, mask, mode)
         self.last_rollout = self._rollout_records(batch, rollout["token_rewards"], scored)
         return batch
 
@@ -401,7 +401,7 @@ class PPOTrainer(GRPOTrainer):
     def _gathered_mean(self, x: torch.Tensor) -> float:
         return self.accelerator.gather(x.detach().float().reshape(-1)).mean().item()
 
-    def _log_rollout(self, rollout, scores, scored, logprobs, values, mask, mode):
+    def _log_rollout(self, rollout, scored, logprobs, values, mask, mode):
         # Every process gathers full-size tensors and only then drops skipped completions: all-gather needs equal
         # shapes on every process, and every process must join every collective.
         rewards = rollout["token_rewards"]
