@@ -9,7 +9,9 @@ it is not a good answer.
 Ranking rule: completions are ordered by compound score, highest first. Ties (equal scores, common
 at 0.0 for neutral text) keep the order in which the completions were sampled. Sampling is seeded,
 so that order is reproducible, and it carries no information about the text; a tie-break by length
-or alphabetical order would teach the models a preference the lexicon never expressed.
+or alphabetical order would teach the models a preference the lexicon never expressed. Records keep
+their scores, so the trainers see the ties: `rlhf_ext.data`'s default `tie_policy="truncate"` trains
+only on the part of each ranking that the scores determine.
 """
 
 from __future__ import annotations
