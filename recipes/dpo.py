@@ -13,7 +13,7 @@ import transformers
 from packaging.version import Version
 from trl import ModelConfig, ScriptArguments, TrlParser, get_peft_config, get_quantization_config
 
-from rlhf_ext.data import load_preference_dataset
+from rlhf_ext.data import load_dataset_or_file
 from rlhf_ext.trainers import PlackettLuceDPOConfig, PlackettLuceDPOTrainer
 
 
@@ -26,7 +26,7 @@ def main(script_args: ScriptArguments, training_args: PlackettLuceDPOConfig, mod
         "dtype": model_args.dtype,
         **(training_args.model_init_kwargs or {}),
     }
-    dataset = load_preference_dataset(script_args.dataset_name, script_args.dataset_config)
+    dataset = load_dataset_or_file(script_args.dataset_name, script_args.dataset_config)
     evaluate = training_args.eval_strategy != "no"
     trainer = PlackettLuceDPOTrainer(
         model=model_args.model_name_or_path,

@@ -1,7 +1,7 @@
 """PPO with a critic on one shared base: policy and value LoRA adapters, a frozen reward adapter, reference = base.
 
     accelerate launch recipes/ppo.py --config recipes/configs/ppo.yaml
-    accelerate launch --num_processes 2 --cpu recipes/ppo.py --config recipes/configs/ppo.yaml --max_steps 20
+    accelerate launch --multi_gpu --num_processes 2 recipes/ppo.py --config recipes/configs/ppo.yaml --use_cpu --max_steps 20
     python recipes/ppo.py --help
 
 Every field of `PPOScriptArguments`, `PPOConfig` and `SharedBaseArguments` is a CLI flag and a YAML key; flags
@@ -14,21 +14,18 @@ Writes `<output_dir>/policy` (peft adapter folder) and `<output_dir>/value` (ada
 
 from __future__ import annotations
 
-import dataclasses
 import os
 from dataclasses import dataclass, field
 
-from datasets import Dataset, load_dataset
+from datasets import Dataset
 from transformers import AutoTokenizer
 from trl import TrlParser
 
+from rlhf_ext.data import load_dataset_or_file
 from rlhf_ext.callbacks import AdaptiveKLCallback, CompletionsTableCallback
 from rlhf_ext.models import SharedBase, SharedBaseArguments
 from rlhf_ext.trainers.ppo_config import PPOConfig
 from rlhf_ext.trainers.ppo_trainer import PPOTrainer
-
-LOCAL_FORMATS = {".json": "json", ".jsonl": "json", ".parquet": "parquet"}
-
 
 @dataclass
 class PPOScriptArguments:
@@ -66,27 +63,11 @@ class PPOScriptArguments:
     )
 
 
-def recipe_model_arguments():
-    """`SharedBaseArguments` without `trust_remote_code`, which `PPOConfig` already defines as a flag.
-
-    argparse refuses two options with one name, so the recipe parses the model arguments through this copy and
-    builds the real `SharedBaseArguments` from it with `PPOConfig.trust_remote_code` (see `main`).
-    """
-    fields = [(f.name, f.type, f) for f in dataclasses.fields(SharedBaseArguments) if f.name != "trust_remote_code"]
-    return dataclasses.make_dataclass("SharedBaseArguments", fields, namespace={"__doc__": SharedBaseArguments.__doc__})
-
-
 def load_prompts(args: PPOScriptArguments) -> Dataset:
     """The training prompts as a Dataset with a 'prompt' column; a clear error if there are none."""
     if not args.dataset_name:
         raise ValueError("Set --dataset_name to a Hub dataset or a local .json / .jsonl / .parquet file.")
-    extension = os.path.splitext(args.dataset_name)[1].lower()
-    if os.path.isfile(args.dataset_name):
-        if extension not in LOCAL_FORMATS:
-            raise ValueError(f"Local dataset {args.dataset_name} must be one of {sorted(LOCAL_FORMATS)}.")
-        dataset = load_dataset(LOCAL_FORMATS[extension], data_files=args.dataset_name, split="train")
-    else:
-        dataset = load_dataset(args.dataset_name, args.dataset_config, split=args.dataset_train_split)
+    dataset = load_dataset_or_file(args.dataset_name, args.dataset_config)[args.dataset_train_split]
     if args.prompt_column not in dataset.column_names:
         raise ValueError(f"{args.dataset_name} has no column {args.prompt_column!r}; columns: {dataset.column_names}.")
     if args.prompt_column != "prompt":
@@ -98,11 +79,11 @@ def load_prompts(args: PPOScriptArguments) -> Dataset:
     return dataset
 
 
-def load_tokenizer(model_name_or_path: str, model_args: SharedBaseArguments):
+def load_tokenizer(model_args: SharedBaseArguments, trust_remote_code: bool):
     # Generation needs left padding: completions start right after the prompt's last token.
     tokenizer = AutoTokenizer.from_pretrained(
-        model_name_or_path, padding_side="left", revision=model_args.model_revision,
-        trust_remote_code=model_args.trust_remote_code,
+        model_args.model_name_or_path, padding_side="left", revision=model_args.model_revision,
+        trust_remote_code=trust_remote_code,
     )  # fmt: skip
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -111,18 +92,16 @@ def load_tokenizer(model_name_or_path: str, model_args: SharedBaseArguments):
 
 def main(script_args: PPOScriptArguments, training_args: PPOConfig, model_args: SharedBaseArguments) -> PPOTrainer:
     """Train, save the policy and value roles under `training_args.output_dir`, and push if asked."""
-    if not isinstance(model_args, SharedBaseArguments):  # parsed through `recipe_model_arguments`
-        model_args = SharedBaseArguments(
-            **dataclasses.asdict(model_args), trust_remote_code=training_args.trust_remote_code
-        )
     if not model_args.model_name_or_path:
         raise ValueError("Set --model_name_or_path to the base model (Hub id or local folder).")
     if not model_args.reward_adapter_path and not script_args.reward_model_name_or_path:
         raise ValueError("No reward: set --reward_adapter_path (reward role folder) or --reward_model_name_or_path.")
 
     dataset = load_prompts(script_args)
-    tokenizer = load_tokenizer(model_args.model_name_or_path, model_args)
-    shared = SharedBase.from_pretrained(model_args.model_name_or_path, model_args)
+    tokenizer = load_tokenizer(model_args, training_args.trust_remote_code)
+    shared = SharedBase.from_pretrained(
+        model_args.model_name_or_path, model_args, trust_remote_code=training_args.trust_remote_code
+    )
     trainer = PPOTrainer(
         shared,
         reward_funcs=script_args.reward_model_name_or_path,
@@ -147,7 +126,7 @@ def main(script_args: PPOScriptArguments, training_args: PPOConfig, model_args: 
 
 
 def make_parser(subparsers=None) -> TrlParser:
-    dataclass_types = (PPOScriptArguments, PPOConfig, recipe_model_arguments())
+    dataclass_types = (PPOScriptArguments, PPOConfig, SharedBaseArguments)
     if subparsers is not None:
         return subparsers.add_parser("ppo", help="Run the PPO recipe", dataclass_types=dataclass_types)
     return TrlParser(dataclass_types)

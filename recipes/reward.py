@@ -14,7 +14,7 @@ import transformers
 from packaging.version import Version
 from trl import ModelConfig, ScriptArguments, TrlParser, get_peft_config, get_quantization_config
 
-from rlhf_ext.data import load_preference_dataset
+from rlhf_ext.data import load_dataset_or_file
 from rlhf_ext.trainers import PlackettLuceRewardConfig, PlackettLuceRewardTrainer
 
 
@@ -29,7 +29,7 @@ def main(script_args: ScriptArguments, training_args: PlackettLuceRewardConfig, 
     }
     # the score head must train along with a LoRA adapter, which peft does for the SEQ_CLS task type only
     model_args.lora_task_type = "SEQ_CLS"
-    dataset = load_preference_dataset(script_args.dataset_name, script_args.dataset_config)
+    dataset = load_dataset_or_file(script_args.dataset_name, script_args.dataset_config)
     evaluate = training_args.eval_strategy != "no"
     trainer = PlackettLuceRewardTrainer(
         model=model_args.model_name_or_path,

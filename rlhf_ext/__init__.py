@@ -22,7 +22,7 @@ _LAZY = {
     "PlackettLuceRewardConfig": ".trainers.kway_reward",
     "PlackettLuceRewardTrainer": ".trainers.kway_reward",
     "DataCollatorForRankedPreference": ".data",
-    "load_preference_dataset": ".data",
+    "load_dataset_or_file": ".data",
     "SharedBase": ".models",
     "SharedBaseArguments": ".models",
     "ScalarHead": ".models",

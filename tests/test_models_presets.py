@@ -31,7 +31,6 @@ def test_trl_parser_reads_quantization_and_lora_flags():
     assert (args.load_in_4bit, args.lora_r, args.lora_alpha) == (True, 8, 16)
     assert args.lora_target_modules == ["q_proj", "v_proj"]
     assert args.torch_dtype is torch.bfloat16
-    assert args.trust_remote_code is False
 
 
 def test_4bit_and_8bit_together_is_an_error():

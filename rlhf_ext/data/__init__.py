@@ -1,7 +1,7 @@
 """Ranked-preference data: the record schema and its validation, tokenization, and the K-way collator."""
 
 from .collator import DataCollatorForRankedPreference, list_mask, split_into_lists
-from .loading import load_preference_dataset
+from .loading import load_dataset_or_file
 from .prepare import prepare_ranked_dataset, tokenize_ranked, truncate_ranked
 from .ranked import TIE_POLICIES, normalize_record
 
@@ -9,7 +9,7 @@ __all__ = [
     "DataCollatorForRankedPreference",
     "TIE_POLICIES",
     "list_mask",
-    "load_preference_dataset",
+    "load_dataset_or_file",
     "normalize_record",
     "prepare_ranked_dataset",
     "split_into_lists",

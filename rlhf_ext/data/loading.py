@@ -1,4 +1,4 @@
-"""Load a preference dataset by Hub name or from a local json / jsonl / parquet file."""
+"""Load a dataset (preferences or prompts) by Hub name or from a local json / jsonl / parquet file."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from datasets import DatasetDict, load_dataset
 LOCAL_FORMATS = {".json": "json", ".jsonl": "json", ".parquet": "parquet"}
 
 
-def load_preference_dataset(name_or_path: str, config: str | None = None) -> DatasetDict:
+def load_dataset_or_file(name_or_path: str, config: str | None = None) -> DatasetDict:
     """A DatasetDict from a local .json/.jsonl/.parquet file (one "train" split) or a dataset name / folder."""
     suffix = Path(name_or_path).suffix.lower()
     if suffix in LOCAL_FORMATS:

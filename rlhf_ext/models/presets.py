@@ -53,9 +53,6 @@ class SharedBaseArguments:
             "choices": ["float32", "bfloat16", "float16"],
         },
     )
-    trust_remote_code: bool = field(
-        default=False, metadata={"help": "Allow custom modelling code from the checkpoint. Off unless you trust it."}
-    )
     attn_implementation: str | None = field(
         default=None, metadata={"help": "Attention implementation (e.g. 'sdpa', 'eager'); None lets transformers pick."}
     )

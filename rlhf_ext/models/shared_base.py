@@ -60,8 +60,12 @@ ROLES = ("policy", "value", "reward", "reference")
 TRAINABLE_ROLES = ("policy", "value")
 
 
-def load_base_model(args: SharedBaseArguments) -> PreTrainedModel:
-    """Load `args.model_name_or_path` once, in `args.dtype` or quantized as `args` asks."""
+def load_base_model(args: SharedBaseArguments, trust_remote_code: bool = False) -> PreTrainedModel:
+    """Load `args.model_name_or_path` once, in `args.dtype` or quantized as `args` asks.
+
+    `trust_remote_code` is an argument, not a field of `SharedBaseArguments`: the training configs
+    (TrainingArguments) already own that flag, and one CLI cannot define it twice.
+    """
     if not args.model_name_or_path:
         raise ValueError("SharedBaseArguments.model_name_or_path is not set: which base model should be loaded?")
     quantization = quantization_config(args)
@@ -73,7 +77,7 @@ def load_base_model(args: SharedBaseArguments) -> PreTrainedModel:
         dtype=args.torch_dtype,
         quantization_config=quantization,
         device_map=device_map,
-        trust_remote_code=args.trust_remote_code,
+        trust_remote_code=trust_remote_code,
         attn_implementation=args.attn_implementation,
     )
 
@@ -102,10 +106,11 @@ class SharedBase(nn.Module):
     active between calls, so `shared.peft_model.generate(...)` samples from the policy.
     """
 
-    def __init__(self, model: PreTrainedModel, args: SharedBaseArguments | None = None):
+    def __init__(self, model: PreTrainedModel, args: SharedBaseArguments | None = None, trust_remote_code: bool = False):
         super().__init__()
         args = args or SharedBaseArguments()
         self.args = args
+        self.trust_remote_code = trust_remote_code  # for the fresh base copy that export_merged_policy loads
         self.base_model_name_or_path = args.model_name_or_path or model.config._name_or_path or None
         disable_cpu_4bit_repacking(model)
         self.peft_model = self._wrap_with_policy(model, args)
@@ -117,10 +122,12 @@ class SharedBase(nn.Module):
         self._activate("policy")
 
     @classmethod
-    def from_pretrained(cls, model_name_or_path: str, args: SharedBaseArguments | None = None) -> "SharedBase":
+    def from_pretrained(
+        cls, model_name_or_path: str, args: SharedBaseArguments | None = None, trust_remote_code: bool = False
+    ) -> "SharedBase":
         """Load the base from `model_name_or_path` (once, maybe quantized) and build the roles from `args`."""
         args = replace(args or SharedBaseArguments(), model_name_or_path=model_name_or_path)
-        return cls(load_base_model(args), args)
+        return cls(load_base_model(args, trust_remote_code), args, trust_remote_code)
 
     # -- construction -----------------------------------------------------------------------------
 
@@ -327,7 +334,7 @@ class SharedBase(nn.Module):
                 "was built from an in-memory model with no name_or_path."
             )
         return AutoModelForCausalLM.from_pretrained(
-            path, dtype=dtype, revision=self.args.model_revision, trust_remote_code=self.args.trust_remote_code
+            path, dtype=dtype, revision=self.args.model_revision, trust_remote_code=self.trust_remote_code
         )
 
     # -- Hub --------------------------------------------------------------------------------------
