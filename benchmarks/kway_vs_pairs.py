@@ -29,7 +29,11 @@ from datasets import Dataset
 from transformers import TrainerCallback
 from trl import DPOConfig, DPOTrainer
 
-from rlhf_ext.data import DataCollatorForRankedPreference, prepare_ranked_dataset, split_into_lists
+from rlhf_ext.data import (
+    DataCollatorForRankedPreference,
+    prepare_ranked_dataset,
+    split_into_lists,
+)
 from rlhf_ext.testing import save_tiny_model, tiny_causal_lm, tiny_tokenizer
 from rlhf_ext.trainers import PlackettLuceDPOConfig, PlackettLuceDPOTrainer
 

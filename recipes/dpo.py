@@ -9,23 +9,22 @@ or TRL's pairwise `prompt`/`chosen`/`rejected`. `--help` lists every option (TRL
 plus `top_m`, `length_normalization`, `tie_policy`). In-process: `main(script_args, training_args, model_args)`.
 """
 
-import transformers
-from packaging.version import Version
-from trl import ModelConfig, ScriptArguments, TrlParser, get_peft_config, get_quantization_config
+from trl import (
+    ModelConfig,
+    ScriptArguments,
+    TrlParser,
+    get_peft_config,
+    get_quantization_config,
+)
 
 from rlhf_ext.data import load_dataset_or_file
+from rlhf_ext.recipe_utils import model_init_kwargs, train_save_push
 from rlhf_ext.trainers import PlackettLuceDPOConfig, PlackettLuceDPOTrainer
 
 
 def main(script_args: ScriptArguments, training_args: PlackettLuceDPOConfig, model_args: ModelConfig):
     """Train, save to `training_args.output_dir`, push if asked; returns the trainer."""
-    training_args.model_init_kwargs = {
-        "revision": model_args.model_revision,
-        "trust_remote_code": training_args.trust_remote_code,
-        "attn_implementation": model_args.attn_implementation,
-        "dtype": model_args.dtype,
-        **(training_args.model_init_kwargs or {}),
-    }
+    training_args.model_init_kwargs = model_init_kwargs(model_args, training_args)
     dataset = load_dataset_or_file(script_args.dataset_name, script_args.dataset_config)
     evaluate = training_args.eval_strategy != "no"
     trainer = PlackettLuceDPOTrainer(
@@ -36,15 +35,7 @@ def main(script_args: ScriptArguments, training_args: PlackettLuceDPOConfig, mod
         quantization_config=get_quantization_config(model_args),
         peft_config=get_peft_config(model_args),
     )
-    trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
-    trainer.save_model(training_args.output_dir)
-    trainer.accelerator.print(f"Model saved to {training_args.output_dir}")
-    if training_args.push_to_hub:
-        trainer.push_to_hub(dataset_name=script_args.dataset_name)
-        trainer.accelerator.print(f"Model pushed to https://huggingface.co/{trainer.hub_model_id}")
-    if Version(transformers.__version__) >= Version("5.18.0"):
-        trainer.end()  # finish the trackers and the process group
-    return trainer
+    return train_save_push(trainer, training_args, script_args.dataset_name)
 
 
 def make_parser() -> TrlParser:

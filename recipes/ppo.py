@@ -21,11 +21,12 @@ from datasets import Dataset
 from transformers import AutoTokenizer
 from trl import TrlParser
 
-from rlhf_ext.data import load_dataset_or_file
 from rlhf_ext.callbacks import AdaptiveKLCallback, CompletionsTableCallback
+from rlhf_ext.data import load_dataset_or_file
 from rlhf_ext.models import SharedBase, SharedBaseArguments
 from rlhf_ext.trainers.ppo_config import PPOConfig
 from rlhf_ext.trainers.ppo_trainer import PPOTrainer
+
 
 @dataclass
 class PPOScriptArguments:

@@ -10,25 +10,22 @@ plus `top_m`, `tie_policy`). With `--use_peft` the saved folder is the adapter +
 reward role that `rlhf_ext.models.SharedBase` loads. In-process: `main(script_args, training_args, model_args)`.
 """
 
-import transformers
-from packaging.version import Version
-from trl import ModelConfig, ScriptArguments, TrlParser, get_peft_config, get_quantization_config
+from trl import (
+    ModelConfig,
+    ScriptArguments,
+    TrlParser,
+    get_peft_config,
+    get_quantization_config,
+)
 
 from rlhf_ext.data import load_dataset_or_file
+from rlhf_ext.recipe_utils import model_init_kwargs, train_save_push
 from rlhf_ext.trainers import PlackettLuceRewardConfig, PlackettLuceRewardTrainer
 
 
 def main(script_args: ScriptArguments, training_args: PlackettLuceRewardConfig, model_args: ModelConfig):
     """Train, save to `training_args.output_dir`, push if asked; returns the trainer."""
-    training_args.model_init_kwargs = {
-        "revision": model_args.model_revision,
-        "trust_remote_code": training_args.trust_remote_code,
-        "attn_implementation": model_args.attn_implementation,
-        "dtype": model_args.dtype,
-        **(training_args.model_init_kwargs or {}),
-    }
-    # the score head must train along with a LoRA adapter, which peft does for the SEQ_CLS task type only
-    model_args.lora_task_type = "SEQ_CLS"
+    training_args.model_init_kwargs = model_init_kwargs(model_args, training_args)
     dataset = load_dataset_or_file(script_args.dataset_name, script_args.dataset_config)
     evaluate = training_args.eval_strategy != "no"
     trainer = PlackettLuceRewardTrainer(
@@ -39,15 +36,7 @@ def main(script_args: ScriptArguments, training_args: PlackettLuceRewardConfig, 
         quantization_config=get_quantization_config(model_args),
         peft_config=get_peft_config(model_args),
     )
-    trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
-    trainer.save_model(training_args.output_dir)
-    trainer.accelerator.print(f"Model saved to {training_args.output_dir}")
-    if training_args.push_to_hub:
-        trainer.push_to_hub(dataset_name=script_args.dataset_name)
-        trainer.accelerator.print(f"Model pushed to https://huggingface.co/{trainer.hub_model_id}")
-    if Version(transformers.__version__) >= Version("5.18.0"):
-        trainer.end()  # finish the trackers and the process group
-    return trainer
+    return train_save_push(trainer, training_args, script_args.dataset_name)
 
 
 def make_parser() -> TrlParser:

@@ -7,7 +7,11 @@ import torch
 from datasets import Dataset
 from transformers import AutoModelForSequenceClassification
 
-from rlhf_ext.callbacks import AdaptiveKLCallback, CompletionsTableCallback, adaptive_kl_coef
+from rlhf_ext.callbacks import (
+    AdaptiveKLCallback,
+    CompletionsTableCallback,
+    adaptive_kl_coef,
+)
 from rlhf_ext.testing import tiny_causal_lm, tiny_llama_config, tiny_tokenizer
 from rlhf_ext.trainers.ppo_config import PPOConfig
 from rlhf_ext.trainers.ppo_trainer import PPOTrainer

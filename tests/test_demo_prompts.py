@@ -2,7 +2,12 @@ import random
 
 import pytest
 
-from rlhf_ext.demo.prompts import as_conversation, demo_split, load_prompts, split_prompts
+from rlhf_ext.demo.prompts import (
+    as_conversation,
+    demo_split,
+    load_prompts,
+    split_prompts,
+)
 
 
 def test_prompts_file_has_enough_distinct_short_prompts():

@@ -1,7 +1,12 @@
 import pytest
 
 from rlhf_ext.demo.evaluation import PolicySamples
-from rlhf_ext.demo.plots import metric_series, plot_comparison, plot_dpo_curves, plot_ppo_curves
+from rlhf_ext.demo.plots import (
+    metric_series,
+    plot_comparison,
+    plot_dpo_curves,
+    plot_ppo_curves,
+)
 from rlhf_ext.demo.report import comparison_table, render_report
 
 PNG_MAGIC = b"\x89PNG"

@@ -5,8 +5,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from rlhf_ext.models import SharedBase, SharedBaseArguments, model_card
-from rlhf_ext.models import hub
+from rlhf_ext.models import SharedBase, SharedBaseArguments, hub, model_card
 from rlhf_ext.testing import save_tiny_model
 
 

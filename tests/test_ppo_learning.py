@@ -17,7 +17,12 @@ from datasets import Dataset
 from transformers import AutoModelForSequenceClassification
 
 from rlhf_ext.models import SharedBase, SharedBaseArguments, save_adapter_with_head
-from rlhf_ext.testing import save_tiny_model, tiny_causal_lm, tiny_llama_config, tiny_tokenizer
+from rlhf_ext.testing import (
+    save_tiny_model,
+    tiny_causal_lm,
+    tiny_llama_config,
+    tiny_tokenizer,
+)
 from rlhf_ext.trainers.ppo_config import PPOConfig
 from rlhf_ext.trainers.ppo_trainer import PPOTrainer
 

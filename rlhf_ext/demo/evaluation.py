@@ -21,7 +21,12 @@ from dataclasses import asdict, dataclass
 from tqdm.auto import tqdm
 from transformers import set_seed
 
-from .generation import SamplingConfig, completion_logprobs, load_model_and_tokenizer, sample_batch
+from .generation import (
+    SamplingConfig,
+    completion_logprobs,
+    load_model_and_tokenizer,
+    sample_batch,
+)
 from .sentiment import vader_compound
 
 BASE = "base"

@@ -13,7 +13,12 @@ from .presets import (
     quantization_config,
 )
 from .quantization import disable_cpu_4bit_repacking
-from .role_folder import check_adapter_fits, load_head, save_adapter, save_adapter_with_head
+from .role_folder import (
+    check_adapter_fits,
+    load_head,
+    save_adapter,
+    save_adapter_with_head,
+)
 from .shared_base import ROLES, SharedBase, load_base_model
 
 __all__ = [

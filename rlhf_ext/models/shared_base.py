@@ -40,7 +40,12 @@ from dataclasses import replace
 from pathlib import Path
 
 import torch
-from peft import PeftModel, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
+from peft import (
+    PeftModel,
+    get_peft_model,
+    get_peft_model_state_dict,
+    set_peft_model_state_dict,
+)
 from torch import nn
 from transformers import AutoModelForCausalLM, PreTrainedModel
 

@@ -3,8 +3,18 @@ function to its equation in the seed."""
 
 from .advantages import discounted_reverse_cumsum, gae, rewards_to_go
 from .logprobs import entropy_from_logits, selective_log_softmax
-from .plackett_luce import dpo_plackett_luce_loss, plackett_luce_loss, reverse_logcumsumexp
-from .ppo_loss import PPOLossOutput, aggregate, clipped_policy_loss, clipped_value_loss, ppo_loss
+from .plackett_luce import (
+    dpo_plackett_luce_loss,
+    plackett_luce_loss,
+    reverse_logcumsumexp,
+)
+from .ppo_loss import (
+    PPOLossOutput,
+    aggregate,
+    clipped_policy_loss,
+    clipped_value_loss,
+    ppo_loss,
+)
 from .rewards import TokenRewards, kl_penalty, last_token_index, token_rewards
 from .stats import masked_mean, masked_sum, masked_var, masked_whiten
 

@@ -14,6 +14,7 @@ and the ranking metrics.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -23,7 +24,12 @@ from transformers import AutoTokenizer
 from trl import RewardConfig, RewardTrainer
 from trl.trainer.utils import get_config_model_id, global_then_local_main_first
 
-from ..data import TIE_POLICIES, DataCollatorForRankedPreference, prepare_ranked_dataset, split_into_lists
+from ..data import (
+    TIE_POLICIES,
+    DataCollatorForRankedPreference,
+    prepare_ranked_dataset,
+    split_into_lists,
+)
 from ..ops import plackett_luce_loss
 
 TIE_POLICY_HELP = (
@@ -158,6 +164,11 @@ class PlackettLuceRewardTrainer(RewardTrainer):
         processing_class = tokenizer_for(model, processing_class, args.trust_remote_code)
         if data_collator is None:
             data_collator = ranked_collator(processing_class, args.pad_to_multiple_of)
+        peft_config = kwargs.get("peft_config")
+        if peft_config is not None and peft_config.task_type != "SEQ_CLS":
+            # A reward model is a sequence classifier, and peft trains and saves the score head beside the adapter
+            # only for the SEQ_CLS task type (TRL's ModelConfig defaults to CAUSAL_LM).
+            kwargs["peft_config"] = dataclasses.replace(peft_config, task_type="SEQ_CLS")
         super().__init__(model, args=args, data_collator=data_collator, train_dataset=train_dataset,
                          eval_dataset=eval_dataset, processing_class=processing_class, **kwargs)
 
@@ -219,7 +230,9 @@ class PlackettLuceRewardTrainer(RewardTrainer):
         unwrapped = self.accelerator.unwrap_model(self.model)
         if _internal_call or not is_peft_model(unwrapped):
             return super().save_model(output_dir, _internal_call)
-        from ..models import save_adapter_with_head  # the models layer loads peft; only LoRA saves need it
+        from ..models import (
+            save_adapter_with_head,  # the models layer loads peft; only LoRA saves need it
+        )
 
         output_dir = output_dir or self.args.output_dir
         if self.accelerator.is_main_process:

@@ -31,7 +31,14 @@ from trl.data_utils import apply_chat_template, is_conversational
 from trl.trainer.utils import add_fused_lm_head, disable_dropout_in_model
 
 from ..models import SharedBase
-from ..ops import gae, masked_mean, masked_whiten, ppo_loss, rewards_to_go, token_rewards
+from ..ops import (
+    gae,
+    masked_mean,
+    masked_whiten,
+    ppo_loss,
+    rewards_to_go,
+    token_rewards,
+)
 from .ppo_config import PPOConfig
 
 VALUE_DIR = "value"
