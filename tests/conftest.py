@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from rlhf_ext.testing import tiny_causal_lm, tiny_tokenizer
+from rlhf_ext.testing import save_tiny_model, tiny_causal_lm, tiny_tokenizer
 
 # Tiny models: one thread is faster than two (no cross-thread handoff on every small op), and
 # CI machines are small and shared.
@@ -21,3 +21,9 @@ def tiny_model():
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture(scope="session")
+def model_path(tmp_path_factory):
+    """A tiny Llama and its tokenizer saved to disk, for code that takes a model path."""
+    return save_tiny_model(tmp_path_factory.mktemp("tiny"), seed=0)

@@ -6,28 +6,11 @@ from datasets import Dataset
 from peft import LoraConfig
 from trl import DPOConfig, DPOTrainer
 
-from rlhf_ext.testing import save_tiny_model, tiny_causal_lm, tiny_tokenizer
+from rlhf_ext.testing import tiny_causal_lm, tiny_tokenizer
 from rlhf_ext.trainers import PlackettLuceDPOConfig, PlackettLuceDPOTrainer
 
 BETA = 0.5
-PAIRS = [
-    {"prompt": "count the a: ", "chosen": "aaa", "rejected": "b"},
-    {"prompt": "hi ", "chosen": "hello there", "rejected": "go"},
-    {"prompt": "2+2=", "chosen": "4", "rejected": "five"},
-    {"prompt": "x", "chosen": "yz", "rejected": "zzzy"},
-    {"prompt": "color? ", "chosen": "blue", "rejected": "green!"},
-]
-LISTS = [
-    {"prompt": "q1 ", "completions": ["aa", "b", "ccc"]},
-    {"prompt": "q2 ", "completions": ["dd", "e", "ff", "g!"]},
-    {"prompt": "q3 ", "completions": ["h", "ii"]},
-    {"prompt": "q4 ", "completions": ["jj", "k", "lll", "m"]},
-]
-
-
-@pytest.fixture(scope="module")
-def model_path(tmp_path_factory):
-    return save_tiny_model(tmp_path_factory.mktemp("tiny"), seed=0)
+from kway_records import LISTS, PAIRS
 
 
 @pytest.fixture(scope="module")

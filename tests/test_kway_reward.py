@@ -4,32 +4,19 @@ import math
 import pytest
 import torch
 from datasets import Dataset
+from kway_records import LISTS as ALL_LISTS
+from kway_records import PAIRS
 from peft import LoraConfig
 from safetensors.torch import load_file
 from transformers import AutoModelForSequenceClassification
 from trl import RewardConfig, RewardTrainer
 
 from rlhf_ext.models import SharedBase, SharedBaseArguments, load_head
-from rlhf_ext.testing import save_tiny_model, tiny_tokenizer
+from rlhf_ext.testing import tiny_tokenizer
 from rlhf_ext.trainers import PlackettLuceRewardConfig, PlackettLuceRewardTrainer
 
-PAIRS = [
-    {"prompt": "count the a: ", "chosen": "aaa", "rejected": "b"},
-    {"prompt": "hi ", "chosen": "hello there", "rejected": "go"},
-    {"prompt": "2+2=", "chosen": "4", "rejected": "five"},
-    {"prompt": "x", "chosen": "yz", "rejected": "zzzy"},
-    {"prompt": "color? ", "chosen": "blue", "rejected": "green!"},
-]
-LISTS = [
-    {"prompt": "q1 ", "completions": ["aa", "b", "ccc"]},
-    {"prompt": "q2 ", "completions": ["dd", "e", "ff", "g!"]},
-    {"prompt": "q3 ", "completions": ["h", "ii"]},
-]
+LISTS = ALL_LISTS[:3]
 
-
-@pytest.fixture(scope="module")
-def model_path(tmp_path_factory):
-    return save_tiny_model(tmp_path_factory.mktemp("tiny"), seed=0)
 
 
 def common_args(tmp_path, **overrides):

@@ -20,7 +20,6 @@ per list where TRL on all pairs costs K(K-1) (two per pair).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -36,11 +35,10 @@ from .kway_reward import (
     TOP_M_HELP,
     best_and_rest_mean,
     gather_lists,
-    ranked_collator,
+    ranked_trainer_setup,
     ranking_depth,
     ranking_stats,
     ratio,
-    tokenizer_for,
 )
 
 _MODEL_KEYS = ("input_ids", "attention_mask")
@@ -98,13 +96,9 @@ class PlackettLuceDPOTrainer(DPOTrainer):
 
     def __init__(self, model, ref_model=None, args: PlackettLuceDPOConfig | None = None, data_collator=None,
                  train_dataset=None, eval_dataset=None, processing_class=None, **kwargs):
-        if args is None:
-            args = PlackettLuceDPOConfig(f"{Path(str(getattr(model, 'name_or_path', model))).name}-PL-DPO")
-        if not isinstance(args, PlackettLuceDPOConfig):
-            raise TypeError(f"args must be a PlackettLuceDPOConfig, got {type(args).__name__}")
-        processing_class = tokenizer_for(model, processing_class, args.trust_remote_code)
-        if data_collator is None:
-            data_collator = ranked_collator(processing_class, args.pad_to_multiple_of)
+        args, processing_class, data_collator = ranked_trainer_setup(
+            model, args, PlackettLuceDPOConfig, "PL-DPO", processing_class, data_collator
+        )
         super().__init__(model, ref_model=ref_model, args=args, data_collator=data_collator,
                          train_dataset=train_dataset, eval_dataset=eval_dataset, processing_class=processing_class,
                          **kwargs)

@@ -132,6 +132,19 @@ def ranked_collator(tokenizer, pad_to_multiple_of: int | None) -> DataCollatorFo
     return DataCollatorForRankedPreference(pad_token_id=pad_token_id, pad_to_multiple_of=pad_to_multiple_of)
 
 
+def ranked_trainer_setup(model, args, config_class, run_suffix: str, processing_class, data_collator):
+    """What both K-way trainers do before calling their TRL parent: a default config named after the model,
+    a type check, the tokenizer, and the K-way collator unless one is given."""
+    if args is None:
+        args = config_class(f"{Path(str(getattr(model, 'name_or_path', model))).name}-{run_suffix}")
+    if not isinstance(args, config_class):
+        raise TypeError(f"args must be a {config_class.__name__}, got {type(args).__name__}")
+    processing_class = tokenizer_for(model, processing_class, args.trust_remote_code)
+    if data_collator is None:
+        data_collator = ranked_collator(processing_class, args.pad_to_multiple_of)
+    return args, processing_class, data_collator
+
+
 def tokenizer_for(model, processing_class, trust_remote_code: bool = False):
     """`processing_class`, or the tokenizer saved with `model` (a path, or a model with a name_or_path)."""
     if processing_class is not None:
@@ -157,13 +170,9 @@ class PlackettLuceRewardTrainer(RewardTrainer):
 
     def __init__(self, model, args: PlackettLuceRewardConfig | None = None, data_collator=None, train_dataset=None,
                  eval_dataset=None, processing_class=None, **kwargs):
-        if args is None:
-            args = PlackettLuceRewardConfig(f"{Path(str(getattr(model, 'name_or_path', model))).name}-PL-Reward")
-        if not isinstance(args, PlackettLuceRewardConfig):
-            raise TypeError(f"args must be a PlackettLuceRewardConfig, got {type(args).__name__}")
-        processing_class = tokenizer_for(model, processing_class, args.trust_remote_code)
-        if data_collator is None:
-            data_collator = ranked_collator(processing_class, args.pad_to_multiple_of)
+        args, processing_class, data_collator = ranked_trainer_setup(
+            model, args, PlackettLuceRewardConfig, "PL-Reward", processing_class, data_collator
+        )
         peft_config = kwargs.get("peft_config")
         if peft_config is not None and peft_config.task_type != "SEQ_CLS":
             # A reward model is a sequence classifier, and peft trains and saves the score head beside the adapter
