@@ -37,3 +37,29 @@ def test_sample_batch_decodes_one_text_per_completion(tmp_path):
     batch = sample_batch(model, tokenizer, [as_conversation("Hi.")] * 3, 2, SamplingConfig(max_new_tokens=5))
     assert len(batch.texts) == 6 and batch.completion_mask.shape == (6, batch.sequences.shape[1] - batch.prompt_length)
     assert all(isinstance(t, str) for t in batch.texts)
+
+
+def test_logprobs_read_from_generate_match_a_separate_forward(tmp_path):
+    model, tokenizer = load_model_and_tokenizer(save_tiny_word_model(tmp_path / "tiny"))
+    prompts = ["Hi.", "Tell me about your morning and the weather today."]
+    sampling = SamplingConfig(max_new_tokens=6, temperature=1.7)  # logprobs are the model's, not the tempered ones
+    batch = sample_batch(model, tokenizer, [as_conversation(p) for p in prompts], 2, sampling, with_logprobs=True)
+    assert torch.allclose(batch.logprobs, completion_logprobs(model, batch), atol=1e-5)
+    assert (batch.logprobs[~batch.completion_mask] == 0).all()
+
+
+def test_adapter_is_merged_with_the_outputs_of_the_unmerged_model(tmp_path):
+    from peft import LoraConfig, PeftModel, get_peft_model
+
+    path = save_tiny_word_model(tmp_path / "tiny")
+    base, tokenizer = load_model_and_tokenizer(path)
+    lora = LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False)  # random B: not a no-op
+    get_peft_model(base, lora).save_pretrained(tmp_path / "adapter")
+    merged, _ = load_model_and_tokenizer(path, str(tmp_path / "adapter"))
+    unmerged = PeftModel.from_pretrained(load_model_and_tokenizer(path)[0], tmp_path / "adapter").eval()
+    ids = tokenizer("Tell me about your morning.", return_tensors="pt").input_ids
+    with torch.no_grad():
+        expected, got = unmerged(ids).logits, merged(ids).logits
+    assert not isinstance(merged, PeftModel)
+    assert not torch.allclose(expected, load_model_and_tokenizer(path)[0](ids).logits, atol=1e-3)
+    assert torch.allclose(got, expected, atol=1e-5)

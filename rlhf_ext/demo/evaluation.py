@@ -128,13 +128,14 @@ def sample_policy(
     set_seed(seed)  # the same seed for every policy: differences come from the policies, not the dice
     texts, kl, lengths = [], [], []
     for start in tqdm(range(0, len(conversations), batch_size), desc=f"evaluating {name}", unit="batch"):
-        batch = sample_batch(policy, tokenizer, conversations[start : start + batch_size], n_samples, sampling)
+        chunk = conversations[start : start + batch_size]
+        batch = sample_batch(policy, tokenizer, chunk, n_samples, sampling, with_logprobs=policy is not base_model)
         texts += batch.texts
         lengths += batch.completion_mask.sum(-1).tolist()
         if policy is base_model:
             kl += [0.0] * len(batch.texts)
         else:
-            log_ratio = completion_logprobs(policy, batch) - completion_logprobs(base_model, batch)
+            log_ratio = batch.logprobs - completion_logprobs(base_model, batch)
             kl += log_ratio.sum(-1).tolist()
     scores = [vader_compound(t) for t in texts]
     return PolicySamples(

@@ -34,16 +34,20 @@ class GeneratedBatch:
     prompt_length: int  # P: completion tokens start at this column
     completion_mask: torch.Tensor  # [N, T] True on completion tokens up to and including the first EOS
     texts: list[str]  # N decoded completions, special tokens removed
+    # [N, T] log-probability of each completion token under the sampling model at temperature 1 (0 off the
+    # mask), read from generate()'s logits; only when sample_batch(..., with_logprobs=True)
+    logprobs: torch.Tensor | None = None
 
 
 def load_model_and_tokenizer(model_path: str, adapter_path: str | None = None):
-    """A causal LM in eval mode (with a peft adapter on top when `adapter_path` is given) and its tokenizer."""
+    """A causal LM in eval mode and its tokenizer; a peft adapter at `adapter_path` is merged into the weights
+    (evaluation never trains, and merged LoRA layers generate as fast as the base's)."""
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
     if adapter_path:
         from peft import PeftModel
 
-        model = PeftModel.from_pretrained(model, adapter_path)
+        model = PeftModel.from_pretrained(model, adapter_path).merge_and_unload()
     return model.eval(), tokenizer
 
 
@@ -64,11 +68,17 @@ def mask_after_first_eos(completion_ids: torch.Tensor, eos_token_id: int) -> tor
 
 @torch.no_grad()
 def sample_batch(
-    model, tokenizer, conversations: list[list[dict[str, str]]], num_samples: int, sampling: SamplingConfig
+    model,
+    tokenizer,
+    conversations: list[list[dict[str, str]]],
+    num_samples: int,
+    sampling: SamplingConfig,
+    with_logprobs: bool = False,
 ) -> GeneratedBatch:
-    """`num_samples` sampled completions for each conversation, decoded and masked."""
+    """`num_samples` sampled completions for each conversation, decoded and masked; with `with_logprobs`, also
+    their log-probabilities under `model`, which saves the second forward pass of `completion_logprobs`."""
     inputs = chat_batch(tokenizer, conversations)
-    sequences = model.generate(
+    outputs = model.generate(
         **inputs,
         do_sample=True,
         num_return_sequences=num_samples,
@@ -78,10 +88,18 @@ def sample_batch(
         top_k=sampling.top_k,
         pad_token_id=tokenizer.pad_token_id,
         eos_token_id=tokenizer.eos_token_id,
+        return_dict_in_generate=True,
+        output_logits=with_logprobs,
     )
+    sequences = outputs.sequences
     prompt_length = inputs["input_ids"].shape[1]
     completion_ids = sequences[:, prompt_length:]
     completion_mask = mask_after_first_eos(completion_ids, tokenizer.eos_token_id)
+    logprobs = None
+    if with_logprobs:
+        # `logits` are the model's raw scores at each step, before temperature and top-k/top-p.
+        logits = torch.stack(outputs.logits, dim=1).float()
+        logprobs = token_logprobs(logits, completion_ids) * completion_mask
     prompt_mask = inputs["attention_mask"].repeat_interleave(num_samples, dim=0)
     texts = [
         tokenizer.decode(ids[mask], skip_special_tokens=True).strip()
@@ -93,7 +111,13 @@ def sample_batch(
         prompt_length=prompt_length,
         completion_mask=completion_mask,
         texts=texts,
+        logprobs=logprobs,
     )
+
+
+def token_logprobs(logits: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:
+    """[N, T] log softmax(logits)[token]: `logits` [N, T, V] are the scores that predicted `token_ids` [N, T]."""
+    return torch.log_softmax(logits, dim=-1).gather(-1, token_ids.unsqueeze(-1)).squeeze(-1)
 
 
 @torch.no_grad()
@@ -106,6 +130,4 @@ def completion_logprobs(model, batch: GeneratedBatch) -> torch.Tensor:
     ).logits
     # The logit at column c predicts the token at column c + 1.
     completion_logits = logits[:, batch.prompt_length - 1 : -1].float()
-    targets = batch.sequences[:, batch.prompt_length :]
-    logprobs = torch.log_softmax(completion_logits, dim=-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
-    return logprobs * batch.completion_mask
+    return token_logprobs(completion_logits, batch.sequences[:, batch.prompt_length :]) * batch.completion_mask
