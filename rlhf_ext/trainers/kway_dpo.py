@@ -26,15 +26,15 @@ import torch.nn.functional as F
 from accelerate.utils import tqdm
 from torch.utils.data import DataLoader
 from trl import DPOConfig, DPOTrainer
-from trl.trainer.utils import global_then_local_main_first
 
-from ..data import TIE_POLICIES, prepare_ranked_dataset, split_into_lists
+from ..data import TIE_POLICIES, split_into_lists
 from ..ops import dpo_plackett_luce_loss
 from .kway_reward import (
     TIE_POLICY_HELP,
     TOP_M_HELP,
     best_and_rest_mean,
     gather_lists,
+    prepare_ranked_for_trainer,
     ranked_trainer_setup,
     ranking_depth,
     ranking_stats,
@@ -106,10 +106,7 @@ class PlackettLuceDPOTrainer(DPOTrainer):
     # Replaces DPOTrainer._prepare_dataset: ranked records are validated, ordered best first and tokenized into
     # one prompt and K completions, with TRL's tokenization; truncation to max_length happens (and is counted) here.
     def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
-        with global_then_local_main_first():
-            return prepare_ranked_dataset(dataset, processing_class, max_length=args.max_length,
-                                          tie_policy=args.tie_policy, num_proc=args.dataset_num_proc,
-                                          name=dataset_name)
+        return prepare_ranked_for_trainer(dataset, processing_class, args, dataset_name)
 
     def _set_signature_columns_if_needed(self):
         if self._signature_columns is None:

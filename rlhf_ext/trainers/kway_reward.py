@@ -145,6 +145,14 @@ def ranked_trainer_setup(model, args, config_class, run_suffix: str, processing_
     return args, processing_class, data_collator
 
 
+def prepare_ranked_for_trainer(dataset, processing_class, args, dataset_name: str):
+    """`prepare_ranked_dataset` with a K-way config's settings; the main process runs it first and the others
+    read its cache, as TRL's trainers prepare their datasets."""
+    with global_then_local_main_first():
+        return prepare_ranked_dataset(dataset, processing_class, max_length=args.max_length,
+                                      tie_policy=args.tie_policy, num_proc=args.dataset_num_proc, name=dataset_name)
+
+
 def tokenizer_for(model, processing_class, trust_remote_code: bool = False):
     """`processing_class`, or the tokenizer saved with `model` (a path, or a model with a name_or_path)."""
     if processing_class is not None:
@@ -187,10 +195,7 @@ class PlackettLuceRewardTrainer(RewardTrainer):
         if "margin" in getattr(dataset, "column_names", []):
             raise ValueError(f"{dataset_name} dataset: the 'margin' column of TRL's pairwise format is not supported "
                              "by the K-way loss; remove it")
-        with global_then_local_main_first():
-            return prepare_ranked_dataset(dataset, processing_class, max_length=args.max_length,
-                                          tie_policy=args.tie_policy, num_proc=args.dataset_num_proc,
-                                          name=dataset_name)
+        return prepare_ranked_for_trainer(dataset, processing_class, args, dataset_name)
 
     def _set_signature_columns_if_needed(self):
         if self._signature_columns is None:
