@@ -43,7 +43,9 @@ DEFAULT_SHAPES = "16x256,64x1024,256x2048,8x8192"
 
 
 def parse_args() -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--shapes", default=DEFAULT_SHAPES, help=f"comma-separated BxT list (default {DEFAULT_SHAPES})")
     p.add_argument("--repeats", type=int, default=9, help="timed calls per shape and method, at most (default 9)")
     p.add_argument(
@@ -57,7 +59,9 @@ def parse_args() -> argparse.Namespace:
     return p.parse_args()
 
 
-def gae_loop(rewards: torch.Tensor, values: torch.Tensor, gamma: float, lam: float) -> tuple[torch.Tensor, torch.Tensor]:
+def gae_loop(
+    rewards: torch.Tensor, values: torch.Tensor, gamma: float, lam: float
+) -> tuple[torch.Tensor, torch.Tensor]:
     """TRL's former PPOTrainer GAE: a Python loop over tokens, vectorised over the batch."""
     lastgaelam = 0
     advantages_reversed = []
@@ -126,10 +130,11 @@ def main() -> None:
         for batch, length in shapes:
             rewards, values, mask = make_batch(batch, length, generator)
 
-            def run_loop():
+            # the loop variables are bound as defaults: both closures are only called within this iteration
+            def run_loop(rewards=rewards, values=values):
                 return gae_loop(rewards, values, args.gamma, args.lam)
 
-            def run_rx():
+            def run_rx(rewards=rewards, values=values, mask=mask):
                 return rx.gae(rewards, values, mask, gamma=args.gamma, lam=args.lam)
 
             start = time.perf_counter()

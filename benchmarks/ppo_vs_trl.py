@@ -148,7 +148,9 @@ def run_rlhf_ext(directory: Path, args) -> list[float]:
     prompts = json.loads((directory / "prompts.json").read_text())
     shared = SharedBase.from_pretrained(
         str(directory / "base"),
-        SharedBaseArguments(lora_r=16, lora_alpha=32, lora_dropout=0.0, reward_adapter_path=str(directory / "reward_role")),
+        SharedBaseArguments(
+            lora_r=16, lora_alpha=32, lora_dropout=0.0, reward_adapter_path=str(directory / "reward_role")
+        ),
     )
     config = PPOConfig(
         output_dir=str(directory / "rlhf_ext_out"), per_device_train_batch_size=args.batch_size,
@@ -267,9 +269,13 @@ def main() -> None:
         rows.append((size, params, seconds, rss))
         print(f"{size} done: {seconds} {rss}", file=sys.stderr, flush=True)
 
-    print(f"\nPPO update (batch {args.batch_size}, response {args.response_length} tokens, {args.num_ppo_epochs} epochs,"
-          f" {args.threads} CPU thread(s)); TRL {TRL_VERSION} four full models vs rlhf_ext shared base (LoRA r=16)\n")  # fmt: skip
-    header = f"{'size':>6} {'params':>8} | {'TRL s/upd':>10} {'ours s/upd':>10} {'ratio':>6} | {'TRL RSS MB':>10} {'ours RSS MB':>11} {'ratio':>6}"
+    print(f"\nPPO update (batch {args.batch_size}, response {args.response_length} tokens,"
+          f" {args.num_ppo_epochs} epochs, {args.threads} CPU thread(s)); TRL {TRL_VERSION} four full models"
+          f" vs rlhf_ext shared base (LoRA r=16)\n")  # fmt: skip
+    header = (
+        f"{'size':>6} {'params':>8} | {'TRL s/upd':>10} {'ours s/upd':>10} {'ratio':>6} | "
+        f"{'TRL RSS MB':>10} {'ours RSS MB':>11} {'ratio':>6}"
+    )
     print(header)
     print("-" * len(header))
     for size, params, seconds, rss in rows:

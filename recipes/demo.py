@@ -82,7 +82,9 @@ class DemoConfig:
         default=32, metadata={"help": "Longest completion, in tokens, in sampling and evaluation."}
     )
     temperature: float = field(default=1.0, metadata={"help": "Sampling temperature of stage 1 and the evaluation."})
-    sample_batch_size: int = field(default=32, metadata={"help": "Prompts per generation batch (each sampled K times)."})
+    sample_batch_size: int = field(
+        default=32, metadata={"help": "Prompts per generation batch (each sampled K times)."}
+    )
     drop_all_tied: bool = field(
         default=True, metadata={"help": "Drop (and count) lists whose K completions all have the same VADER score."}
     )

@@ -10,7 +10,7 @@ K-way reward trainer writes) or a sequence-classification model (`--reward_model
 
 Writes `<output_dir>/policy` (peft adapter folder) and `<output_dir>/value` (adapter + head folder), and pushes
 `<output_dir>` to the Hub with `--push_to_hub`.
-"""
+"""  # noqa: E501 (a shell command in the docstring; wrapping it would break copy-paste)
 
 from __future__ import annotations
 

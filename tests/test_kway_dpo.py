@@ -3,6 +3,7 @@ import math
 import pytest
 import torch
 from datasets import Dataset
+from kway_records import LISTS, PAIRS
 from peft import LoraConfig
 from trl import DPOConfig, DPOTrainer
 
@@ -10,7 +11,6 @@ from rlhf_ext.testing import tiny_causal_lm, tiny_tokenizer
 from rlhf_ext.trainers import PlackettLuceDPOConfig, PlackettLuceDPOTrainer
 
 BETA = 0.5
-from kway_records import LISTS, PAIRS
 
 
 @pytest.fixture(scope="module")

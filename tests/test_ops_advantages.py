@@ -59,7 +59,9 @@ def test_lambda_zero_gives_td_residual():
     values = torch.tensor([[0.1, 0.2, 0.3, 0.4], [1.0, 2.0, 9.0, 9.0]])
     adv, _ = rx.gae(rewards, values, mask, gamma=0.5, lam=0.0)
     # delta_t = r_t + 0.5 * V_{t+1} - V_t, worked by hand, V after the last real token = 0
-    expected = torch.tensor([[1.0 + 0.1 - 0.1, 2.0 + 0.15 - 0.2, 3.0 + 0.2 - 0.3, 4.0 - 0.4], [0.5 + 1.0 - 1.0, -1.0 - 2.0, 0, 0]])
+    expected = torch.tensor(
+        [[1.0 + 0.1 - 0.1, 2.0 + 0.15 - 0.2, 3.0 + 0.2 - 0.3, 4.0 - 0.4], [0.5 + 1.0 - 1.0, -1.0 - 2.0, 0, 0]]
+    )
     torch.testing.assert_close(adv, expected)
 
 

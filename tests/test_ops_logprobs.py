@@ -23,13 +23,18 @@ def test_bf16_logits_come_back_in_float32():
 
 
 def test_uniform_logits_have_log_vocab_entropy():
-    torch.testing.assert_close(rx.entropy_from_logits(torch.zeros(1, 2, 50)), torch.full((1, 2), torch.log(torch.tensor(50.0)).item()))
+    torch.testing.assert_close(
+        rx.entropy_from_logits(torch.zeros(1, 2, 50)), torch.full((1, 2), torch.log(torch.tensor(50.0)).item())
+    )
 
 
 def test_gradients_match_the_unchunked_computation():
     logits = torch.randn(2, 5, 6, requires_grad=True)
     tokens = torch.randint(0, 6, (2, 5))
-    (rx.selective_log_softmax(logits, tokens, chunk_size=2).sum() + rx.entropy_from_logits(logits, chunk_size=2).sum()).backward()
+    (
+        rx.selective_log_softmax(logits, tokens, chunk_size=2).sum()
+        + rx.entropy_from_logits(logits, chunk_size=2).sum()
+    ).backward()
     chunked = logits.grad.clone()
     logits.grad = None
     logp = torch.log_softmax(logits, -1)

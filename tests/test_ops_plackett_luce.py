@@ -51,14 +51,18 @@ def test_top_m_partial_ranking():
         expected = brute_force_pl_nll(scores[0].tolist(), top_m=m)
         assert math.isclose(rx.plackett_luce_loss(scores, top_m=m).item(), expected, rel_tol=1e-12)
     # top-1 is the softmax cross-entropy of the best item
-    torch.testing.assert_close(rx.plackett_luce_loss(scores, top_m=1), F.cross_entropy(scores, torch.tensor([0])).reshape(1))
+    torch.testing.assert_close(
+        rx.plackett_luce_loss(scores, top_m=1), F.cross_entropy(scores, torch.tensor([0])).reshape(1)
+    )
 
 
 def test_per_list_depth_equals_lists_one_by_one():
     torch.manual_seed(4)
     scores = torch.randn(3, 4, dtype=torch.float64)
     depth = torch.tensor([0, 1, 3])
-    expected = torch.tensor([0.0] + [brute_force_pl_nll(scores[i].tolist(), top_m=int(depth[i])) for i in (1, 2)], dtype=torch.float64)
+    expected = torch.tensor(
+        [0.0] + [brute_force_pl_nll(scores[i].tolist(), top_m=int(depth[i])) for i in (1, 2)], dtype=torch.float64
+    )
     torch.testing.assert_close(rx.plackett_luce_loss(scores, top_m=depth), expected)
 
 
@@ -96,7 +100,10 @@ def test_dpo_pl_equals_sigmoid_dpo_at_k2():
 
 
 def test_dpo_pl_k3_matches_brute_force():
-    policy, ref = torch.tensor([[-3.0, -5.0, -4.0]], dtype=torch.float64), torch.tensor([[-4.0, -4.0, -4.0]], dtype=torch.float64)
+    policy, ref = (
+        torch.tensor([[-3.0, -5.0, -4.0]], dtype=torch.float64),
+        torch.tensor([[-4.0, -4.0, -4.0]], dtype=torch.float64),
+    )
     s = (0.5 * (policy - ref))[0].tolist()
     assert math.isclose(rx.dpo_plackett_luce_loss(policy, ref, beta=0.5).item(), brute_force_pl_nll(s), rel_tol=1e-12)
 

@@ -82,13 +82,14 @@ def test_padding_gets_no_gradient_and_does_not_change_the_loss():
     b = random_batch(seed=7)
     logprobs = b["logprobs"].clone().requires_grad_(True)
     values = b["values"].clone().requires_grad_(True)
-    out = rx.ppo_loss(logprobs, b["old"], b["adv"], b["mask"], values=values, old_values=b["old_values"], returns=b["returns"],
-                      clip_range_value=0.2)
+    out = rx.ppo_loss(logprobs, b["old"], b["adv"], b["mask"], values=values, old_values=b["old_values"],
+                      returns=b["returns"], clip_range_value=0.2)
     out.loss.backward()
     assert (logprobs.grad[~b["mask"]] == 0).all() and (values.grad[~b["mask"]] == 0).all()
     garbage = lambda x: torch.where(b["mask"], x, torch.full_like(x, 1e6))  # noqa: E731
-    out2 = rx.ppo_loss(garbage(b["logprobs"]), garbage(b["old"]), garbage(b["adv"]), b["mask"], values=garbage(b["values"]),
-                       old_values=garbage(b["old_values"]), returns=garbage(b["returns"]), clip_range_value=0.2)
+    out2 = rx.ppo_loss(garbage(b["logprobs"]), garbage(b["old"]), garbage(b["adv"]), b["mask"],
+                       values=garbage(b["values"]), old_values=garbage(b["old_values"]), returns=garbage(b["returns"]),
+                       clip_range_value=0.2)
     torch.testing.assert_close(out2.loss, out.loss.detach())
 
 
@@ -96,10 +97,14 @@ def test_gradcheck_float64():
     b = random_batch(B=2, T=3, seed=11)
 
     def f(lp, v, ent):
-        return rx.ppo_loss(lp, b["old"], b["adv"], b["mask"], values=v, old_values=b["old_values"], returns=b["returns"],
-                           entropy=ent, clip_range_value=0.5, ent_coef=0.1).loss
+        return rx.ppo_loss(lp, b["old"], b["adv"], b["mask"], values=v, old_values=b["old_values"],
+                           returns=b["returns"], entropy=ent, clip_range_value=0.5, ent_coef=0.1).loss
 
-    inputs = (b["logprobs"].clone().requires_grad_(), b["values"].clone().requires_grad_(), torch.rand(2, 3, dtype=torch.float64, requires_grad=True))
+    inputs = (
+        b["logprobs"].clone().requires_grad_(),
+        b["values"].clone().requires_grad_(),
+        torch.rand(2, 3, dtype=torch.float64, requires_grad=True),
+    )
     assert torch.autograd.gradcheck(f, inputs)
 
 
@@ -121,7 +126,9 @@ def test_bad_inputs():
     with pytest.raises(ValueError, match="returns"):
         rx.ppo_loss(b["logprobs"], b["old"], b["adv"], b["mask"], values=b["values"])
     with pytest.raises(ValueError, match="needs old_values"):
-        rx.ppo_loss(b["logprobs"], b["old"], b["adv"], b["mask"], values=b["values"], returns=b["returns"], clip_range_value=0.2)
+        rx.ppo_loss(
+            b["logprobs"], b["old"], b["adv"], b["mask"], values=b["values"], returns=b["returns"], clip_range_value=0.2
+        )
     with pytest.raises(ValueError, match="aggregation must be one of"):
         rx.ppo_loss(b["logprobs"], b["old"], b["adv"], b["mask"], aggregation="batch")
     with pytest.raises(ValueError, match="advantages has shape"):

@@ -60,7 +60,9 @@ def test_bad_inputs():
 def test_minus_infinity_log_probs_on_padding_give_finite_rewards():
     logprobs = torch.tensor([[-1.0, float("-inf")]])
     ref = torch.tensor([[-2.0, float("-inf")]])
-    out = rx.token_rewards(torch.tensor([1.0]), logprobs, ref, torch.tensor([[True, False]]), kl_coef=0.5, kl_estimator="k3")
+    out = rx.token_rewards(
+        torch.tensor([1.0]), logprobs, ref, torch.tensor([[True, False]]), kl_coef=0.5, kl_estimator="k3"
+    )
     k3 = torch.expm1(torch.tensor(-1.0)) + 1.0
     torch.testing.assert_close(out.rewards, torch.tensor([[1.0 - 0.5 * k3, 0.0]]))
     assert torch.isfinite(out.non_score_reward).all()

@@ -293,7 +293,9 @@ def test_saved_checkpoint_holds_policy_adapter_and_value_role(tmp_path, reward_f
     trainer.train()
     trainer.save_model(str(tmp_path / "saved"))
     value_dir = tmp_path / "saved" / "value"
-    assert {"adapter_model.safetensors", "head.safetensors", "head_config.json"} <= {p.name for p in value_dir.iterdir()}
+    assert {"adapter_model.safetensors", "head.safetensors", "head_config.json"} <= {
+        p.name for p in value_dir.iterdir()
+    }
     reloaded = make_shared(reward_folder)
     reloaded.load_role("value", value_dir)
     torch.testing.assert_close(reloaded.heads["value"].linear.weight, shared.heads["value"].linear.weight)
@@ -305,7 +307,9 @@ def test_saved_checkpoint_holds_policy_adapter_and_value_role(tmp_path, reward_f
 def test_empty_dataset_is_rejected(tmp_path, reward_folder, left_tokenizer):
     empty = Dataset.from_dict({"prompt": []})
     with pytest.raises(ValueError, match="empty"):
-        PPOTrainer(make_shared(reward_folder), args=ppo_args(tmp_path), train_dataset=empty, processing_class=left_tokenizer)
+        PPOTrainer(
+            make_shared(reward_folder), args=ppo_args(tmp_path), train_dataset=empty, processing_class=left_tokenizer
+        )
 
 
 def test_prompt_longer_than_the_limit_is_rejected(tmp_path, reward_folder, left_tokenizer):

@@ -49,4 +49,6 @@ def _log_to_wandb(args, rows: list[dict], step: int) -> None:
 
     if wandb.run is not None:
         columns = list(rows[0])
-        wandb.log({"completions": wandb.Table(columns=columns, data=[[r[c] for c in columns] for r in rows])}, step=step)
+        wandb.log(
+            {"completions": wandb.Table(columns=columns, data=[[r[c] for c in columns] for r in rows])}, step=step
+        )

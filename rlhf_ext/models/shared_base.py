@@ -111,7 +111,9 @@ class SharedBase(nn.Module):
     active between calls, so `shared.peft_model.generate(...)` samples from the policy.
     """
 
-    def __init__(self, model: PreTrainedModel, args: SharedBaseArguments | None = None, trust_remote_code: bool = False):
+    def __init__(
+        self, model: PreTrainedModel, args: SharedBaseArguments | None = None, trust_remote_code: bool = False
+    ):
         super().__init__()
         args = args or SharedBaseArguments()
         self.args = args
@@ -129,7 +131,7 @@ class SharedBase(nn.Module):
     @classmethod
     def from_pretrained(
         cls, model_name_or_path: str, args: SharedBaseArguments | None = None, trust_remote_code: bool = False
-    ) -> "SharedBase":
+    ) -> SharedBase:
         """Load the base from `model_name_or_path` (once, maybe quantized) and build the roles from `args`."""
         args = replace(args or SharedBaseArguments(), model_name_or_path=model_name_or_path)
         return cls(load_base_model(args, trust_remote_code), args, trust_remote_code)

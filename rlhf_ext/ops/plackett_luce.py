@@ -44,7 +44,9 @@ def _checked_top_m(top_m: int | torch.Tensor | None, batch: int) -> int | torch.
         return None
     if isinstance(top_m, torch.Tensor):
         if top_m.shape != (batch,) or top_m.is_floating_point():
-            raise ValueError(f"top_m as a tensor must be integer with shape ({batch},), got {top_m.dtype} {tuple(top_m.shape)}")
+            raise ValueError(
+                f"top_m as a tensor must be integer with shape ({batch},), got {top_m.dtype} {tuple(top_m.shape)}"
+            )
         if (top_m < 0).any():
             raise ValueError(f"top_m must be >= 0, list {int((top_m < 0).nonzero()[0])} has {int(top_m.min())}")
         return top_m

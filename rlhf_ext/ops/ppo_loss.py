@@ -142,7 +142,9 @@ def ppo_loss(
     )
     mask = check_prefix_mask(mask)
     if clip_range <= 0 or (clip_range_value is not None and clip_range_value <= 0):
-        raise ValueError(f"clip ranges must be positive, got clip_range={clip_range}, clip_range_value={clip_range_value}")
+        raise ValueError(
+            f"clip ranges must be positive, got clip_range={clip_range}, clip_range_value={clip_range_value}"
+        )
     _check_value_inputs(values, old_values, returns, clip_range_value)
 
     def agg(x):

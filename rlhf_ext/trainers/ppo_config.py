@@ -63,8 +63,8 @@ class PPOConfig(GRPOConfig):
     disable_dropout: bool = field(
         default=True,
         metadata={
-            "help": "Turn off dropout in the policy, reference and critic, so that log-probs and values at rollout time "
-            "match those of the first update (TRL's PPO did the same)."
+            "help": "Turn off dropout in the policy, reference and critic, so that log-probs and values at rollout "
+            "time match those of the first update (TRL's PPO did the same)."
         },
     )
     ddp_find_unused_parameters: bool | None = field(
@@ -140,8 +140,8 @@ class PPOConfig(GRPOConfig):
     max_prompt_length: int | None = field(
         default=None,
         metadata={
-            "help": "Longest prompt, in tokens, that the trainer accepts; a longer one raises an error naming it. None: "
-            "the model's max_position_embeddings minus max_completion_length."
+            "help": "Longest prompt, in tokens, that the trainer accepts; a longer one raises an error naming it. "
+            "None: the model's max_position_embeddings minus max_completion_length."
         },
     )
     loss_aggregation: str = field(

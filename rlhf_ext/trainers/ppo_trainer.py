@@ -426,7 +426,9 @@ class PPOTrainer(GRPOTrainer):
             kept = gather(values_per_completion.float())[scored_all]
             if len(kept):
                 metrics[name].append(kept.mean().item())
-        metrics["val/explained_variance"].append(self._explained_variance(rollout["returns"], values, mask & scored[:, None]))
+        metrics["val/explained_variance"].append(
+            self._explained_variance(rollout["returns"], values, mask & scored[:, None])
+        )
 
     def _explained_variance(self, returns, values, mask) -> float:
         """1 - Var(R - V) / Var(R) over the real tokens of all processes (NaN if there are none)."""
