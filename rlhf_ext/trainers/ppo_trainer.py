@@ -156,7 +156,7 @@ class PPOTrainer(GRPOTrainer):
                 author       = {Daniel M. Ziegler and Nisan Stiennon and Jeffrey Wu and Tom B. Brown and Alec Radford and Dario Amodei and Paul Christiano and Geoffrey Irving},
                 year         = 2019,
                 eprint       = {arXiv:1909.08593}
-            }"""),
+            }"""),  # noqa: E501 (the BibTeX author list is one line of data)
     }
 
     def __init__(
