@@ -3,6 +3,7 @@
 See `shared_base` for a usage example and docs/shared-base.md for the layout.
 """
 
+from .checkpointing import adapter_state_checkpointing
 from .heads import ScalarHead
 from .hub import model_card, push_folder_to_hub
 from .presets import (
@@ -25,6 +26,7 @@ __all__ = [
     "LORA_TARGET_MODULES",
     "ROLES",
     "ScalarHead",
+    "adapter_state_checkpointing",
     "SharedBase",
     "SharedBaseArguments",
     "check_adapter_fits",

@@ -49,6 +49,7 @@ from peft import (
 from torch import nn
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
+from .checkpointing import adapter_state_checkpointing
 from .heads import ScalarHead
 from .hub import push_folder_to_hub, write_model_card
 from .presets import SharedBaseArguments, lora_config, quantization_config
@@ -120,7 +121,7 @@ class SharedBase(nn.Module):
         self.trust_remote_code = trust_remote_code  # for the fresh base copy that export_merged_policy loads
         self.base_model_name_or_path = args.model_name_or_path or model.config._name_or_path or None
         disable_cpu_4bit_repacking(model)
-        self.peft_model = self._wrap_with_policy(model, args)
+        self.peft_model = adapter_state_checkpointing(self._wrap_with_policy(model, args))
         self.heads = nn.ModuleDict()
         self._add_value_role(args)
         if args.reward_adapter_path:
@@ -199,6 +200,33 @@ class SharedBase(nn.Module):
         """Make `role`'s adapter the active one, keeping the trainable set unchanged."""
         self.peft_model.set_adapter(role)
         self._restore_trainable()
+
+    # -- gradient checkpointing -------------------------------------------------------------------
+
+    def enable_gradient_checkpointing(self, use_reentrant: bool = False) -> None:
+        """Checkpoint every decoder layer: activations are recomputed in backward instead of kept.
+
+        Exact on the shared base: each layer's recompute runs with the role (adapter) of its first run, so
+        "policy forward, value forward, one backward" gives the gradients it gives without checkpointing
+        (`adapter_state_checkpointing`; trainers turn it on from `gradient_checkpointing=True`). Both of
+        torch's implementations are exact; `use_reentrant=False` is the one torch recommends. Checkpointing
+        acts in training mode only (`shared.train()`).
+        """
+        base = self.peft_model.get_base_model()
+        # transformers 5 renamed the method; the old name stays as a deprecated alias until v6
+        enable = getattr(base, "activation_checkpointing_enable", None) or base.gradient_checkpointing_enable
+        enable({"use_reentrant": use_reentrant})
+
+    def disable_gradient_checkpointing(self) -> None:
+        """Keep every activation again (the default)."""
+        base = self.peft_model.get_base_model()
+        disable = getattr(base, "activation_checkpointing_disable", None) or base.gradient_checkpointing_disable
+        disable()
+
+    @property
+    def is_gradient_checkpointing(self) -> bool:
+        """Whether the base checkpoints its layers (in training mode)."""
+        return self.peft_model.get_base_model().is_gradient_checkpointing
 
     def _require_role(self, role: str) -> None:
         """ValueError naming the missing role and how to provide it."""
