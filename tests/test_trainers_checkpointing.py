@@ -7,6 +7,8 @@ tested too. Before `adapter_state_checkpointing`, the PPO update of the shared b
 differed by 135-164%.
 """
 
+import dataclasses
+
 import pytest
 import torch
 from datasets import Dataset
@@ -15,7 +17,7 @@ from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForSequenceClassification
 
 from rlhf_ext.models import SharedBase, SharedBaseArguments, save_adapter_with_head
-from rlhf_ext.testing import tiny_causal_lm, tiny_llama_config, tiny_tokenizer
+from rlhf_ext.testing import save_tiny_model, tiny_causal_lm, tiny_llama_config, tiny_tokenizer
 from rlhf_ext.trainers import (
     PlackettLuceDPOConfig,
     PlackettLuceDPOTrainer,
@@ -93,8 +95,14 @@ def reward_folder(tmp_path_factory):
     return str(save_adapter_with_head(donor.peft_model, "value", donor.heads["value"], folder, "reward"))
 
 
-def shared_ppo_update(tmp_path, reward_folder, checkpointing):
-    shared = SharedBase(tiny_causal_lm(seed=0), SharedBaseArguments(reward_adapter_path=reward_folder, **LORA))
+def shared_ppo_update(tmp_path, reward_folder, checkpointing, base="fp32"):
+    args = SharedBaseArguments(reward_adapter_path=reward_folder, **LORA)
+    if base == "fp32":
+        shared = SharedBase(tiny_causal_lm(seed=0), args)
+    else:  # bitsandbytes quantizes at load time, from a folder
+        torch.manual_seed(0)
+        args = dataclasses.replace(args, dtype="bfloat16" if base == "bf16" else "float32", load_in_4bit=base == "4bit")
+        shared = SharedBase.from_pretrained(save_tiny_model(tmp_path / "base", seed=0, hidden_size=64), args)
     randomize_lora(shared.peft_model, seed=5, scale=0.1)  # policy != value != reference
     trainer = PPOTrainer(shared, args=ppo_config(tmp_path, checkpointing), processing_class=prompt_tokenizer(),
                          train_dataset=Dataset.from_dict({"prompt": ["abc", "hello", "xy", "qrs"] * 2}))
@@ -110,6 +118,21 @@ def shared_ppo_reference(tmp_path_factory, reward_folder):
 def test_ppo_on_the_shared_base(tmp_path, reward_folder, shared_ppo_reference, mode):
     got = shared_ppo_update(tmp_path, reward_folder, CHECKPOINTING[mode])
     assert_same_updates(got, shared_ppo_reference, must_move=(".policy.", ".value.", "heads.value"))
+
+
+@pytest.mark.parametrize("base", ["bf16", "4bit"])
+def test_ppo_on_a_bf16_and_a_4bit_shared_base(tmp_path, reward_folder_64, base):
+    expected = shared_ppo_update(tmp_path / "plain", reward_folder_64, None, base)
+    got = shared_ppo_update(tmp_path / "ckpt", reward_folder_64, CHECKPOINTING["trl_default"], base)
+    assert_same_updates(got, expected, must_move=(".policy.", ".value.", "heads.value"))
+
+
+@pytest.fixture(scope="module")
+def reward_folder_64(tmp_path_factory):
+    donor = SharedBase(tiny_causal_lm(seed=0, hidden_size=64), SharedBaseArguments(**LORA))
+    randomize_lora(donor.peft_model)
+    folder = tmp_path_factory.mktemp("reward64") / "reward"
+    return str(save_adapter_with_head(donor.peft_model, "value", donor.heads["value"], folder, "reward"))
 
 
 def separate_ppo_update(tmp_path, checkpointing):

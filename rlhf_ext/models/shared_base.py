@@ -53,7 +53,7 @@ from .checkpointing import adapter_state_checkpointing
 from .heads import ScalarHead
 from .hub import push_folder_to_hub, write_model_card
 from .presets import SharedBaseArguments, lora_config, quantization_config
-from .quantization import disable_cpu_4bit_repacking
+from .quantization import adapter_dtype_for, disable_cpu_4bit_repacking, is_quantized, prepare_kbit_base
 from .role_folder import (
     HEAD_ROLES,
     check_adapter_fits,
@@ -121,12 +121,14 @@ class SharedBase(nn.Module):
         self.trust_remote_code = trust_remote_code  # for the fresh base copy that export_merged_policy loads
         self.base_model_name_or_path = args.model_name_or_path or model.config._name_or_path or None
         disable_cpu_4bit_repacking(model)
+        prepare_kbit_base(model)
         self.peft_model = adapter_state_checkpointing(self._wrap_with_policy(model, args))
         self.heads = nn.ModuleDict()
         self._add_value_role(args)
         if args.reward_adapter_path:
             self._add_reward_role(args.reward_adapter_path)
         self._trainable = self._collect_trainable()
+        self.match_adapter_dtype()
         self._activate("policy")
 
     @classmethod
@@ -176,6 +178,22 @@ class SharedBase(nn.Module):
         }
         trainable["value"].update({f"heads.value.{n}": p for n, p in self.heads["value"].named_parameters()})
         return trainable
+
+    @property
+    def adapter_dtype(self) -> torch.dtype:
+        """dtype of the LoRA adapters: float32, or on a quantized base its compute dtype if that is bfloat16
+        (QLoRA); peft would keep them in float32. The scalar heads are float32 always."""
+        base = self.peft_model.get_base_model()
+        return adapter_dtype_for(base) if is_quantized(base) else torch.float32
+
+    def match_adapter_dtype(self) -> None:
+        """Cast every adapter weight to `adapter_dtype` (in place: the parameters stay the same objects, so an
+        optimizer built before keeps them). Trainers call it after TRL, which casts them to bfloat16 on any
+        quantized base whatever its compute dtype."""
+        dtype = self.adapter_dtype
+        for name, param in self.peft_model.named_parameters():
+            if ".lora_" in name and param.dtype != dtype:
+                param.data = param.data.to(dtype)
 
     # -- role switching ---------------------------------------------------------------------------
 
@@ -324,6 +342,7 @@ class SharedBase(nn.Module):
         if head is not None:
             self.heads[role] = head.to(self.device).requires_grad_(role in TRAINABLE_ROLES)
         self._trainable = self._collect_trainable()
+        self.match_adapter_dtype()
         self._activate("policy")
 
     def export_merged_policy(

@@ -205,6 +205,10 @@ class PPOTrainer(GRPOTrainer):
             optimizers=optimizers,
             peft_config=peft_config,
         )
+        if self.shared_base is not None:
+            # GRPOTrainer casts the trainable adapters of any quantized base to bfloat16; the shared base keeps them
+            # in its compute dtype (float32 when asked for).
+            self.shared_base.match_adapter_dtype()
         self.ppo_ref_model = self._prepare_reference(ref_model)
         # Attached after super().__init__ so that a `peft_config` never injects LoRA into the critic.
         self.model.add_module("value_model", value_model.to(self.args.device))
