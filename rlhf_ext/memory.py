@@ -1,0 +1,299 @@
+"""Predicted peak memory of a PPO update, a K-way DPO step and a K-way reward step, before renting a GPU.
+
+The peak of one training step is the sum of four terms (docs/shared-base.md, "Memory"):
+
+    weights             the base once: quantized linear layers at 4 or 8 bits (+ their quantization constants),
+                        embeddings / LM head in the compute dtype, norms in float32 on a quantized base;
+                        plus every LoRA adapter the stage holds (PPO: policy, value, frozen reward)
+    adapters_optimizer  trainable adapters and heads: parameter + gradient + AdamW's two moments
+                        (in the parameter's dtype; one byte each with bitsandbytes' 8-bit AdamW)
+    activations         what autograd keeps for backward. Counted, not guessed: one decoder layer of the real
+                        architecture, with its LoRA adapters, runs forward on PyTorch's meta device (shapes, no
+                        data, no memory) and every tensor it saves for backward is summed. Without
+                        checkpointing every layer keeps that much; with it each layer keeps its input and one
+                        layer's worth is rebuilt at a time during backward
+    logits              TRL's fused LM head: one [min(N, 4096), min(V, 32768)] tile and its gradient, never
+                        the [B, T, V] logits
+    runtime             device="cpu" only: the Python process with torch, transformers, peft and TRL loaded
+                        (its resident set before any model; on a GPU, torch.cuda.max_memory_allocated
+                        does not count the CUDA context)
+
+Sequences per trainable forward: PPO B x (P + C) twice (policy and value forwards are both alive at
+its one backward); K-way DPO and reward B x K x (P + C). Rollout work (generation with its KV cache,
+reference / reward / old-policy forwards without grad) is transient and smaller than the training
+step at these batch sizes, so it is not a term.
+
+    from rlhf_ext.memory import estimate
+    estimate("HuggingFaceTB/SmolLM2-1.7B", stage="ppo", bits=4, batch_size=8, prompt_length=512,
+             completion_length=256).total / 2**30            # GiB
+
+    python -m rlhf_ext.memory --model HuggingFaceTB/SmolLM2-1.7B --stage ppo --bits 4   # a table
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+from dataclasses import dataclass, fields
+
+import torch
+
+STAGES = ("ppo", "dpo", "reward")
+GIB = 2**30
+# TRL's fused LM head projects [tokens, vocabulary] tiles of at most this size (trl/kernels/chunked_logprob.py)
+FUSED_HEAD_TOKENS, FUSED_HEAD_VOCAB = 4096, 32768
+# Resident set of a process that imported torch, transformers, peft, accelerate and TRL, before any model
+# (measured on the development machine: benchmarks/real_size.py prints it as `runtime`)
+CPU_RUNTIME_BYTES = int(0.75 * GIB)
+ADAMW_MOMENTS = 2
+
+
+@dataclass
+class MemoryEstimate:
+    """Predicted peak bytes of one training step, by term; `total` is their sum."""
+
+    stage: str
+    weights: int
+    adapters_optimizer: int
+    activations: int
+    logits: int
+    runtime: int
+
+    @property
+    def total(self) -> int:
+        return self.weights + self.adapters_optimizer + self.activations + self.logits + self.runtime
+
+    def gib(self) -> dict[str, float]:
+        """Every term and the total in GiB, rounded to 0.01."""
+        terms = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "stage"}
+        return {name: round(value / GIB, 2) for name, value in {**terms, "total": self.total}.items()}
+
+
+def load_config(config_or_name):
+    """A transformers config from a config object, a dict of LlamaConfig fields, or a Hub id / local folder."""
+    from transformers import AutoConfig, LlamaConfig, PretrainedConfig
+
+    if isinstance(config_or_name, PretrainedConfig):
+        return config_or_name
+    if isinstance(config_or_name, dict):
+        return LlamaConfig(**config_or_name)
+    return AutoConfig.from_pretrained(config_or_name)
+
+
+def _meta_model(config, num_layers: int, dtype: torch.dtype, stage: str):
+    """The model of `config` with `num_layers` decoder layers on the meta device (no memory)."""
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    overrides = {"num_hidden_layers": num_layers}
+    if stage == "reward":
+        overrides.update(num_labels=1, id2label={0: "LABEL_0"}, label2id={"LABEL_0": 0})
+    config = config.__class__(**{**config.to_dict(), **overrides})
+    auto = AutoModelForSequenceClassification if stage == "reward" else AutoModelForCausalLM
+    with torch.device("meta"):
+        return auto.from_config(config, dtype=dtype)
+
+
+def _with_lora(model, lora_r: int, target_modules):
+    from dataclasses import replace
+
+    from peft import get_peft_model
+
+    from .models import SharedBaseArguments, lora_config
+
+    args = SharedBaseArguments(lora_r=lora_r, lora_dropout=0.0, lora_target_modules=target_modules)
+    config = lora_config(args, model.config.model_type)
+    if not hasattr(model, "lm_head"):  # the reward model: a sequence classifier, as the K-way reward trainer trains
+        config = replace(config, task_type="SEQ_CLS")
+    return get_peft_model(model, config)
+
+
+@dataclass(frozen=True)
+class Counts:
+    """Parameter counts of a model: linear layers inside the decoder (what bitsandbytes quantizes), their output
+    rows, everything else (embeddings, LM head, norms), one LoRA adapter, and a norm's share of the rest."""
+
+    linear: int
+    linear_rows: int
+    other: int
+    norms: int
+    lora: int
+
+
+def _count(config, stage: str, lora_r: int, target_modules) -> Counts:
+    model = _meta_model(config, config.num_hidden_layers, torch.float32, stage)
+    linear = [m for m in model.base_model.layers.modules() if isinstance(m, torch.nn.Linear)]
+    linear_params = sum(m.weight.numel() for m in linear)
+    total = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())  # tied embeddings count once
+    norms = sum(p.numel() for n, p in model.named_parameters() if "norm" in n)
+    peft = _with_lora(model, lora_r, target_modules)
+    lora = sum(p.numel() for n, p in peft.named_parameters() if ".lora_" in n)
+    return Counts(linear_params, sum(m.weight.shape[0] for m in linear), total - linear_params, norms, lora)
+
+
+_COUNTS: dict[tuple, Counts] = {}
+
+
+def parameter_counts(config, stage: str = "ppo", lora_r: int = 16, target_modules=None) -> Counts:
+    """Counts of `config` (any transformers config) for `stage`, computed on the meta device (cached)."""
+    config = load_config(config)
+    key = (config.to_json_string(), stage, lora_r, tuple(target_modules or ()))
+    if key not in _COUNTS:
+        _COUNTS[key] = _count(config, stage, lora_r, list(target_modules) if target_modules else None)
+    return _COUNTS[key]
+
+
+def saved_bytes_per_token_per_layer(config, dtype: torch.dtype, lora_r: int = 16, device: str = "cuda",
+                                    sequence_length: int = 128, target_modules=None) -> float:
+    """Bytes autograd saves for backward in one decoder layer with LoRA on a frozen base, per token.
+
+    One real-size layer runs forward on the meta device under `saved_tensors_hooks`; parameters (saved for the
+    input gradient) are not activations and are skipped, and a tensor saved by several ops counts once. The
+    attention-probability tensor [B, heads, T, T] that PyTorch's math attention saves is dropped for
+    device="cuda", where flash / memory-efficient attention keep only the log-sum-exp.
+    """
+    config = load_config(config)
+    model = _with_lora(_meta_model(config, 1, dtype, "ppo"), lora_r, target_modules).train()
+    base = model.get_base_model()
+    parameters = {id(p) for p in base.parameters()}
+    heads = config.num_attention_heads
+    saved: dict[int, int] = {}
+    keep = []
+
+    def pack(tensor):
+        root = tensor._base if tensor._base is not None else tensor
+        is_attention_probs = tuple(root.shape[-3:]) == (heads, sequence_length, sequence_length)
+        if id(root) not in parameters and not (device == "cuda" and is_attention_probs):
+            saved[id(root)] = root.numel() * root.element_size()
+            keep.append(root)  # ids stay unique while the tensors are alive
+        return tensor
+
+    hidden = torch.randn(1, sequence_length, config.hidden_size, device="meta", dtype=dtype, requires_grad=True)
+    positions = torch.arange(sequence_length, device="meta")[None]
+    position_embeddings = base.model.rotary_emb(hidden, positions)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        base.model.layers[0](hidden, position_embeddings=position_embeddings, attention_mask=None,
+                             position_ids=positions)
+    return sum(saved.values()) / sequence_length
+
+
+def _dtype_bytes(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()
+
+
+def _weights_bytes(counts: Counts, bits: int, compute: torch.dtype, adapters: int, adapter: torch.dtype) -> int:
+    if bits == 4:
+        # NF4: half a byte a weight; one absmax per 64 weights, itself 8-bit with double quantization
+        quantized = counts.linear // 2 + counts.linear // 64
+        rest = (counts.other - counts.norms) * _dtype_bytes(compute) + counts.norms * 4
+    elif bits == 8:
+        quantized = counts.linear + 4 * counts.linear_rows  # int8 weights and one float32 scale per row
+        rest = (counts.other - counts.norms) * _dtype_bytes(compute) + counts.norms * 4
+    else:
+        quantized, rest = counts.linear * _dtype_bytes(compute), counts.other * _dtype_bytes(compute)
+    return quantized + rest + adapters * counts.lora * _dtype_bytes(adapter)
+
+
+def estimate(config, stage: str = "ppo", bits: int = 16, lora_r: int = 16, batch_size: int = 2,
+             prompt_length: int = 64, completion_length: int = 32, num_completions: int = 4,
+             gradient_checkpointing: bool = True, device: str = "cuda", optimizer: str = "adamw_torch",
+             compute_dtype: str | None = None, target_modules=None) -> MemoryEstimate:
+    """Predicted peak memory of one training step of `stage` ("ppo", "dpo" or "reward") on a base of `config`.
+
+    bits: 32 (float32 base), 16 (bfloat16 base), 8 or 4 (bitsandbytes, computing in `compute_dtype`, by
+    default bfloat16 on a GPU and float32 on a CPU). LoRA of rank `lora_r` on every projection (the presets);
+    adapters train in float32, or in bfloat16 on a quantized bfloat16 base (QLoRA, as `SharedBase` and TRL do).
+    optimizer: TRL's `optim` name; "adamw_bnb_8bit" / "paged_adamw_8bit" keep the moments in one byte each.
+    """
+    if stage not in STAGES:
+        raise ValueError(f"stage must be one of {STAGES}, got {stage!r}")
+    if bits not in (4, 8, 16, 32):
+        raise ValueError(f"bits must be 4, 8, 16 or 32, got {bits!r}")
+    config = load_config(config)
+    compute = _compute_dtype(bits, compute_dtype, device)
+    adapter = torch.bfloat16 if bits in (4, 8) and compute == torch.bfloat16 else torch.float32
+    counts = parameter_counts(config, stage, lora_r, target_modules)
+    adapters_held = {"ppo": 3, "dpo": 1, "reward": 1}[stage]
+    trainable = counts.lora * (2 if stage == "ppo" else 1)
+    moment_bytes = 1 if "8bit" in optimizer else _dtype_bytes(adapter)
+    adapters_optimizer = trainable * (2 * _dtype_bytes(adapter) + ADAMW_MOMENTS * moment_bytes)
+
+    length = prompt_length + completion_length
+    sequences = batch_size * (num_completions if stage in ("dpo", "reward") else 1)
+    forwards = 2 if stage == "ppo" else 1  # PPO: policy and value forwards before one backward
+    tokens = sequences * length
+    per_layer = saved_bytes_per_token_per_layer(config, compute, lora_r, device, length, target_modules)
+    layers = config.num_hidden_layers
+    if gradient_checkpointing:
+        inputs = forwards * tokens * layers * config.hidden_size * _dtype_bytes(compute)
+        activations = inputs + per_layer * tokens  # one layer rebuilt at a time
+    else:
+        activations = forwards * tokens * layers * per_layer
+    logits = 0 if stage == "reward" else 2 * min(tokens, FUSED_HEAD_TOKENS) * min(config.vocab_size,
+                                                                                 FUSED_HEAD_VOCAB) * 4
+    return MemoryEstimate(
+        stage=stage,
+        weights=_weights_bytes(counts, bits, compute, adapters_held, adapter),
+        adapters_optimizer=int(adapters_optimizer),
+        activations=int(activations),
+        logits=int(logits),
+        runtime=CPU_RUNTIME_BYTES if device == "cpu" else 0,
+    )
+
+
+def _compute_dtype(bits: int, compute_dtype: str | None, device: str) -> torch.dtype:
+    if bits == 32:
+        return torch.float32
+    if bits == 16:
+        return torch.bfloat16
+    if compute_dtype is not None:
+        return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[compute_dtype]
+    return torch.float32 if device == "cpu" else torch.bfloat16
+
+
+# -- the table users print before they rent a GPU -------------------------------------------------------------
+
+
+def fits(total: int, gpu_gib: float, margin: float = 0.9) -> bool:
+    """Whether `total` bytes fit in `gpu_gib` GiB with 10% left for the CUDA context and fragmentation."""
+    return total <= margin * gpu_gib * GIB
+
+
+def table(config, gpus=(24, 48, 80), **kwargs) -> str:
+    """One row per stage: the terms in GiB and whether it fits on each GPU size."""
+    header = f"{'stage':>6} {'weights':>8} {'adapt+opt':>9} {'activ.':>7} {'logits':>7} {'total':>7}" + "".join(
+        f" {g:>4}GB" for g in gpus
+    )
+    rows = [header, "-" * len(header)]
+    for stage in STAGES:
+        est = estimate(config, stage=stage, **kwargs)
+        gib = est.gib()
+        marks = "".join(f" {'yes' if fits(est.total, g) else 'no':>6}" for g in gpus)
+        rows.append(f"{stage:>6} {gib['weights']:>8.2f} {gib['adapters_optimizer']:>9.2f} {gib['activations']:>7.2f}"
+                    f" {gib['logits']:>7.2f} {gib['total']:>7.2f}{marks}")
+    return "\n".join(rows)
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(
+        prog="python -m rlhf_ext.memory",
+        usage="python -m rlhf_ext.memory --model <Hub id or folder with config.json> [--bits 4] [--batch_size 8] ...",
+        description="Predicted peak GPU memory of a PPO update, a K-way DPO step and a reward step (GiB).",
+    )
+    parser.add_argument("--model", required=True, help="Hub id or local folder with a config.json")
+    parser.add_argument("--bits", type=int, default=4, choices=[4, 8, 16, 32])
+    parser.add_argument("--lora_r", type=int, default=16)
+    parser.add_argument("--batch_size", type=int, default=8, help="prompts (PPO) or ranked lists (DPO, reward)")
+    parser.add_argument("--prompt_length", type=int, default=512)
+    parser.add_argument("--completion_length", type=int, default=256)
+    parser.add_argument("--num_completions", type=int, default=4, help="K of the ranked lists")
+    parser.add_argument("--no_gradient_checkpointing", action="store_true")
+    parser.add_argument("--optim", default="adamw_torch", help="TRL/transformers optim name, e.g. adamw_bnb_8bit")
+    args = parser.parse_args(argv)
+    print(table(args.model, bits=args.bits, lora_r=args.lora_r, batch_size=args.batch_size,
+                prompt_length=args.prompt_length, completion_length=args.completion_length,
+                num_completions=args.num_completions, gradient_checkpointing=not args.no_gradient_checkpointing,
+                optimizer=args.optim))
+
+
+if __name__ == "__main__":
+    main()
