@@ -33,7 +33,6 @@ step at these batch sizes, so it is not a term.
 from __future__ import annotations
 
 import argparse
-import math
 from dataclasses import dataclass, fields
 
 import torch
@@ -142,14 +141,15 @@ def parameter_counts(config, stage: str = "ppo", lora_r: int = 16, target_module
     return _COUNTS[key]
 
 
-def saved_bytes_per_token_per_layer(config, dtype: torch.dtype, lora_r: int = 16, device: str = "cuda",
-                                    sequence_length: int = 128, target_modules=None) -> float:
+def saved_bytes_per_token_per_layer(config, dtype: torch.dtype, lora_r: int = 16, sequence_length: int = 128,
+                                    target_modules=None) -> float:
     """Bytes autograd saves for backward in one decoder layer with LoRA on a frozen base, per token.
 
     One real-size layer runs forward on the meta device under `saved_tensors_hooks`; parameters (saved for the
-    input gradient) are not activations and are skipped, and a tensor saved by several ops counts once. The
-    attention-probability tensor [B, heads, T, T] that PyTorch's math attention saves is dropped for
-    device="cuda", where flash / memory-efficient attention keep only the log-sum-exp.
+    input gradient) are not activations and are skipped, and a tensor saved by several ops counts once. On the meta
+    device attention takes PyTorch's math path, which saves the [B, heads, T, T] scores and probabilities; the
+    flash / memory-efficient kernels that GPUs and CPUs run keep only a [B, heads, T] log-sum-exp instead, so the
+    T x T tensors are left out and the log-sum-exp counted.
     """
     config = load_config(config)
     model = _with_lora(_meta_model(config, 1, dtype, "ppo"), lora_r, target_modules).train()
@@ -161,8 +161,8 @@ def saved_bytes_per_token_per_layer(config, dtype: torch.dtype, lora_r: int = 16
 
     def pack(tensor):
         root = tensor._base if tensor._base is not None else tensor
-        is_attention_probs = tuple(root.shape[-3:]) == (heads, sequence_length, sequence_length)
-        if id(root) not in parameters and not (device == "cuda" and is_attention_probs):
+        is_attention_scores = tuple(root.shape[-2:]) == (sequence_length, sequence_length) and root.dim() >= 3
+        if id(root) not in parameters and not is_attention_scores:
             saved[id(root)] = root.numel() * root.element_size()
             keep.append(root)  # ids stay unique while the tensors are alive
         return tensor
@@ -173,7 +173,8 @@ def saved_bytes_per_token_per_layer(config, dtype: torch.dtype, lora_r: int = 16
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
         base.model.layers[0](hidden, position_embeddings=position_embeddings, attention_mask=None,
                              position_ids=positions)
-    return sum(saved.values()) / sequence_length
+    log_sum_exp = heads * sequence_length * 4
+    return (sum(saved.values()) + log_sum_exp) / sequence_length
 
 
 def _dtype_bytes(dtype: torch.dtype) -> int:
@@ -221,7 +222,7 @@ def estimate(config, stage: str = "ppo", bits: int = 16, lora_r: int = 16, batch
     sequences = batch_size * (num_completions if stage in ("dpo", "reward") else 1)
     forwards = 2 if stage == "ppo" else 1  # PPO: policy and value forwards before one backward
     tokens = sequences * length
-    per_layer = saved_bytes_per_token_per_layer(config, compute, lora_r, device, length, target_modules)
+    per_layer = saved_bytes_per_token_per_layer(config, compute, lora_r, length, target_modules)
     layers = config.num_hidden_layers
     if gradient_checkpointing:
         inputs = forwards * tokens * layers * config.hidden_size * _dtype_bytes(compute)

@@ -21,7 +21,7 @@ def test_parameter_counts_match_a_real_model():
     assert counts.lora == sum(p.numel() for n, p in peft.named_parameters() if ".lora_" in n)
 
 
-def real_saved_bytes_per_token(dtype: torch.dtype, tokens: int = 16) -> float:
+def real_saved_bytes_per_token(dtype: torch.dtype, tokens: int = 24) -> float:
     """What a real CPU forward of one LoRA decoder layer saves for backward, per token."""
     model = tiny_causal_lm(seed=0, hidden_size=64, num_layers=1, num_heads=4).to(dtype)
     peft = get_peft_model(model, lora_config(SharedBaseArguments(lora_r=4, lora_dropout=0.0), "llama")).train()
@@ -44,10 +44,9 @@ def real_saved_bytes_per_token(dtype: torch.dtype, tokens: int = 16) -> float:
 
 def test_activation_count_on_the_meta_device_equals_a_real_forward():
     for dtype in (torch.float32, torch.bfloat16):
-        meta = saved_bytes_per_token_per_layer(CONFIG, dtype, lora_r=4, device="cpu", sequence_length=16)
-        real = real_saved_bytes_per_token(dtype)
-        # meta tensors have no storage, so a view that is not a `_base` child of its source counts twice: +5.5%
-        assert real <= meta <= 1.1 * real
+        meta = saved_bytes_per_token_per_layer(CONFIG, dtype, lora_r=4, sequence_length=24)
+        real = real_saved_bytes_per_token(dtype)  # PyTorch's flash attention for CPU, as in training
+        assert abs(meta - real) <= 0.1 * real  # 0.1% in float32, 6% in bfloat16 (attention internals)
 
 
 def test_terms_scale_as_worked_by_hand():
