@@ -262,12 +262,13 @@ class StopAfter(TrainerCallback):
             control.should_training_stop = True
 
 
-def test_resume_from_checkpoint_equals_straight_run(tmp_path, reward_folder, left_tokenizer):
+@pytest.mark.parametrize("gradient_checkpointing", [True, False])  # True: TRL's default
+def test_resume_from_checkpoint_equals_straight_run(tmp_path, reward_folder, left_tokenizer, gradient_checkpointing):
     def run(output_dir, resume=None, stop_after=None):
         shared = make_shared(reward_folder)
         args = ppo_args(
             tmp_path, output_dir=str(output_dir), max_steps=4, num_ppo_epochs=2, learning_rate=3e-3,
-            save_strategy="steps", save_steps=2,
+            save_strategy="steps", save_steps=2, gradient_checkpointing=gradient_checkpointing,
         )
         callbacks = [StopAfter(stop_after)] if stop_after else None
         trainer = PPOTrainer(
