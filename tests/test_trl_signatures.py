@@ -1,0 +1,97 @@
+"""The TRL, transformers and peft methods rlhf_ext overrides or calls still have the signatures it was written for.
+
+TRL rewrites GRPOTrainer often (its private methods changed signature twice in 2026); an override whose parent
+changed shape fails late and obscurely, or silently stops being called. Each row names the method and the
+parameters our code passes or receives, in order; a failure names the method and the installed versions.
+pyproject.toml states the TRL range these were checked with.
+"""
+
+import inspect
+
+import peft
+import pytest
+import torch
+import transformers
+import trl
+from peft.tuners.tuners_utils import BaseTunerLayer
+from transformers import PreTrainedModel, Trainer
+from trl import DPOTrainer, GRPOTrainer, RewardTrainer
+from trl.trainer import utils as trl_utils
+
+VERSIONS = f"trl {trl.__version__}, transformers {transformers.__version__}, peft {peft.__version__}"
+
+# (owner, method, the leading parameters rlhf_ext relies on, in order)
+SIGNATURES = [
+    # PPOTrainer (rlhf_ext/trainers/ppo_trainer.py) overrides ...
+    (GRPOTrainer, "_calculate_rewards", ["self", "inputs", "prompts", "completions", "completion_ids_list"]),
+    (GRPOTrainer, "_tokenize_prompts", ["self", "prompts"]),
+    (GRPOTrainer, "_generate_and_score_completions", ["self", "inputs"]),
+    (GRPOTrainer, "_compute_loss", ["self", "model", "inputs"]),
+    (Trainer, "_save", ["self", "output_dir", "state_dict"]),
+    (Trainer, "_load_from_checkpoint", ["self", "resume_from_checkpoint", "model"]),
+    # ... and calls
+    (GRPOTrainer, "_get_per_token_logps_and_entropies",
+     ["self", "model", "input_ids", "attention_mask", "logits_to_keep", "batch_size", "compute_entropy"]),
+    (trl_utils, "add_fused_lm_head", ["model", "temperature", "cast_lm_head_to_fp32"]),
+    (trl_utils, "disable_dropout_in_model", ["model"]),
+    # PlackettLuceDPOTrainer (rlhf_ext/trainers/kway_dpo.py) overrides ...
+    (DPOTrainer, "_prepare_dataset", ["self", "dataset", "processing_class", "args", "dataset_name"]),
+    (DPOTrainer, "_set_signature_columns_if_needed", ["self"]),
+    (DPOTrainer, "_precompute_ref_logps", ["self", "dataset", "name", "batch_size"]),
+    (DPOTrainer, "_compute_loss", ["self", "model", "inputs", "return_outputs"]),
+    # ... and calls
+    (DPOTrainer, "compute_ref_log_probs", ["self", "model", "inputs"]),
+    # PlackettLuceRewardTrainer (rlhf_ext/trainers/kway_reward.py) overrides
+    (RewardTrainer, "_prepare_dataset", ["self", "dataset", "processing_class", "args", "dataset_name"]),
+    (RewardTrainer, "_set_signature_columns_if_needed", ["self"]),
+    (RewardTrainer, "compute_loss", ["self", "model", "inputs", "return_outputs", "num_items_in_batch"]),
+    (RewardTrainer, "save_model", ["self", "output_dir", "_internal_call"]),
+    # exact gradient checkpointing (rlhf_ext/models/checkpointing.py) wraps
+    (PreTrainedModel, "_set_gradient_checkpointing", ["self", "enable", "gradient_checkpointing_func"]),
+]
+
+
+@pytest.mark.parametrize("owner, name, expected", SIGNATURES,
+                         ids=[f"{getattr(o, '__name__', o)}.{n}" for o, n, _ in SIGNATURES])
+def test_signature_is_the_one_rlhf_ext_was_written_for(owner, name, expected):
+    function = getattr(owner, name, None)
+    label = f"{getattr(owner, '__name__', owner)}.{name}"
+    assert function is not None, f"{label} no longer exists ({VERSIONS}); rlhf_ext overrides or calls it"
+    parameters = list(inspect.signature(function).parameters)
+    assert parameters[: len(expected)] == expected, (
+        f"{label} now takes {parameters} ({VERSIONS}); rlhf_ext was written for {expected}"
+    )
+
+
+def test_peft_tuner_layers_keep_the_adapter_state_checkpointing_sets():
+    """The exact checkpointing writes these two attributes directly (set_adapter would flip requires_grad)."""
+    from peft import LoraConfig, get_peft_model
+
+    from rlhf_ext.testing import tiny_causal_lm
+
+    model = get_peft_model(tiny_causal_lm(seed=0), LoraConfig(r=2))
+    layers = [m for m in model.modules() if isinstance(m, BaseTunerLayer)]
+    assert layers
+    for layer in layers:
+        assert layer._active_adapter == layer.active_adapter, f"peft {peft.__version__} renamed _active_adapter"
+        assert layer._disable_adapters == layer.disable_adapters, f"peft {peft.__version__} renamed _disable_adapters"
+    model.base_model.disable_adapter_layers()
+    assert all(layer._disable_adapters for layer in layers), f"peft {peft.__version__}: disabling no longer sets it"
+
+
+def test_transformers_layers_still_checkpoint_through_the_per_layer_function():
+    """transformers' GradientCheckpointingLayer must call `self._gradient_checkpointing_func`, which we wrap."""
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    from rlhf_ext.testing import tiny_causal_lm
+
+    model = tiny_causal_lm(seed=0)
+    model.gradient_checkpointing_enable()
+    layer = model.model.layers[0]
+    assert isinstance(layer, GradientCheckpointingLayer)
+    calls = []
+    original = layer._gradient_checkpointing_func
+    layer._gradient_checkpointing_func = lambda *a, **k: calls.append(1) or original(*a, **k)
+    model.train()
+    model(input_ids=torch.tensor([[5, 6, 7]])).logits.sum().backward()
+    assert calls, f"transformers {transformers.__version__} no longer calls _gradient_checkpointing_func"
