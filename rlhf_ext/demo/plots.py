@@ -14,7 +14,7 @@ import matplotlib
 matplotlib.use("Agg")  # files only: the demo runs on machines without a display
 import matplotlib.pyplot as plt  # noqa: E402
 
-# Candidate log keys, in order of preference: DESIGN.md names first, then TRL's GRPO / DPO names.
+# Candidate log keys, in order of preference: rlhf_ext's metric names first, then TRL's GRPO / DPO names.
 PPO_REWARD_KEYS = ("objective/scores", "reward")
 PPO_KL_KEYS = ("objective/kl", "kl")
 DPO_LOSS_KEYS = ("loss",)

@@ -1,6 +1,6 @@
 """Stage 1: sample K completions per prompt from the base model and rank them by VADER.
 
-Writes a JSON-lines file in the DESIGN.md ranked format, conversational:
+Writes a JSON-lines file in the ranked format (docs/kway.md), conversational:
 `{"prompt": [{"role": "user", ...}], "completions": [[{"role": "assistant", ...}], ...], "scores": [...]}`
 with completions best first. Two kinds of samples cannot be trained on, and are dropped and counted,
 never silently: empty completions (the model ended its turn at once; the ranked-data validator

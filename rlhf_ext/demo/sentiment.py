@@ -50,7 +50,7 @@ def rank_best_first(completions: list[Any], scores: list[float]) -> tuple[list[A
 
 
 def ranked_record(prompt: Any, completions: list[Any]) -> dict[str, Any]:
-    """A record in the DESIGN.md ranked format, completions best first, with their VADER scores.
+    """A record in the ranked format (docs/kway.md), completions best first, with their VADER scores.
 
     `prompt` and each completion may be plain text or conversational (a list of messages); the
     scores are kept so a reader can see (and a trainer can re-derive) the ranking.
