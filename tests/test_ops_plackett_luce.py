@@ -123,3 +123,92 @@ def test_bad_inputs():
         rx.plackett_luce_loss(torch.zeros(2, 3), top_m=torch.tensor([1, -1]))
     with pytest.raises(ValueError, match=r"shape \(2,\)"):
         rx.plackett_luce_loss(torch.zeros(2, 3), top_m=torch.tensor([1]))
+
+
+def float64_reference(scores32, mask=None):
+    """Loss and gradient in float64 of the same float32 numbers, shifted by the row max exactly in float64."""
+    s = scores32.detach().double().requires_grad_(True)
+    m = torch.ones_like(s, dtype=torch.bool) if mask is None else mask
+    x = (s - s.detach().masked_fill(~m, -math.inf).amax(dim=1, keepdim=True)).masked_fill(~m, -math.inf)
+    tails = torch.logcumsumexp(x.flip(-1), dim=-1).flip(-1)
+    loss = torch.where(m, tails - x, torch.zeros_like(x)).sum(dim=1)
+    loss.sum().backward()
+    return loss.detach(), s.grad
+
+
+@pytest.mark.parametrize("offset", [0.0, 1e4, 1e8])
+def test_float32_exact_under_a_large_common_offset(offset):
+    # logsumexp of raw scores ~1e4 rounds at float32's spacing there (~1e-3): gradient error 3e-3
+    # before the shift by the row max, against ~5e-7 for allRank's listMLE
+    g = torch.Generator().manual_seed(1)
+    scores = (torch.randn(64, 8, generator=g, dtype=torch.float64) + offset).float().requires_grad_(True)
+    loss = rx.plackett_luce_loss(scores)
+    loss.sum().backward()
+    ref_loss, ref_grad = float64_reference(scores)
+    torch.testing.assert_close(loss.double(), ref_loss, rtol=1e-6, atol=1e-5)
+    torch.testing.assert_close(scores.grad.double(), ref_grad, rtol=0, atol=2e-6)
+
+
+def test_two_tied_items_at_1e8_give_log_2():
+    loss = rx.plackett_luce_loss(torch.tensor([[1e8, 1e8], [-1e8, -1e8]]))
+    torch.testing.assert_close(loss, torch.full((2,), math.log(2.0)))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_wide_score_gaps_stay_exact(dtype):
+    # items hundreds or thousands below the row max: exp() underflows, so the cumulative sum of
+    # exponentials would reach log(0); the loss takes the exact log-cumsum-exp path there
+    scores = torch.tensor([[0.0, -120.0, -300.0, 5.0], [3.0, 1.0, -2000.0, -1990.0]], dtype=dtype, requires_grad=True)
+    mask = torch.tensor([[1, 1, 1, 1], [1, 1, 1, 0]], dtype=torch.bool)
+    loss = rx.plackett_luce_loss(scores.masked_fill(~mask, float("nan")), mask)
+    loss.sum().backward()
+    ref_loss, ref_grad = float64_reference(scores, mask)
+    torch.testing.assert_close(loss.double(), ref_loss, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(scores.grad.double(), ref_grad.masked_fill(~mask, 0.0), rtol=0, atol=1e-6)
+    assert (scores.grad[~mask] == 0).all()
+
+
+def test_typical_scores_do_not_use_logcumsumexp(monkeypatch):
+    # the speed: torch.logcumsumexp's backward dominated the loss; one cumsum of exp() replaces it
+    # whenever every real item is within ~79 (float32) of its row max
+    def refuse(*args, **kwargs):
+        raise AssertionError("torch.logcumsumexp called")
+
+    monkeypatch.setattr(torch, "logcumsumexp", refuse)
+    scores = (torch.randn(16, 6) * 5 + 1e4).requires_grad_(True)
+    mask = torch.arange(6)[None] < torch.randint(2, 7, (16,))[:, None]
+    rx.plackett_luce_loss(scores, mask, top_m=3).sum().backward()
+    rx.plackett_luce_loss(scores).sum().backward()
+    assert torch.isfinite(scores.grad).all()
+
+
+@pytest.mark.parametrize("junk", [float("nan"), float("inf"), float("-inf"), 1e30, -1e30], ids=str)
+def test_junk_on_padding_gets_no_mass_and_no_gradient(junk):
+    torch.manual_seed(2)
+    scores = torch.randn(3, 5)
+    lengths = [5, 2, 3]
+    mask = torch.arange(5)[None] < torch.tensor(lengths)[:, None]
+    padded = scores.masked_fill(~mask, junk).requires_grad_(True)
+    loss = rx.plackett_luce_loss(padded, mask, top_m=torch.tensor([4, 2, 1]))
+    loss.sum().backward()
+    one_by_one = torch.cat([rx.plackett_luce_loss(scores[i : i + 1, :n], top_m=m) for i, (n, m)
+                            in enumerate(zip(lengths, (4, 2, 1)))])
+    torch.testing.assert_close(loss, one_by_one)
+    assert torch.isfinite(padded.grad).all() and (padded.grad[~mask] == 0).all()
+
+
+def test_half_precision_scores_are_summed_in_float32():
+    # exp(-12) is below float16's smallest normal; the loss is computed in float32 and returned as float16
+    scores = torch.tensor([[0.0, -12.0, 3.0]], dtype=torch.float16)
+    loss = rx.plackett_luce_loss(scores)
+    assert loss.dtype == torch.float16
+    expected = brute_force_pl_nll(scores[0].double().tolist())
+    assert math.isclose(loss.item(), expected, rel_tol=1e-3)
+
+
+def test_non_finite_real_scores_are_errors_anywhere():
+    for bad in (float("-inf"), float("inf")):
+        with pytest.raises(ValueError, match=r"non-finite value .*inf at index \(0, 1\)"):
+            rx.plackett_luce_loss(torch.tensor([[0.0, bad, 1.0]]))
+        with pytest.raises(ValueError, match=r"non-finite value .*inf at index \(1, 2\)"):
+            rx.plackett_luce_loss(torch.tensor([[0.0, 1.0, 2.0], [0.0, 1.0, bad]]), torch.ones(2, 3, dtype=torch.bool))

@@ -36,9 +36,9 @@ def check_prefix_mask(mask: torch.Tensor, name: str = "mask") -> torch.Tensor:
     return m
 
 
-def check_finite_where(name: str, t: torch.Tensor, mask: torch.Tensor) -> None:
-    """Real entries (mask True) of t must be finite."""
-    bad = ~torch.isfinite(t) & mask
+def check_finite_where(name: str, t: torch.Tensor, mask: torch.Tensor | None = None) -> None:
+    """Real entries (mask True; all of them without a mask) of t must be finite."""
+    bad = ~torch.isfinite(t) if mask is None else ~torch.isfinite(t) & mask
     if bad.any():
         idx = tuple(int(i) for i in bad.nonzero()[0])
         raise ValueError(f"{name} has a non-finite value {t[idx].item()} at index {idx}")

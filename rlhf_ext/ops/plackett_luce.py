@@ -15,27 +15,31 @@ loss (Rafailov et al. 2023, appendix A.3), equal to TRL's sigmoid DPO loss at K=
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from ._checks import check_finite_where, check_ndim, check_prefix_mask, check_same_shape
 
-# Padding is filled this far below the row's smallest real score, so exp() of the gap underflows
-# to exactly 0 in float32 and float64: padded items take no probability mass and get no gradient.
-_PAD_GAP = 1e4
 
+def _checked_mask(scores: torch.Tensor, mask: torch.Tensor | None, name: str) -> torch.Tensor | None:
+    """The mask as bool, or None when every item is real (no mask given): the loss then skips masking.
 
-def _checked_mask(scores: torch.Tensor, mask: torch.Tensor | None, name: str) -> torch.Tensor:
+    That real scores are finite is checked later, by `plackett_luce_loss`, in the host sync that
+    decides how it sums (a separate check would cost a second sync on every call).
+    """
     check_ndim(name, scores, 2)
     if mask is None:
-        mask = torch.ones_like(scores, dtype=torch.bool)
+        if scores.shape[1] < 2:
+            raise ValueError(f"list 0 has {scores.shape[1]} real item(s); a ranking needs at least 2")
+        return None
     check_same_shape(**{name: scores, "mask": mask})
     mask = check_prefix_mask(mask)
-    lengths = mask.sum(dim=1)
-    short = (lengths < 2).nonzero()
-    if len(short):
-        row = int(short[0])
+    # a prefix mask has at least 2 real items in every row exactly when its second column is all True
+    if not mask[:, 1].all():
+        lengths = mask.sum(dim=1)
+        row = int((lengths < 2).nonzero()[0])
         raise ValueError(f"list {row} has {int(lengths[row])} real item(s); a ranking needs at least 2")
-    check_finite_where(name, scores, mask)
     return mask
 
 
@@ -60,36 +64,109 @@ def reverse_logcumsumexp(x: torch.Tensor) -> torch.Tensor:
     return torch.logcumsumexp(x.flip(-1), dim=-1).flip(-1)
 
 
+def shifted_by_row_max(scores: torch.Tensor, padding: torch.Tensor | None) -> torch.Tensor:
+    """x_{b,k} = s_{b,k} - max_{j real} s_{b,j} (the max detached), and 0 on padding.
+
+    The loss is invariant to a common shift of a row, so this leaves it unchanged, and the gradient
+    through the max is 0, hence detached. It keeps float32 exact under large offsets: at s ~ 1e4 the
+    spacing of float32 is ~1e-3, and log-sum-exp of the raw scores minus s_k lost that much; the
+    difference of two close floats is exact, and everything after it works on numbers near 0.
+    Padding is replaced before any arithmetic (masked_fill sends it gradient 0), so NaN there cannot leak.
+    """
+    if padding is None:
+        return scores - scores.detach().amax(dim=1, keepdim=True)
+    row_max = scores.detach().masked_fill(padding, float("-inf")).amax(dim=1, keepdim=True)
+    return (scores - row_max).masked_fill(padding, 0.0)
+
+
+def _smallest_accurate_weight(dtype: torch.dtype) -> float:
+    """e^8 times the smallest normal float: e^-79 in float32, e^-700 in float64.
+
+    exp(x) at least this big is a normal float, with relative error about eps, so a cumulative sum
+    of such terms (all positive: no cancellation) has relative error under about K * eps.
+    """
+    return math.exp(math.log(torch.finfo(dtype).tiny) + 8.0)
+
+
+def fast_log_tails(x: torch.Tensor, padding: torch.Tensor | None) -> torch.Tensor | None:
+    """out_{b,i} = log sum_{j <= i, j real} exp(x_{b,j}) (0 on padding), or None where not exact.
+
+    x holds `shifted_by_row_max` scores in reversed order (worst first), so the tails
+    sum_{j >= k} of the likelihood are one forward cumulative sum. With the row max at 0 every
+    exp(x) is in (0, 1] and cannot overflow: log(cumsum(exp(x))) as in allRank's listMLE, instead of
+    torch.logcumsumexp, whose backward is several times slower. None when a real item sits more than
+    ~79 (float32) or ~700 (float64) below its row max, or a real score is not finite (exp is then
+    a denormal, 0 or NaN, and the sum loses precision or reaches log(0) = -inf).
+    """
+    weights = torch.exp(x)  # 1 on padding, where x is 0
+    if not bool(weights.detach().amin() >= _smallest_accurate_weight(x.dtype)):  # NaN compares False
+        return None
+    if padding is None:
+        return torch.log(weights.cumsum(dim=-1))
+    tails = weights.masked_fill(padding, 0.0).cumsum(dim=-1)  # padding takes no probability mass
+    # padding's tails are 0 (it comes first in this order); log(1) = 0 instead, as log(0) would make
+    # the backward 0/0
+    return torch.log(tails.masked_fill(padding, 1.0))
+
+
+def exact_log_tails(x: torch.Tensor, padding: torch.Tensor | None) -> torch.Tensor:
+    """`fast_log_tails` by torch.logcumsumexp, exact at any score gap; 0 on padding."""
+    if padding is None:
+        return torch.logcumsumexp(x, dim=-1)
+    return torch.logcumsumexp(x.masked_fill(padding, float("-inf")), dim=-1).masked_fill(padding, 0.0)
+
+
+def _unmodelled_places(top_m: int | torch.Tensor, padding: torch.Tensor | None, scores: torch.Tensor) -> torch.Tensor:
+    """Bool [B, K] in reversed order: True on real places k >= m_b, whose factor is not in the likelihood.
+
+    Padding needs no masking: its terms are log(1) - 0 = 0 exactly.
+    """
+    K = scores.shape[1]
+    places = torch.arange(K - 1, -1, -1, device=scores.device)  # place k of the list, column K-1-k here
+    depth = top_m if isinstance(top_m, int) else top_m.to(scores.device)[:, None]
+    beyond = places >= depth
+    return beyond if padding is None else beyond & ~padding
+
+
 def plackett_luce_loss(
     scores: torch.Tensor, mask: torch.Tensor | None = None, top_m: int | torch.Tensor | None = None
 ) -> torch.Tensor:
     """Negative log Plackett-Luce likelihood of the given order, one value per list.
 
         loss_b = - sum_{k < m_b} [ s_{b,k} - logsumexp_{k <= j < n_b} s_{b,j} ]
+               =   sum_{k < m_b} [ log sum_{k <= j < n_b} exp(x_{b,j}) - x_{b,k} ],   x_{b,k} = s_{b,k} - max_j s_{b,j}
 
     Args:
         scores: [B, K] scores, each row ordered best first.
         mask: optional [B, K] bool, True on real items; a prefix of each row (lists shorter than K
-            are padded at the end). Every list needs at least 2 real items.
+            are padded at the end). Every list needs at least 2 real items. Padding may hold
+            anything (NaN included); it gets no probability mass and gradient 0.
         top_m: optional partial ranking: only the first top_m places are modelled (the order among
             the rest is unknown), m_b = min(top_m, n_b). An int applies to every list; a [B] integer
             tensor gives each list its own depth (0: nothing known, the list adds 0, e.g. a tie at
             the top). None models the full ranking.
 
     Returns:
-        [B] loss per list. Finite for |scores| up to 1e4 and beyond (reverse log-cumsum-exp).
+        [B] loss per list, in the dtype of scores (computed in float32 at least). Exact under any
+        common offset of a row (see `shifted_by_row_max`) and finite for any finite scores.
     """
     mask = _checked_mask(scores, mask, "scores")
     top_m = _checked_top_m(top_m, scores.shape[0])
-    row_min = scores.detach().masked_fill(~mask, float("inf")).amin(dim=1, keepdim=True)
-    filled = torch.where(mask, scores, row_min - _PAD_GAP)
-    terms = reverse_logcumsumexp(filled) - filled
-    modelled = mask
+    # float16's range is too short for exp of score gaps, and bfloat16 loses up to 2^-8 at every addition
+    work = scores.to(torch.promote_types(scores.dtype, torch.float32))
+    padding = None if mask is None else ~mask
+    # The loss sums over places, so the terms may come in any order: in reversed order (worst first)
+    # the tails sum_{j>=k} are a plain cumulative sum, and one flip serves the whole computation.
+    x = shifted_by_row_max(work, padding).flip(-1)
+    padding = None if padding is None else padding.flip(-1)
+    log_tails = fast_log_tails(x, padding)
+    if log_tails is None:
+        check_finite_where("scores", scores, mask)  # a non-finite real score is an error, not a wide gap
+        log_tails = exact_log_tails(x, padding)
+    terms = log_tails - x
     if top_m is not None:
-        positions = torch.arange(scores.shape[1], device=scores.device)
-        depth = top_m if isinstance(top_m, int) else top_m.to(scores.device)[:, None]
-        modelled = mask & (positions < depth)
-    return torch.where(modelled, terms, torch.zeros_like(terms)).sum(dim=1)
+        terms = terms.masked_fill(_unmodelled_places(top_m, padding, scores), 0.0)
+    return terms.sum(dim=1).to(scores.dtype)
 
 
 def dpo_plackett_luce_loss(
