@@ -1,3 +1,4 @@
+import inspect
 import math
 
 import pytest
@@ -7,8 +8,9 @@ from kway_records import LISTS, PAIRS
 from peft import LoraConfig
 from trl import DPOConfig, DPOTrainer
 
+import rlhf_ext
 from rlhf_ext.testing import tiny_causal_lm, tiny_tokenizer
-from rlhf_ext.trainers import PlackettLuceDPOConfig, PlackettLuceDPOTrainer
+from rlhf_ext.trainers import PlackettLuceDPOConfig, PlackettLuceDPOTrainer, kway_common, kway_dpo, kway_reward
 
 BETA = 0.5
 
@@ -181,3 +183,98 @@ def test_training_on_mixed_k_lists_lowers_the_loss(model_path, tmp_path):
     losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
     assert len(losses) == 5 and all(math.isfinite(loss) for loss in losses)
     assert trainer.evaluate()["eval_loss"] < before - 0.1
+
+
+# --- record layouts, empty datasets, module layout ----------------------------------------------------------------
+
+
+def chat(role: str, content: str) -> list[dict]:
+    return [{"role": role, "content": content}]
+
+
+CHAT_PAIRS = [{"prompt": chat("user", r["prompt"]), "chosen": chat("assistant", r["chosen"]),
+               "rejected": chat("assistant", r["rejected"])} for r in PAIRS]
+
+
+def test_k2_chat_lists_match_trl_dpo_on_conversational_pairs(model_path, tmp_path, trainer):
+    trl_trainer = DPOTrainer(
+        model=model_path, ref_model=tiny_causal_lm(seed=1), args=DPOConfig(**common_args(tmp_path)),
+        train_dataset=Dataset.from_list(CHAT_PAIRS), eval_dataset=Dataset.from_list(CHAT_PAIRS),
+        processing_class=tiny_tokenizer(),
+    )
+    expected = trl_trainer.evaluate()["eval_loss"]
+    chat_lists = [{"prompt": r["prompt"], "completions": [r["rejected"], r["chosen"]], "ranking": [1, 0]}
+                  for r in CHAT_PAIRS]
+    assert evaluate(trainer, chat_lists) == pytest.approx(expected, abs=1e-5)
+    assert evaluate(trainer, CHAT_PAIRS) == pytest.approx(expected, abs=1e-5)
+    assert expected != pytest.approx(evaluate(trainer, PAIRS), abs=1e-4)  # the chat template was applied
+
+
+def ultrafeedback_layout(lists: list[dict]) -> list[dict]:
+    """`lists` (best first) laid out as openbmb/UltraFeedback's records, worst first with descending scores."""
+    records = []
+    for record in lists:
+        k = len(record["completions"])
+        completions = [
+            {"annotations": {"helpfulness": {"Rating": "4", "Rationale": "ok"}}, "critique": "fine",
+             "custom_system_prompt": "", "fine-grained_score": float(rank), "model": f"m{rank}",
+             "overall_score": 2.5 * (k - rank), "principle": "helpfulness", "response": text}
+            for rank, text in reversed(list(enumerate(record["completions"])))
+        ]
+        records.append({"source": "test", "instruction": record["prompt"], "models": [c["model"] for c in completions],
+                        "completions": completions, "correct_answers": ["None"], "incorrect_answers": ["None"]})
+    return records
+
+
+ULTRAFEEDBACK_KEYS = {"prompt_key": "instruction", "completion_text_key": "response",
+                      "completion_score_key": "overall_score"}
+
+
+def test_ultrafeedback_records_train_through_the_config_mapping(trainer):
+    expected = evaluate(trainer, LISTS)
+    assert evaluate(trainer, ultrafeedback_layout(LISTS), **ULTRAFEEDBACK_KEYS) == pytest.approx(expected, abs=1e-6)
+    with pytest.raises(ValueError, match=r"record 0, field 'completions'\[0\]: .*completion_text_key='response'"):
+        evaluate(trainer, ultrafeedback_layout(LISTS), prompt_key="instruction")
+
+
+def test_config_mapping_needs_a_text_key_beside_a_score_key(tmp_path):
+    with pytest.raises(ValueError, match="needs completion_text_key"):
+        PlackettLuceDPOConfig(**common_args(tmp_path, completion_score_key="overall_score"))
+    config = PlackettLuceDPOConfig(str(tmp_path), use_cpu=True, **ULTRAFEEDBACK_KEYS)
+    assert config.output_dir == str(tmp_path) and config.completion_text_key == "response"
+
+
+@pytest.mark.parametrize(
+    "train, evaluation, message",
+    [
+        ([], None, r"train dataset is empty"),
+        (PAIRS, [], r"eval dataset is empty"),
+        ([{"prompt": "x" * 70, "completions": ["a", "b"]}] * 8, None,
+         r"train dataset: every one of the 8 lists has a prompt that alone fills max_length=64"),
+    ],
+)
+def test_empty_or_fully_dropped_datasets_fail_before_training(model_path, tmp_path, train, evaluation, message):
+    with pytest.raises(ValueError, match=message):
+        PlackettLuceDPOTrainer(
+            model=model_path, ref_model=tiny_causal_lm(seed=1), args=PlackettLuceDPOConfig(**common_args(tmp_path)),
+            train_dataset=Dataset.from_list(train),
+            eval_dataset=None if evaluation is None else Dataset.from_list(evaluation),
+            processing_class=tiny_tokenizer(),
+        )
+
+
+def defined_here(module) -> set[str]:
+    """Names of the classes and functions `module` defines (not imports)."""
+    return {name for name, obj in vars(module).items()
+            if (inspect.isclass(obj) or inspect.isfunction(obj)) and obj.__module__ == module.__name__}
+
+
+def test_each_trainer_module_holds_one_trainer_and_the_shared_helpers_their_own_module():
+    assert defined_here(kway_dpo) == {"PlackettLuceDPOConfig", "PlackettLuceDPOTrainer"}
+    assert defined_here(kway_reward) == {"PlackettLuceRewardConfig", "PlackettLuceRewardTrainer"}
+    shared = {"RankedDataArguments", "ranked_trainer_setup", "prepare_ranked_for_trainer", "ranked_collator",
+              "tokenizer_for", "ranking_depth", "ranking_stats", "best_and_rest_mean", "gather_lists", "ratio"}
+    assert shared <= defined_here(kway_common)
+    for name in ("PlackettLuceDPOConfig", "PlackettLuceDPOTrainer", "PlackettLuceRewardConfig",
+                 "PlackettLuceRewardTrainer"):
+        assert getattr(rlhf_ext, name) is getattr(rlhf_ext.trainers, name)

@@ -18,7 +18,6 @@ from rlhf_ext.trainers import PlackettLuceRewardConfig, PlackettLuceRewardTraine
 LISTS = ALL_LISTS[:3]
 
 
-
 def common_args(tmp_path, **overrides):
     args = dict(
         output_dir=str(tmp_path), per_device_eval_batch_size=2, per_device_train_batch_size=2, report_to="none",
@@ -130,4 +129,66 @@ def test_full_model_is_saved_as_a_sequence_classifier(model_path, tmp_path):
 def test_margin_column_is_rejected_not_ignored(model_path, tmp_path):
     records = [{**PAIRS[0], "margin": 1.0}]
     with pytest.raises(ValueError, match="'margin' column"):
+        pl_trainer(model_path, tmp_path, records)
+
+
+# --- record layouts and empty datasets -----------------------------------------------------------------------------
+
+
+def chat(role: str, content: str) -> list[dict]:
+    return [{"role": role, "content": content}]
+
+
+def test_k2_chat_lists_match_trl_reward_trainer_on_conversational_pairs(model_path, tmp_path):
+    chat_pairs = [{"prompt": chat("user", r["prompt"]), "chosen": chat("assistant", r["chosen"]),
+                   "rejected": chat("assistant", r["rejected"])} for r in PAIRS]
+    trl_trainer = RewardTrainer(
+        model=model_path, args=RewardConfig(**common_args(tmp_path)), train_dataset=Dataset.from_list(chat_pairs),
+        eval_dataset=Dataset.from_list(chat_pairs), processing_class=tiny_tokenizer(),
+    )
+    expected = trl_trainer.evaluate()["eval_loss"]
+    chat_lists = [{"prompt": r["prompt"], "completions": [r["chosen"], r["rejected"]]} for r in chat_pairs]
+    ours = pl_trainer(model_path, tmp_path, chat_lists)
+    assert ours.evaluate()["eval_loss"] == pytest.approx(expected, abs=1e-5)
+    assert ours.evaluate(eval_dataset=Dataset.from_list(PAIRS))["eval_loss"] != pytest.approx(expected, abs=1e-4)
+
+
+def test_ultrafeedback_records_train_through_the_config_mapping(model_path, tmp_path):
+    records = [
+        {"source": "test", "instruction": r["prompt"],
+         "completions": [{"annotations": {"honesty": {"Rating": "5", "Rationale": "ok"}}, "critique": "fine",
+                          "fine-grained_score": float(k), "model": f"m{k}", "overall_score": float(k),
+                          "response": text} for k, text in enumerate(reversed(r["completions"]))]}
+        for r in LISTS
+    ]
+    keys = {"prompt_key": "instruction", "completion_text_key": "response", "completion_score_key": "overall_score"}
+    trainer = pl_trainer(model_path, tmp_path, records, args=keys)
+    got = trainer.evaluate()["eval_loss"]
+    for name in keys:  # back to the plain layout, for the same lists best first
+        setattr(trainer.args, name, "prompt" if name == "prompt_key" else None)
+    assert got == pytest.approx(trainer.evaluate(eval_dataset=Dataset.from_list(LISTS))["eval_loss"], abs=1e-6)
+
+
+@pytest.mark.parametrize(
+    "train, evaluation, message",
+    [
+        ([], None, r"train dataset is empty"),
+        (PAIRS, [], r"eval dataset is empty"),
+        ([{"prompt": "x" * 70, "completions": ["a", "b"]}] * 8, None,
+         r"train dataset: every one of the 8 lists has a prompt that alone fills max_length=64"),
+    ],
+)
+def test_empty_or_fully_dropped_datasets_fail_before_training(model_path, tmp_path, train, evaluation, message):
+    with pytest.raises(ValueError, match=message):
+        PlackettLuceRewardTrainer(
+            model=model_path, args=PlackettLuceRewardConfig(**common_args(tmp_path)),
+            train_dataset=Dataset.from_list(train),
+            eval_dataset=None if evaluation is None else Dataset.from_list(evaluation),
+            processing_class=tiny_tokenizer(),
+        )
+
+
+def test_bad_records_fail_before_training_naming_record_and_field(model_path, tmp_path):
+    records = [*LISTS, {"prompt": "q ", "completions": ["good answer", " "]}]
+    with pytest.raises(ValueError, match=r"record 3, field 'completions'\[1\]: empty completion"):
         pl_trainer(model_path, tmp_path, records)

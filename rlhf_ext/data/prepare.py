@@ -8,6 +8,9 @@ TRL's RewardTrainer scores.
 
 Output columns: `prompt_ids` (list[int]), `completion_ids` (list of K list[int], best first), `num_ranked`
 (int, see `rlhf_ext.data.ranked`) and, with a `max_length`, `num_truncated` (int, completions cut).
+
+An empty dataset, or one whose every list is dropped for length, raises a ValueError here, before training:
+a trainer would otherwise fail later with an error about a missing sample or column.
 """
 
 from __future__ import annotations
@@ -16,11 +19,12 @@ import json
 import logging
 from typing import Any
 
+import pyarrow.compute as pc
 from datasets import Dataset
 from transformers import PreTrainedTokenizerBase
 from trl.data_utils import _tokenize, common_prefix_length
 
-from .ranked import normalize_record
+from .ranked import check_field_mapping, normalize_record
 
 logger = logging.getLogger(__name__)
 
@@ -69,6 +73,58 @@ def truncate_ranked(example: dict[str, Any], max_length: int) -> dict[str, Any]:
     return {"completion_ids": completion_ids, "num_truncated": num_truncated}
 
 
+def check_not_empty(dataset: Any, name: str) -> None:
+    """Raise a ValueError for a dataset with no records (datasets of unknown length pass)."""
+    if hasattr(dataset, "__len__") and len(dataset) == 0:
+        raise ValueError(
+            f"{name} dataset is empty: the K-way trainers need at least one record with a prompt and 2 or more "
+            "completions"
+        )
+
+
+def count_ties(dataset: Dataset) -> tuple[int, int]:
+    """(lists tied at the top, lists cut at a later tie) of a validated dataset, from `num_ranked` and K.
+
+    A list tied at the top has num_ranked = 0: it contributes 0 to the loss. A later tie keeps 0 < m < K - 1.
+    """
+    sizes = pc.list_value_length(dataset.with_format("arrow")["completions"]).to_pylist()
+    tied_at_top = cut_at_tie = 0
+    for num_ranked, size in zip(dataset["num_ranked"], sizes):
+        tied_at_top += num_ranked == 0
+        cut_at_tie += 0 < num_ranked < size - 1
+    return tied_at_top, cut_at_tie
+
+
+def _log_ties(dataset: Dataset, name: str) -> None:
+    """Log the lists that tied scores cut short: unlogged, a list tied at the top would add 0 to the loss unseen."""
+    tied_at_top, cut_at_tie = count_ties(dataset)
+    if tied_at_top or cut_at_tie:
+        logger.warning(
+            "%s dataset: tied scores: %d of %d lists are tied at the top and add nothing to the loss; %d more keep "
+            "their ranking only up to the first tie",
+            name, tied_at_top, len(dataset), cut_at_tie,
+        )
+
+
+def _drop_lists_without_room(dataset: Dataset, max_length: int, num_proc: int | None, name: str) -> Dataset:
+    """Drop the lists whose prompt alone fills `max_length` (logged); raise if no list is left."""
+    num_lists = len(dataset)
+    kept = dataset.filter(lambda ex: len(ex["prompt_ids"]) < max_length, num_proc=num_proc)
+    if len(kept) == 0:
+        shortest = min(len(ids) for ids in dataset["prompt_ids"])
+        raise ValueError(
+            f"{name} dataset: every one of the {num_lists} lists has a prompt that alone fills max_length="
+            f"{max_length} tokens (the shortest prompt has {shortest}), so no completion token is left to train on; "
+            "raise max_length or shorten the prompts"
+        )
+    if len(kept) < num_lists:
+        logger.warning(
+            "%s dataset: dropped %d of %d lists whose prompt alone fills max_length=%d",
+            name, num_lists - len(kept), num_lists, max_length,
+        )
+    return kept
+
+
 def prepare_ranked_dataset(
     dataset: Dataset,
     tokenizer: PreTrainedTokenizerBase,
@@ -77,35 +133,40 @@ def prepare_ranked_dataset(
     tie_policy: str = "truncate",
     num_proc: int | None = None,
     name: str = "train",
+    prompt_key: str = "prompt",
+    completion_text_key: str | None = None,
+    completion_score_key: str | None = None,
 ) -> Dataset:
-    """Validate, order, tokenize and truncate a ranked or pairwise dataset; log what was dropped or cut.
+    """Validate, order, tokenize and truncate a ranked or pairwise dataset; log what was dropped, cut or tied.
 
+    `prompt_key`, `completion_text_key` and `completion_score_key` map other layouts (see `normalize_record`).
     Records whose prompt alone fills `max_length` are dropped (no completion token would be left, as in TRL's
-    DPOTrainer); completions longer than the room left are truncated. Both counts go to the log. Already
-    tokenized datasets (with `prompt_ids` and `completion_ids`) are returned unchanged.
+    DPOTrainer); completions longer than the room left are truncated. Both counts go to the log, and so do the
+    lists whose tied scores leave part (or all) of their ranking unknown. Already tokenized datasets (with
+    `prompt_ids` and `completion_ids`) are returned unchanged. Raises a ValueError for a bad record (naming its
+    index and field), an empty dataset, or one with no list left after dropping.
     """
     if not isinstance(dataset, Dataset):
         raise TypeError(f"K-way trainers need a map-style `datasets.Dataset`, got {type(dataset).__name__}")
+    check_not_empty(dataset, name)
     if {"prompt_ids", "completion_ids"} <= set(dataset.column_names):
         return dataset
-    replaced = [c for c in _INPUT_COLUMNS if c in dataset.column_names]
+    check_field_mapping(prompt_key, completion_text_key, completion_score_key)
+    replaced = [c for c in dict.fromkeys((*_INPUT_COLUMNS, prompt_key)) if c in dataset.column_names]
+    mapping = {"prompt_key": prompt_key, "completion_text_key": completion_text_key,
+               "completion_score_key": completion_score_key}
     dataset = dataset.map(
-        normalize_record, with_indices=True, fn_kwargs={"tie_policy": tie_policy}, num_proc=num_proc,
+        normalize_record, with_indices=True, fn_kwargs={"tie_policy": tie_policy, **mapping}, num_proc=num_proc,
         remove_columns=replaced, desc=f"Validating {name} dataset",
     )
+    _log_ties(dataset, name)
     dataset = dataset.map(
         tokenize_ranked, fn_kwargs={"tokenizer": tokenizer}, remove_columns=["prompt", "completions"],
         num_proc=num_proc, desc=f"Tokenizing {name} dataset",
     )
     if max_length is None:
         return dataset
-    num_lists = len(dataset)
-    dataset = dataset.filter(lambda ex: len(ex["prompt_ids"]) < max_length, num_proc=num_proc)
-    if len(dataset) < num_lists:
-        logger.warning(
-            "%s dataset: dropped %d of %d lists whose prompt alone fills max_length=%d",
-            name, num_lists - len(dataset), num_lists, max_length,
-        )
+    dataset = _drop_lists_without_room(dataset, max_length, num_proc, name)
     dataset = dataset.map(truncate_ranked, fn_kwargs={"max_length": max_length}, num_proc=num_proc)
     num_cut = sum(dataset["num_truncated"])
     if num_cut:

@@ -3,10 +3,15 @@
 Accepted input records (plain text or conversational, i.e. lists of `{"role", "content"}` messages):
 
     {"prompt": x, "completions": [y_1, ..., y_K]}                     # already best first
-    {"prompt": x, "completions": [...], "ranking": [r_1, ..., r_K]}   # r_k = rank of y_k, 0 = best
+    {"prompt": x, "completions": [...], "ranking": [r_1, ..., r_K]}   # r_k = rank of y_k, 0 = best (ints)
     {"prompt": x, "completions": [...], "scores": [s_1, ..., s_K]}    # higher = better
     {"prompt": x, "chosen": y_w, "rejected": y_l}                     # TRL's pairwise format, K = 2
     {"chosen": x + y_w, "rejected": x + y_l}                          # TRL's implicit-prompt format
+
+and, with a field mapping, records whose completions are dicts (UltraFeedback's layout):
+
+    {"instruction": x, "completions": [{"response": y_1, "overall_score": s_1, ...}, ...]}
+    # prompt_key="instruction", completion_text_key="response", completion_score_key="overall_score"
 
 `normalize_record` turns each of these into the canonical record
 
@@ -14,6 +19,10 @@ Accepted input records (plain text or conversational, i.e. lists of `{"role", "c
 
 where `m` is the number of leading positions whose Plackett-Luce term carries a known preference: K - 1 for
 a strict ranking, fewer when tied scores end the known order (see `TIE_POLICIES`).
+
+Every check runs on the record as given, before any tokenization, and raises a ValueError that names the
+record index and the field, for wrong types as well as wrong values: a string where a list belongs would
+otherwise be read as a list of characters, and a dict completion would only fail later, inside the tokenizer.
 """
 
 from __future__ import annotations
@@ -30,37 +39,194 @@ from trl.data_utils import extract_prompt
 #   "error":    raise a ValueError naming the record and field.
 TIE_POLICIES = ("truncate", "error")
 
+# Keys that name a completion's text or score in the dict layouts people have (UltraFeedback: "response" and
+# "overall_score"); the error for an unmapped dict completion suggests the first one present.
+_TEXT_KEY_GUESSES = ("response", "text", "content", "completion", "output", "answer")
+_SCORE_KEY_GUESSES = ("overall_score", "score", "rating", "reward")
+
+TEXT, MESSAGES = "plain text", "a list of messages"
+
 
 def _where(index: int, field: str) -> str:
     return f"record {index}, field {field!r}"
 
 
-def _is_empty(completion: Any) -> bool:
-    """True for "", a message list with no messages, or messages whose contents are all empty."""
-    if isinstance(completion, str):
-        return completion == ""
-    if isinstance(completion, list):
-        return all(not (message.get("content") or "") for message in completion)
-    return completion is None
+def _describe(value: Any) -> str:
+    """A short description of a value for error messages: its type and (the start of) its repr."""
+    if isinstance(value, dict):
+        return f"a dict with keys {sorted(value)}"
+    text = repr(value)
+    return f"{type(value).__name__} {text if len(text) <= 60 else text[:57] + '...'}"
 
 
-def _pairwise_as_ranked(example: dict[str, Any]) -> dict[str, Any]:
-    """TRL's prompt/chosen/rejected (or implicit-prompt chosen/rejected) record as a K=2 list, best first."""
-    if example.get("prompt") is None:
-        example = extract_prompt({"chosen": example["chosen"], "rejected": example["rejected"]})
-    return {"prompt": example["prompt"], "completions": [example["chosen"], example["rejected"]]}
+def _is_real_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
-def _check_permutation(ranking: list, index: int) -> None:
-    k = len(ranking)
-    if any(not isinstance(r, int) or isinstance(r, bool) for r in ranking) or sorted(ranking) != list(range(k)):
-        raise ValueError(f"{_where(index, 'ranking')}: {ranking} is not a permutation of 0..{k - 1} (0 = best)")
+def _check_message(message: Any, where: str) -> None:
+    """A chat message is a dict with a string 'role' and a string 'content' (None only beside 'tool_calls')."""
+    if not isinstance(message, dict) or not isinstance(message.get("role"), str):
+        raise ValueError(f"{where}: a message must be a dict with a 'role' and a 'content', got {_describe(message)}")
+    content = message.get("content")
+    if not isinstance(content, str) and not (content is None and message.get("tool_calls")):
+        raise ValueError(f"{where}['content']: must be a string, got {_describe(content)}")
 
 
-def _check_scores(scores: list, index: int) -> None:
-    for k, score in enumerate(scores):
-        if score is None or not isinstance(score, (int, float)) or not math.isfinite(score):
-            raise ValueError(f"{_where(index, 'scores')}[{k}]: {score!r} is not a finite number")
+def _has_text(value: str | list[dict]) -> bool:
+    """True when a text, or some message of a message list, holds a non-whitespace character (or a tool call)."""
+    if isinstance(value, str):
+        return bool(value.strip())
+    return any((message.get("content") or "").strip() or message.get("tool_calls") for message in value)
+
+
+def _dict_completion_hint(completion: dict) -> str:
+    """How to map a dict completion: wrap a lone message, or name the keys that hold the text and the score."""
+    if "role" in completion and "content" in completion:
+        return "it looks like one message: a conversational completion is a list of messages, [message]"
+    text_keys = [k for k in _TEXT_KEY_GUESSES if isinstance(completion.get(k), str)]
+    text_keys += sorted(k for k, v in completion.items() if isinstance(v, str) and k not in text_keys)
+    score_keys = [k for k in _SCORE_KEY_GUESSES if _is_real_number(completion.get(k))]
+    score_keys += sorted(k for k, v in completion.items() if _is_real_number(v) and k not in score_keys)
+    hint = f"set completion_text_key={text_keys[0]!r}" if text_keys else "set completion_text_key to its text key"
+    if score_keys:
+        hint += f" (and completion_score_key={score_keys[0]!r} to rank by that score)"
+    return hint + " in the K-way config or prepare_ranked_dataset; see docs/kway.md, 'Other layouts'"
+
+
+def check_text_or_messages(value: Any, where: str, what: str) -> str:
+    """Validate a prompt or a completion: a non-blank string, or a list of messages with some non-blank content.
+
+    Returns TEXT or MESSAGES, the kind of `value`; raises a ValueError starting with `where` otherwise.
+    """
+    if isinstance(value, str):
+        kind = TEXT
+    elif isinstance(value, list) and all(isinstance(message, dict) for message in value):
+        for i, message in enumerate(value):
+            _check_message(message, f"{where}[{i}]")
+        kind = MESSAGES
+    else:
+        hint = f"; {_dict_completion_hint(value)}" if isinstance(value, dict) and what == "completion" else ""
+        raise ValueError(
+            f"{where}: a {what} must be a string or a list of {{'role', 'content'}} messages, got {_describe(value)}"
+            f"{hint}"
+        )
+    if not _has_text(value):
+        raise ValueError(f"{where}: empty {what} (nothing but whitespace)")
+    return kind
+
+
+def _check_same_kind(prompt_kind: str, completion_kinds: list[str], wheres: list[str]) -> None:
+    """The chat template renders prompt + completion as one conversation, so both must be messages or both text."""
+    fixes = {
+        TEXT: "give the prompt as plain text too, or each completion as [{'role': 'assistant', 'content': text}]",
+        MESSAGES: "give the prompt as messages too, e.g. [{'role': 'user', 'content': prompt}]",
+    }
+    for kind, where in zip(completion_kinds, wheres):
+        if kind != prompt_kind:
+            raise ValueError(f"{where}: the completion is {kind} but the prompt is {prompt_kind}; {fixes[kind]}")
+
+
+def _pairwise_fields(example: dict[str, Any], index: int, prompt_key: str) -> tuple[Any, list, list[str]]:
+    """Prompt, [chosen, rejected] and their locations, from TRL's explicit- or implicit-prompt pairwise record."""
+    wheres = [_where(index, "chosen"), _where(index, "rejected")]
+    pair = [example["chosen"], example["rejected"]]
+    prompt = example.get(prompt_key)
+    if prompt is None:
+        # The implicit-prompt format stores whole conversations; check them before TRL splits off their
+        # shared start, so a wrong type is reported here rather than inside `extract_prompt`.
+        kinds = [check_text_or_messages(value, where, "conversation") for value, where in zip(pair, wheres)]
+        if kinds[0] != kinds[1]:
+            raise ValueError(f"record {index}, fields 'chosen'/'rejected': one is {kinds[0]}, the other {kinds[1]}")
+        split = extract_prompt({"chosen": pair[0], "rejected": pair[1]})
+        prompt, pair = split["prompt"], [split["chosen"], split["rejected"]]
+        if not prompt:
+            raise ValueError(
+                f"record {index}, fields 'chosen'/'rejected': they share no prompt (they differ from the start); "
+                f"give the prompt in a {prompt_key!r} field"
+            )
+    return prompt, pair, wheres
+
+
+def _texts_and_scores_from_dicts(
+    completions: list, index: int, text_key: str, score_key: str | None
+) -> tuple[list, list[str], list | None]:
+    """Each dict completion's text (and score) under the mapped keys, with the location of each text."""
+    base = _where(index, "completions")
+    texts, wheres, scores = [], [], []
+    for k, completion in enumerate(completions):
+        if not isinstance(completion, dict) or completion.get(text_key) is None:
+            raise ValueError(
+                f"{base}[{k}]: completion_text_key={text_key!r} is set, so each completion must be a dict with a "
+                f"{text_key!r} key; got {_describe(completion)}"
+            )
+        texts.append(completion[text_key])
+        wheres.append(f"{base}[{k}][{text_key!r}]")
+        if score_key is not None:
+            scores.append(completion.get(score_key))
+    if score_key is not None:
+        _check_scores(scores, [f"{base}[{k}][{score_key!r}]" for k in range(len(scores))])
+    return texts, wheres, scores if score_key is not None else None
+
+
+def _ranked_fields(
+    example: dict[str, Any], index: int, prompt_key: str, text_key: str | None, score_key: str | None
+) -> tuple[Any, list, list[str], list | None]:
+    """Prompt, completions, their locations and the per-completion scores (with `score_key`) of a ranked record."""
+    prompt = example.get(prompt_key)
+    if prompt is None:
+        present = sorted(k for k, v in example.items() if v is not None)
+        raise ValueError(
+            f"{_where(index, prompt_key)}: missing (the ranked format needs an explicit prompt; set prompt_key to "
+            f"the field that holds it, this record has fields {present})"
+        )
+    completions = example["completions"]
+    if not isinstance(completions, (list, tuple)):
+        raise ValueError(f"{_where(index, 'completions')}: must be a list of completions, got {_describe(completions)}")
+    if len(completions) < 2:
+        raise ValueError(f"{_where(index, 'completions')}: needs at least 2 completions, got {len(completions)}")
+    if text_key is not None:
+        return (prompt, *_texts_and_scores_from_dicts(list(completions), index, text_key, score_key))
+    wheres = [f"{_where(index, 'completions')}[{k}]" for k in range(len(completions))]
+    return prompt, list(completions), wheres, None
+
+
+def _check_ranking(ranking: Any, index: int, num_completions: int) -> list[int]:
+    """A ranking is a list of K ints, a permutation of 0..K-1 (0 = best). Floats are refused rather than
+    rounded: [1.0, 0.0] may as well be scores (higher = better), which order the completions the other way."""
+    where = _where(index, "ranking")
+    if not isinstance(ranking, (list, tuple)):
+        raise ValueError(f"{where}: ranking must be a list of ints (0 = best), got {_describe(ranking)}")
+    for position, rank in enumerate(ranking):
+        if not isinstance(rank, int) or isinstance(rank, bool):
+            raise ValueError(
+                f"{where}[{position}]: ranking must be a list of ints (0 = best), got {_describe(rank)}; "
+                "for scores (higher = better) use a 'scores' field"
+            )
+    _check_length(ranking, "ranking", index, num_completions)
+    if sorted(ranking) != list(range(num_completions)):
+        raise ValueError(f"{where}: {list(ranking)} is not a permutation of 0..{num_completions - 1} (0 = best)")
+    return list(ranking)
+
+
+def _check_scores(scores: list, wheres: list[str]) -> None:
+    """Scores are finite real numbers (bools, strings and None are refused, not coerced)."""
+    for score, where in zip(scores, wheres):
+        if not _is_real_number(score) or not math.isfinite(score):
+            raise ValueError(f"{where}: {score!r} is not a finite number")
+
+
+def _check_scores_field(scores: Any, index: int, num_completions: int) -> list:
+    where = _where(index, "scores")
+    if not isinstance(scores, (list, tuple)):
+        raise ValueError(f"{where}: scores must be a list of numbers (higher = better), got {_describe(scores)}")
+    _check_length(scores, "scores", index, num_completions)
+    _check_scores(list(scores), [f"{where}[{k}]" for k in range(len(scores))])
+    return list(scores)
+
+
+def _check_length(values: list, name: str, index: int, num_completions: int) -> None:
+    if len(values) != num_completions:
+        raise ValueError(f"{_where(index, name)}: has {len(values)} entries but 'completions' has {num_completions}")
 
 
 def _leading_strict_positions(sorted_scores: list[float]) -> int:
@@ -71,57 +237,81 @@ def _leading_strict_positions(sorted_scores: list[float]) -> int:
     return len(sorted_scores) - 1
 
 
-def _order_by_scores(completions: list, scores: list, index: int, tie_policy: str) -> tuple[list, int]:
+def _order_by_scores(completions: list, scores: list, where: str, tie_policy: str) -> tuple[list, int]:
     """Completions sorted by descending score (stable) and the number of ranked positions under `tie_policy`."""
     order = sorted(range(len(scores)), key=lambda k: -scores[k])
     num_ranked = _leading_strict_positions([scores[k] for k in order])
     if tie_policy == "error" and num_ranked < len(scores) - 1:
-        raise ValueError(f"{_where(index, 'scores')}: tied scores {scores} (tie_policy='error')")
+        raise ValueError(f"{where}: tied scores {scores} (tie_policy='error')")
     return [completions[k] for k in order], num_ranked
 
 
-def normalize_record(example: dict[str, Any], index: int, tie_policy: str = "truncate") -> dict[str, Any]:
+def check_field_mapping(prompt_key: str, completion_text_key: str | None, completion_score_key: str | None) -> None:
+    """The mapping options are consistent: a prompt key, and a score key only beside a text key."""
+    if not isinstance(prompt_key, str) or not prompt_key:
+        raise ValueError(f"prompt_key must be a field name, got {prompt_key!r}")
+    if completion_score_key is not None and completion_text_key is None:
+        raise ValueError(
+            f"completion_score_key={completion_score_key!r} reads a score from each dict completion, so it needs "
+            "completion_text_key (the key of the text in those dicts) too"
+        )
+
+
+def normalize_record(
+    example: dict[str, Any],
+    index: int,
+    tie_policy: str = "truncate",
+    *,
+    prompt_key: str = "prompt",
+    completion_text_key: str | None = None,
+    completion_score_key: str | None = None,
+) -> dict[str, Any]:
     """Validate one record and return it as `{"prompt", "completions" (best first), "num_ranked"}`.
 
-    Raises a ValueError naming `index` and the field for: no completions field, fewer than 2 completions, an
-    empty completion, a ranking/scores list whose length differs from the completions, a ranking that is not a
-    permutation of 0..K-1, a score that is NaN or infinite, and (with `tie_policy="error"`) tied scores.
+    `prompt_key` names the prompt field; with `completion_text_key` each completion is a dict whose text is
+    under that key, and with `completion_score_key` also its score (higher = better), as in UltraFeedback.
+
+    Raises a ValueError naming `index` and the field for: no completions field, a completions field that is not
+    a list, fewer than 2 completions, a prompt or completion that is neither a string nor a list of messages,
+    an empty or whitespace-only prompt or completion, a text prompt with message completions (or the reverse),
+    a ranking/scores list whose length differs from the completions, a ranking that is not a permutation of
+    ints 0..K-1, a score that is not a finite number, more than one source of order, and (with
+    `tie_policy="error"`) tied scores.
     """
     if tie_policy not in TIE_POLICIES:
         raise ValueError(f"tie_policy must be one of {TIE_POLICIES}, got {tie_policy!r}")
+    check_field_mapping(prompt_key, completion_text_key, completion_score_key)
+    mapped_scores = None
     if example.get("completions") is None:
         if example.get("chosen") is None or example.get("rejected") is None:
             raise ValueError(
                 f"record {index}: needs a 'completions' field (ranked format) or 'chosen' and 'rejected' fields "
                 f"(pairwise format); got fields {sorted(k for k, v in example.items() if v is not None)}"
             )
-        example = _pairwise_as_ranked(example)
-        field = "chosen/rejected"
-    elif example.get("prompt") is None:
-        raise ValueError(f"{_where(index, 'prompt')}: missing (the ranked format needs an explicit prompt)")
+        prompt, completions, wheres = _pairwise_fields(example, index, prompt_key)
     else:
-        field = "completions"
-    completions = list(example["completions"])
-    if len(completions) < 2:
-        raise ValueError(f"{_where(index, field)}: needs at least 2 completions, got {len(completions)}")
-    for k, completion in enumerate(completions):
-        if _is_empty(completion):
-            raise ValueError(f"{_where(index, field)}[{k}]: empty completion")
+        prompt, completions, wheres, mapped_scores = _ranked_fields(
+            example, index, prompt_key, completion_text_key, completion_score_key
+        )
+    prompt_kind = check_text_or_messages(prompt, _where(index, prompt_key), "prompt")
+    kinds = [check_text_or_messages(c, where, "completion") for c, where in zip(completions, wheres)]
+    _check_same_kind(prompt_kind, kinds, wheres)
 
     ranking, scores = example.get("ranking"), example.get("scores")
-    if ranking is not None and scores is not None:
-        raise ValueError(f"record {index}: give 'ranking' or 'scores', not both")
-    for name, values in (("ranking", ranking), ("scores", scores)):
-        if values is not None and len(values) != len(completions):
-            raise ValueError(
-                f"{_where(index, name)}: has {len(values)} entries but 'completions' has {len(completions)}"
-            )
+    sources = [name for name, value in (("ranking", ranking), ("scores", scores)) if value is not None]
+    if mapped_scores is not None:
+        sources.append(f"completion_score_key={completion_score_key!r}")
+    if len(sources) > 1:
+        raise ValueError(f"record {index}: give one order, not {' and '.join(sources)}")
 
     num_ranked = len(completions) - 1
     if ranking is not None:
-        _check_permutation(list(ranking), index)
+        ranking = _check_ranking(ranking, index, len(completions))
         completions = [completions[k] for k in sorted(range(len(ranking)), key=lambda k: ranking[k])]
     elif scores is not None:
-        _check_scores(list(scores), index)
-        completions, num_ranked = _order_by_scores(completions, list(scores), index, tie_policy)
-    return {"prompt": example.get("prompt"), "completions": completions, "num_ranked": num_ranked}
+        scores = _check_scores_field(scores, index, len(completions))
+        completions, num_ranked = _order_by_scores(completions, scores, _where(index, "scores"), tie_policy)
+    elif mapped_scores is not None:
+        where = f"{_where(index, 'completions')}[*][{completion_score_key!r}]"
+        completions, num_ranked = _order_by_scores(completions, mapped_scores, where, tie_policy)
+    return {"prompt": prompt, "completions": completions, "num_ranked": num_ranked}

@@ -27,11 +27,10 @@ from accelerate.utils import tqdm
 from torch.utils.data import DataLoader
 from trl import DPOConfig, DPOTrainer
 
-from ..data import TIE_POLICIES, split_into_lists
+from ..data import split_into_lists
 from ..ops import dpo_plackett_luce_loss
-from .kway_reward import (
-    TIE_POLICY_HELP,
-    TOP_M_HELP,
+from .kway_common import (
+    RankedDataArguments,
     best_and_rest_mean,
     gather_lists,
     prepare_ranked_for_trainer,
@@ -45,11 +44,12 @@ _MODEL_KEYS = ("input_ids", "attention_mask")
 
 
 @dataclass
-class PlackettLuceDPOConfig(DPOConfig):
+class PlackettLuceDPOConfig(RankedDataArguments, DPOConfig):
     """DPOConfig for K ranked completions per prompt; `beta`, `max_length`, `precompute_ref_log_probs` and the
-    rest of DPOConfig apply. The loss is fixed (Plackett-Luce), so DPOConfig's loss variants are rejected."""
+    rest of DPOConfig apply, plus `top_m`, `tie_policy` and the record mapping (`prompt_key`,
+    `completion_text_key`, `completion_score_key`) of `RankedDataArguments`. The loss is fixed (Plackett-Luce),
+    so DPOConfig's loss variants are rejected."""
 
-    top_m: int | None = field(default=None, metadata={"help": TOP_M_HELP})
     length_normalization: bool = field(
         default=False,
         metadata={
@@ -57,7 +57,6 @@ class PlackettLuceDPOConfig(DPOConfig):
             "before the loss; at K=2 this is TRL's loss_type='sigmoid_norm'."
         },
     )
-    tie_policy: str = field(default="truncate", metadata={"help": TIE_POLICY_HELP, "choices": list(TIE_POLICIES)})
 
     def __post_init__(self):
         super().__post_init__()
@@ -74,10 +73,6 @@ class PlackettLuceDPOConfig(DPOConfig):
                     f"PlackettLuceDPOConfig supports only {name}={default!r} (got {value!r}): the trainer computes "
                     "the Plackett-Luce loss; use length_normalization=True for the 'sigmoid_norm' variant."
                 )
-        if self.top_m is not None and self.top_m < 1:
-            raise ValueError(f"top_m must be >= 1 or None, got {self.top_m}")
-        if self.tie_policy not in TIE_POLICIES:
-            raise ValueError(f"tie_policy must be one of {TIE_POLICIES}, got {self.tie_policy!r}")
 
 
 class PlackettLuceDPOTrainer(DPOTrainer):
@@ -97,7 +92,7 @@ class PlackettLuceDPOTrainer(DPOTrainer):
     def __init__(self, model, ref_model=None, args: PlackettLuceDPOConfig | None = None, data_collator=None,
                  train_dataset=None, eval_dataset=None, processing_class=None, **kwargs):
         args, processing_class, data_collator = ranked_trainer_setup(
-            model, args, PlackettLuceDPOConfig, "PL-DPO", processing_class, data_collator
+            model, args, PlackettLuceDPOConfig, "PL-DPO", processing_class, data_collator, train_dataset, eval_dataset
         )
         super().__init__(model, ref_model=ref_model, args=args, data_collator=data_collator,
                          train_dataset=train_dataset, eval_dataset=eval_dataset, processing_class=processing_class,

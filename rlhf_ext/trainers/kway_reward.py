@@ -6,159 +6,41 @@ negative log Plackett-Luce likelihood of the ranking (seed section 5.2, "PT mode
     loss = - sum_{k < m} [ r(x, y_k) - log sum_{j >= k} exp r(x, y_j) ]      (`rlhf_ext.plackett_luce_loss`)
 
 At K=2 (TRL's pairwise data) this is -log sigmoid(r_chosen - r_rejected), TRL's RewardTrainer loss.
-One forward pass scores the K_1 + ... + K_B sequences of a batch.
-
-This module also holds the helpers both K-way trainers share: the loss with a per-list ranking depth m_b
-and the ranking metrics.
+One forward pass scores the K_1 + ... + K_B sequences of a batch. What both K-way trainers share is in
+`kway_common`.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
-from pathlib import Path
+from dataclasses import dataclass
 
 import torch
 from accelerate.utils import is_peft_model
-from transformers import AutoTokenizer
 from trl import RewardConfig, RewardTrainer
-from trl.trainer.utils import get_config_model_id, global_then_local_main_first
 
-from ..data import (
-    TIE_POLICIES,
-    DataCollatorForRankedPreference,
-    prepare_ranked_dataset,
-    split_into_lists,
-)
+from ..data import split_into_lists
 from ..ops import plackett_luce_loss
-
-TIE_POLICY_HELP = (
-    "How tied 'scores' are handled. 'truncate': keep the ranking only up to the first tie (the loss is the exact "
-    "log-likelihood of the order the scores determine; all items still compete in each denominator). 'error': "
-    "raise a ValueError naming the record."
+from .kway_common import (
+    RankedDataArguments,
+    gather_lists,
+    prepare_ranked_for_trainer,
+    ranked_trainer_setup,
+    ranking_depth,
+    ranking_stats,
+    ratio,
 )
-TOP_M_HELP = (
-    "Model only the first top_m places of each ranking (a partial ranking: the order among the rest is unknown). "
-    "None models the full ranking."
-)
-
-
-def ranking_depth(num_ranked: torch.Tensor, top_m: int | None) -> torch.Tensor:
-    """m_b = min(num_ranked_b, top_m): how many Plackett-Luce terms list b contributes. long [B] -> long [B]."""
-    return num_ranked if top_m is None else num_ranked.clamp(max=top_m)
 
 
 @dataclass
-class RankingStats:
-    """Per-list ranking statistics of scores [B, K] (best first), each [B]; summed over a batch, then divided."""
-
-    top1_correct: torch.Tensor  # 1 if the best item strictly outscores every other item (lists with depth >= 1)
-    has_top1: torch.Tensor  # 1 for lists with depth >= 1
-    pairs_correct: torch.Tensor  # pairs (i, j), i < depth, i < j < K_b, with s_i > s_j
-    pairs: torch.Tensor  # number of such pairs
-    chosen: torch.Tensor  # s_1, the best item's score
-    rejected: torch.Tensor  # mean score of the other items
-
-
-def best_and_rest_mean(scores: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(s_1, mean of s_2..s_K) per list: TRL's "chosen" and, averaged over the others, "rejected". [B, K] -> 2 x [B]."""
-    others = mask.clone()
-    others[:, 0] = False
-    return scores[:, 0], (scores * others).sum(dim=1) / others.sum(dim=1)
-
-
-def ranking_stats(scores: torch.Tensor, mask: torch.Tensor, depth: torch.Tensor) -> RankingStats:
-    """Top-1 and pairwise ranking accuracy of `scores` against the known order (the first `depth` places).
-
-    scores [B, K] ordered by the true ranking, mask [B, K] real items, depth [B]. At K=2 `pairs_correct / pairs`
-    is TRL's `rewards/accuracies` (DPO) and `accuracy` (reward) and `chosen - rejected` its margin.
-    """
-    scores = scores.detach().float()
-    k_max = scores.shape[1]
-    positions = torch.arange(k_max, device=scores.device)
-    # pair (i, j) counts when i is a ranked position, j is below i, and both are real items
-    counted = (positions[:, None] < positions[None, :]) & (positions[None, :, None] < depth[:, None, None])
-    counted = counted & mask[:, None, :] & mask[:, :, None]
-    beats = scores[:, :, None] > scores[:, None, :]
-    below_best = mask & (positions > 0)
-    best_wins = (beats[:, 0] | ~below_best).all(dim=1)
-    has_top1 = (depth >= 1).float()
-    chosen, rejected = best_and_rest_mean(scores, mask)
-    return RankingStats(
-        top1_correct=best_wins.float() * has_top1,
-        has_top1=has_top1,
-        pairs_correct=(beats & counted).sum(dim=(1, 2)).float(),
-        pairs=counted.sum(dim=(1, 2)).float(),
-        chosen=chosen,
-        rejected=rejected,
-    )
-
-
-def gather_lists(accelerator, *columns: torch.Tensor) -> list[torch.Tensor]:
-    """Per-list values [B] from every process, each [B_total]. gather_for_metrics drops the lists that
-    even batches repeat, so only per-list (never per-sequence) values go through here."""
-    gathered = accelerator.gather_for_metrics(torch.stack([c.float() for c in columns], dim=1))
-    return list(gathered.unbind(dim=1))
-
-
-def ratio(numerator: torch.Tensor, denominator: torch.Tensor) -> float:
-    """sum(numerator) / sum(denominator), 0 when nothing was counted."""
-    den = denominator.sum().item()
-    return numerator.sum().item() / den if den > 0 else 0.0
-
-
-@dataclass
-class PlackettLuceRewardConfig(RewardConfig):
-    """RewardConfig for K ranked completions per prompt (Plackett-Luce loss); all RewardConfig fields apply.
+class PlackettLuceRewardConfig(RankedDataArguments, RewardConfig):
+    """RewardConfig for K ranked completions per prompt (Plackett-Luce loss); all RewardConfig fields apply, plus
+    `top_m`, `tie_policy` and the record mapping (`prompt_key`, `completion_text_key`, `completion_score_key`)
+    of `RankedDataArguments`.
 
     `max_length` truncates (keep_start) instead of filtering as TRL's RewardTrainer does, so a long completion
     does not cost the whole list; the number of truncated completions is logged.
     """
-
-    top_m: int | None = field(default=None, metadata={"help": TOP_M_HELP})
-    tie_policy: str = field(default="truncate", metadata={"help": TIE_POLICY_HELP, "choices": list(TIE_POLICIES)})
-
-    def __post_init__(self):
-        super().__post_init__()
-        if self.top_m is not None and self.top_m < 1:
-            raise ValueError(f"top_m must be >= 1 or None, got {self.top_m}")
-        if self.tie_policy not in TIE_POLICIES:
-            raise ValueError(f"tie_policy must be one of {TIE_POLICIES}, got {self.tie_policy!r}")
-
-
-def ranked_collator(tokenizer, pad_to_multiple_of: int | None) -> DataCollatorForRankedPreference:
-    """The K-way collator, padding with the tokenizer's pad token (EOS when it has none, as TRL does)."""
-    pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    return DataCollatorForRankedPreference(pad_token_id=pad_token_id, pad_to_multiple_of=pad_to_multiple_of)
-
-
-def ranked_trainer_setup(model, args, config_class, run_suffix: str, processing_class, data_collator):
-    """What both K-way trainers do before calling their TRL parent: a default config named after the model,
-    a type check, the tokenizer, and the K-way collator unless one is given."""
-    if args is None:
-        args = config_class(f"{Path(str(getattr(model, 'name_or_path', model))).name}-{run_suffix}")
-    if not isinstance(args, config_class):
-        raise TypeError(f"args must be a {config_class.__name__}, got {type(args).__name__}")
-    processing_class = tokenizer_for(model, processing_class, args.trust_remote_code)
-    if data_collator is None:
-        data_collator = ranked_collator(processing_class, args.pad_to_multiple_of)
-    return args, processing_class, data_collator
-
-
-def prepare_ranked_for_trainer(dataset, processing_class, args, dataset_name: str):
-    """`prepare_ranked_dataset` with a K-way config's settings; the main process runs it first and the others
-    read its cache, as TRL's trainers prepare their datasets."""
-    with global_then_local_main_first():
-        return prepare_ranked_dataset(dataset, processing_class, max_length=args.max_length,
-                                      tie_policy=args.tie_policy, num_proc=args.dataset_num_proc, name=dataset_name)
-
-
-def tokenizer_for(model, processing_class, trust_remote_code: bool = False):
-    """`processing_class`, or the tokenizer saved with `model` (a path, or a model with a name_or_path)."""
-    if processing_class is not None:
-        return processing_class
-    name = model if isinstance(model, str) else get_config_model_id(model.config)
-    return AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code)
 
 
 class PlackettLuceRewardTrainer(RewardTrainer):
@@ -179,7 +61,8 @@ class PlackettLuceRewardTrainer(RewardTrainer):
     def __init__(self, model, args: PlackettLuceRewardConfig | None = None, data_collator=None, train_dataset=None,
                  eval_dataset=None, processing_class=None, **kwargs):
         args, processing_class, data_collator = ranked_trainer_setup(
-            model, args, PlackettLuceRewardConfig, "PL-Reward", processing_class, data_collator
+            model, args, PlackettLuceRewardConfig, "PL-Reward", processing_class, data_collator, train_dataset,
+            eval_dataset,
         )
         peft_config = kwargs.get("peft_config")
         if peft_config is not None and peft_config.task_type != "SEQ_CLS":

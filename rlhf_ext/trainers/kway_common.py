@@ -1,0 +1,179 @@
+"""What the two K-way trainers (Plackett-Luce DPO and reward) share: the options their configs add to TRL's,
+the setup before their TRL parent's `__init__`, dataset preparation, the per-list ranking depth m_b and the
+ranking metrics."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from transformers import AutoTokenizer
+from trl.trainer.utils import get_config_model_id, global_then_local_main_first
+
+from ..data import TIE_POLICIES, DataCollatorForRankedPreference, prepare_ranked_dataset
+from ..data.prepare import check_not_empty
+from ..data.ranked import check_field_mapping
+
+TIE_POLICY_HELP = (
+    "How tied 'scores' are handled. 'truncate': keep the ranking only up to the first tie (the loss is the exact "
+    "log-likelihood of the order the scores determine; all items still compete in each denominator). 'error': "
+    "raise a ValueError naming the record."
+)
+TOP_M_HELP = (
+    "Model only the first top_m places of each ranking (a partial ranking: the order among the rest is unknown). "
+    "None models the full ranking."
+)
+
+
+@dataclass
+class RankedDataArguments:
+    """The fields both K-way configs add to TRL's: how much of each ranking is modelled, and how records are read.
+
+    A mixin: list it before the TRL config (`class C(RankedDataArguments, DPOConfig)`), so TRL's fields keep their
+    positions (`C("out")` is still `output_dir="out"`) and `__post_init__` runs TRL's checks first.
+    """
+
+    top_m: int | None = field(default=None, metadata={"help": TOP_M_HELP})
+    tie_policy: str = field(default="truncate", metadata={"help": TIE_POLICY_HELP, "choices": list(TIE_POLICIES)})
+    prompt_key: str = field(
+        default="prompt",
+        metadata={"help": "Field holding the prompt of a ranked record (UltraFeedback: 'instruction')."},
+    )
+    completion_text_key: str | None = field(
+        default=None,
+        metadata={
+            "help": "For records whose completions are dicts: the key of each dict that holds the completion's "
+            "text (UltraFeedback: 'response'). None: completions are strings or lists of messages."
+        },
+    )
+    completion_score_key: str | None = field(
+        default=None,
+        metadata={
+            "help": "For dict completions: the key of each dict that holds its score, higher = better "
+            "(UltraFeedback: 'overall_score'); the completions are ordered by it. Needs completion_text_key."
+        },
+    )
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.top_m is not None and self.top_m < 1:
+            raise ValueError(f"top_m must be >= 1 or None, got {self.top_m}")
+        if self.tie_policy not in TIE_POLICIES:
+            raise ValueError(f"tie_policy must be one of {TIE_POLICIES}, got {self.tie_policy!r}")
+        check_field_mapping(self.prompt_key, self.completion_text_key, self.completion_score_key)
+
+
+def check_datasets_not_empty(train_dataset, eval_dataset) -> None:
+    """Refuse empty datasets before the TRL parent loads the model (DPOTrainer would raise a bare StopIteration)."""
+    if train_dataset is not None:
+        check_not_empty(train_dataset, "train")
+    if isinstance(eval_dataset, dict):
+        for name, dataset in eval_dataset.items():
+            check_not_empty(dataset, name)
+    elif eval_dataset is not None:
+        check_not_empty(eval_dataset, "eval")
+
+
+def ranked_collator(tokenizer, pad_to_multiple_of: int | None) -> DataCollatorForRankedPreference:
+    """The K-way collator, padding with the tokenizer's pad token (EOS when it has none, as TRL does)."""
+    pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    return DataCollatorForRankedPreference(pad_token_id=pad_token_id, pad_to_multiple_of=pad_to_multiple_of)
+
+
+def tokenizer_for(model, processing_class, trust_remote_code: bool = False):
+    """`processing_class`, or the tokenizer saved with `model` (a path, or a model with a name_or_path)."""
+    if processing_class is not None:
+        return processing_class
+    name = model if isinstance(model, str) else get_config_model_id(model.config)
+    return AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code)
+
+
+def ranked_trainer_setup(model, args, config_class, run_suffix: str, processing_class, data_collator,
+                         train_dataset=None, eval_dataset=None):
+    """What both K-way trainers do before calling their TRL parent: a default config named after the model,
+    a type check, a check that no dataset is empty, the tokenizer, and the K-way collator unless one is given."""
+    if args is None:
+        args = config_class(f"{Path(str(getattr(model, 'name_or_path', model))).name}-{run_suffix}")
+    if not isinstance(args, config_class):
+        raise TypeError(f"args must be a {config_class.__name__}, got {type(args).__name__}")
+    check_datasets_not_empty(train_dataset, eval_dataset)
+    processing_class = tokenizer_for(model, processing_class, args.trust_remote_code)
+    if data_collator is None:
+        data_collator = ranked_collator(processing_class, args.pad_to_multiple_of)
+    return args, processing_class, data_collator
+
+
+def prepare_ranked_for_trainer(dataset, processing_class, args, dataset_name: str):
+    """`prepare_ranked_dataset` with a K-way config's settings; the main process runs it first and the others
+    read its cache, as TRL's trainers prepare their datasets."""
+    with global_then_local_main_first():
+        return prepare_ranked_dataset(
+            dataset, processing_class, max_length=args.max_length, tie_policy=args.tie_policy,
+            num_proc=args.dataset_num_proc, name=dataset_name, prompt_key=args.prompt_key,
+            completion_text_key=args.completion_text_key, completion_score_key=args.completion_score_key,
+        )
+
+
+def ranking_depth(num_ranked: torch.Tensor, top_m: int | None) -> torch.Tensor:
+    """m_b = min(num_ranked_b, top_m): how many Plackett-Luce terms list b contributes. long [B] -> long [B]."""
+    return num_ranked if top_m is None else num_ranked.clamp(max=top_m)
+
+
+@dataclass
+class RankingStats:
+    """Per-list ranking statistics of scores [B, K] (best first), each [B]; summed over a batch, then divided."""
+
+    top1_correct: torch.Tensor  # 1 if the best item strictly outscores every other item (lists with depth >= 1)
+    has_top1: torch.Tensor  # 1 for lists with depth >= 1
+    pairs_correct: torch.Tensor  # pairs (i, j), i < depth, i < j < K_b, with s_i > s_j
+    pairs: torch.Tensor  # number of such pairs
+    chosen: torch.Tensor  # s_1, the best item's score
+    rejected: torch.Tensor  # mean score of the other items
+
+
+def best_and_rest_mean(scores: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(s_1, mean of s_2..s_K) per list: TRL's "chosen" and, averaged over the others, "rejected". [B, K] -> 2 x [B]."""
+    others = mask.clone()
+    others[:, 0] = False
+    return scores[:, 0], (scores * others).sum(dim=1) / others.sum(dim=1)
+
+
+def ranking_stats(scores: torch.Tensor, mask: torch.Tensor, depth: torch.Tensor) -> RankingStats:
+    """Top-1 and pairwise ranking accuracy of `scores` against the known order (the first `depth` places).
+
+    scores [B, K] ordered by the true ranking, mask [B, K] real items, depth [B]. At K=2 `pairs_correct / pairs`
+    is TRL's `rewards/accuracies` (DPO) and `accuracy` (reward) and `chosen - rejected` its margin.
+    """
+    scores = scores.detach().float()
+    k_max = scores.shape[1]
+    positions = torch.arange(k_max, device=scores.device)
+    # pair (i, j) counts when i is a ranked position, j is below i, and both are real items
+    counted = (positions[:, None] < positions[None, :]) & (positions[None, :, None] < depth[:, None, None])
+    counted = counted & mask[:, None, :] & mask[:, :, None]
+    beats = scores[:, :, None] > scores[:, None, :]
+    below_best = mask & (positions > 0)
+    best_wins = (beats[:, 0] | ~below_best).all(dim=1)
+    has_top1 = (depth >= 1).float()
+    chosen, rejected = best_and_rest_mean(scores, mask)
+    return RankingStats(
+        top1_correct=best_wins.float() * has_top1,
+        has_top1=has_top1,
+        pairs_correct=(beats & counted).sum(dim=(1, 2)).float(),
+        pairs=counted.sum(dim=(1, 2)).float(),
+        chosen=chosen,
+        rejected=rejected,
+    )
+
+
+def gather_lists(accelerator, *columns: torch.Tensor) -> list[torch.Tensor]:
+    """Per-list values [B] from every process, each [B_total]. gather_for_metrics drops the lists that
+    even batches repeat, so only per-list (never per-sequence) values go through here."""
+    gathered = accelerator.gather_for_metrics(torch.stack([c.float() for c in columns], dim=1))
+    return list(gathered.unbind(dim=1))
+
+
+def ratio(numerator: torch.Tensor, denominator: torch.Tensor) -> float:
+    """sum(numerator) / sum(denominator), 0 when nothing was counted."""
+    den = denominator.sum().item()
+    return numerator.sum().item() / den if den > 0 else 0.0
