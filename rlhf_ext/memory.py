@@ -47,6 +47,21 @@ CPU_RUNTIME_BYTES = int(0.75 * GIB)
 ADAMW_MOMENTS = 2
 
 
+# Published architectures, so the estimate runs offline by name (from each model's config.json on the Hub)
+KNOWN_SHAPES = {
+    "llama-3.2-1b": dict(model_type="llama", hidden_size=2048, num_hidden_layers=16, num_attention_heads=32,
+                         num_key_value_heads=8, intermediate_size=8192, vocab_size=128256, tie_word_embeddings=True),
+    "smollm2-1.7b": dict(model_type="llama", hidden_size=2048, num_hidden_layers=24, num_attention_heads=32,
+                         num_key_value_heads=32, intermediate_size=8192, vocab_size=49152, tie_word_embeddings=True),
+    "llama-3.1-8b": dict(model_type="llama", hidden_size=4096, num_hidden_layers=32, num_attention_heads=32,
+                         num_key_value_heads=8, intermediate_size=14336, vocab_size=128256, tie_word_embeddings=False),
+    "qwen2.5-14b": dict(model_type="qwen2", hidden_size=5120, num_hidden_layers=48, num_attention_heads=40,
+                        num_key_value_heads=8, intermediate_size=13824, vocab_size=152064, tie_word_embeddings=False),
+    "llama-3.1-70b": dict(model_type="llama", hidden_size=8192, num_hidden_layers=80, num_attention_heads=64,
+                          num_key_value_heads=8, intermediate_size=28672, vocab_size=128256, tie_word_embeddings=False),
+}
+
+
 @dataclass
 class MemoryEstimate:
     """Predicted peak bytes of one training step, by term; `total` is their sum."""
@@ -69,13 +84,17 @@ class MemoryEstimate:
 
 
 def load_config(config_or_name):
-    """A transformers config from a config object, a dict of LlamaConfig fields, or a Hub id / local folder."""
-    from transformers import AutoConfig, LlamaConfig, PretrainedConfig
+    """A transformers config from a config object, a dict of config fields (`model_type` default "llama"), a name of
+    `KNOWN_SHAPES`, or a Hub id / local folder with a config.json."""
+    from transformers import AutoConfig, PretrainedConfig
 
     if isinstance(config_or_name, PretrainedConfig):
         return config_or_name
+    if isinstance(config_or_name, str) and config_or_name.lower() in KNOWN_SHAPES:
+        config_or_name = KNOWN_SHAPES[config_or_name.lower()]
     if isinstance(config_or_name, dict):
-        return LlamaConfig(**config_or_name)
+        fields_ = dict(config_or_name)
+        return AutoConfig.for_model(fields_.pop("model_type", "llama"), **fields_)
     return AutoConfig.from_pretrained(config_or_name)
 
 
@@ -84,6 +103,8 @@ def _meta_model(config, num_layers: int, dtype: torch.dtype, stage: str):
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
     overrides = {"num_hidden_layers": num_layers}
+    if getattr(config, "layer_types", None):  # per-layer attention kinds (e.g. Qwen2's sliding window): keep the first
+        overrides["layer_types"] = list(config.layer_types)[:num_layers]
     if stage == "reward":
         overrides.update(num_labels=1, id2label={0: "LABEL_0"}, label2id={"LABEL_0": 0})
     config = config.__class__(**{**config.to_dict(), **overrides})
@@ -277,10 +298,11 @@ def table(config, gpus=(24, 48, 80), **kwargs) -> str:
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(
         prog="python -m rlhf_ext.memory",
-        usage="python -m rlhf_ext.memory --model <Hub id or folder with config.json> [--bits 4] [--batch_size 8] ...",
+        usage="python -m rlhf_ext.memory --model <Hub id | folder | llama-3.1-8b ...> [--bits 4] [--batch_size 8] ...",
         description="Predicted peak GPU memory of a PPO update, a K-way DPO step and a reward step (GiB).",
     )
-    parser.add_argument("--model", required=True, help="Hub id or local folder with a config.json")
+    parser.add_argument("--model", required=True,
+                        help=f"Hub id, local folder with a config.json, or one of {', '.join(KNOWN_SHAPES)}")
     parser.add_argument("--bits", type=int, default=4, choices=[4, 8, 16, 32])
     parser.add_argument("--lora_r", type=int, default=16)
     parser.add_argument("--batch_size", type=int, default=8, help="prompts (PPO) or ranked lists (DPO, reward)")
