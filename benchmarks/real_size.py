@@ -233,6 +233,27 @@ def proc_status_gib(field: str) -> float | None:
     return None
 
 
+def reset_peak_rss() -> bool:
+    """Reset this process's peak resident set (Linux: VmHWM) so that the next reading is the peak of what follows,
+    not of loading; False where the kernel does not allow it."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+def train_with_step_peak(trainer) -> dict:
+    """trainer.train() with the peak resident set of training alone (VmHWM reset first) and the RSS before it."""
+    import gc
+
+    gc.collect()
+    before = proc_status_gib("VmRSS")
+    reset = reset_peak_rss()
+    trainer.train()
+    return {"rss_before_train_gib": before, "train_peak_rss_gib": proc_status_gib("VmHWM") if reset else None}
+
+
 class Clock:
     """Wall and CPU (this process, all threads) seconds since the last `lap`."""
 
@@ -325,10 +346,10 @@ def child_ppo_shared(spec: Configuration, cli, output_dir: str) -> dict:
     time_method(trainer, "_generate", phases)  # sampling the completions
     time_method(trainer, "_generate_and_score_completions", phases)  # the whole rollout, sampling included
     stage("train")
-    trainer.train()
+    train_peak = train_with_step_peak(trainer)
     rollouts = phases["_generate_and_score_completions"]
     return {
-        **loaded, "load_s": load_s, "steps": timer.steps, **trained_settings(trainer, config),
+        **loaded, **train_peak, "load_s": load_s, "steps": timer.steps, **trained_settings(trainer, config),
         "generate_s": statistics.median(c["wall_s"] for c in phases["_generate"]),
         "rollout_s": statistics.median(c["wall_s"] for c in rollouts),
         "peak_rss_after_rollout_gib": rollouts[0]["peak_rss_gib"],
@@ -384,8 +405,8 @@ def child_kway(spec: Configuration, cli, output_dir: str) -> dict:
         trainer = PlackettLuceRewardTrainer(model, args=config, train_dataset=Dataset.from_list(lists),
                                             processing_class=tokenizer, peft_config=peft_config, callbacks=[timer])
     stage("train")
-    trainer.train()
-    return {**loaded, "load_s": load_s, "steps": timer.steps, **trained_settings(trainer, config)}
+    train_peak = train_with_step_peak(trainer)
+    return {**loaded, **train_peak, "load_s": load_s, "steps": timer.steps, **trained_settings(trainer, config)}
 
 
 def child_trl112(spec: Configuration, cli, output_dir: str) -> dict:
@@ -421,8 +442,8 @@ def child_trl112(spec: Configuration, cli, output_dir: str) -> dict:
                          callbacks=[timer])  # fmt: skip
     models.clear()  # the trainer holds them
     stage("train")
-    trainer.train()
-    return {**loaded, "load_s": load_s, "steps": timer.steps, **trained_settings(trainer, config)}
+    train_peak = train_with_step_peak(trainer)
+    return {**loaded, **train_peak, "load_s": load_s, "steps": timer.steps, **trained_settings(trainer, config)}
 
 
 def is_out_of_memory(err: BaseException) -> bool:
@@ -588,16 +609,19 @@ def print_table(rows: list[dict], cli) -> None:
     def cell(value, width, fmt):
         return f"{value:>{width}{fmt}}" if isinstance(value, int | float) else f"{'-':>{width}}"
 
-    header = (f"{'configuration':<22} {'bits':>4} {'ckpt':>4} {'peak RSS GiB':>12} {'estimate':>8} {'est/meas':>8} "
+    header = (f"{'configuration':<22} {'bits':>4} {'ckpt':>4} {'peak RSS GiB':>12} {'train peak':>10} {'estimate':>8} "
+              f"{'est/train':>9} "
               f"{'runtime':>7} {'load s':>7} {'step s':>8} {'cpu s':>8} {'rollout s':>9} {'gen s':>7}  outcome")
     print(header)
     print("-" * len(header))
     for row in rows:
         estimate = (row.get("estimate_gib") or {}).get("total")
-        measured = row.get("peak_rss_gib")
+        # the estimate is of the training step: compare it with the peak of training alone (loading excluded)
+        measured = row.get("train_peak_rss_gib")
         ratio = estimate / measured if estimate and measured and row["outcome"] == "ok" else None
         print(f"{row['config']:<22} {row['bits']:>4} {'on' if row['gradient_checkpointing'] else 'off':>4} "
-              f"{cell(measured, 12, '.2f')} {cell(estimate, 8, '.2f')} {cell(ratio, 7, '.2f')}{'x' if ratio else ' '} "
+              f"{cell(row.get('peak_rss_gib'), 12, '.2f')} {cell(measured, 10, '.2f')} {cell(estimate, 8, '.2f')} "
+              f"{cell(ratio, 8, '.2f')}{'x' if ratio else ' '} "
               f"{cell(row.get('runtime_rss_gib'), 7, '.2f')} {cell(row.get('load_s'), 7, '.1f')} "
               f"{cell(row.get('step_wall_s'), 8, '.2f')} {cell(row.get('step_cpu_s'), 8, '.2f')} "
               f"{cell(row.get('rollout_s'), 9, '.2f')} {cell(row.get('generate_s'), 7, '.2f')}  "
