@@ -41,8 +41,8 @@ STAGES = ("ppo", "dpo", "reward")
 GIB = 2**30
 # TRL's fused LM head projects [tokens, vocabulary] tiles of at most this size (trl/kernels/chunked_logprob.py)
 FUSED_HEAD_TOKENS, FUSED_HEAD_VOCAB = 4096, 32768
-# Resident set of a process that imported torch, transformers, peft, accelerate and TRL, before any model
-# (measured: benchmarks/real_size.py --size tiny peaks at 0.55 GiB while training a model of 0.3 MB)
+# Resident set of a process that imported torch, transformers, peft, accelerate and TRL
+# and training a model of 0.3 MB (measured: `benchmarks/real_size.py --size tiny` peaks at 0.55 GiB)
 CPU_RUNTIME_BYTES = int(0.55 * GIB)
 ADAMW_MOMENTS = 2
 
