@@ -27,6 +27,11 @@ def test_every_field_has_a_help_string():
     assert {"kl_coef", "cliprange", "cliprange_value", "vf_coef", "gamma", "lam", "num_ppo_epochs"} <= added
 
 
+def test_long_prompts_are_an_error_unless_dropping_is_asked_for():
+    assert config().long_prompts == "error"
+    assert config(long_prompts="drop").long_prompts == "drop"
+
+
 def test_one_completion_per_prompt_is_allowed():
     c = config(num_generations=1, per_device_train_batch_size=3)
     assert c.num_generations == 1 and type(c.num_generations) is int and c.generation_batch_size == 3
@@ -43,6 +48,7 @@ def test_one_completion_per_prompt_is_allowed():
         (dict(lam=1.5), "gamma and lam must lie in"),
         (dict(mask_truncated_completions=True), "missing_eos_penalty"),
         (dict(num_ppo_epochs=0), "num_ppo_epochs must be >= 1"),
+        (dict(long_prompts="truncate"), "long_prompts must be one of"),
     ],
 )
 def test_bad_values_raise_clear_errors(overrides, message):

@@ -2,6 +2,7 @@
 
 import math
 
+import numpy as np
 import pytest
 import torch
 from datasets import Dataset
@@ -297,6 +298,10 @@ def test_saved_checkpoint_holds_policy_adapter_and_value_role(tmp_path, reward_f
     assert {"adapter_model.safetensors", "head.safetensors", "head_config.json"} <= {
         p.name for p in value_dir.iterdir()
     }
+    assert (tmp_path / "saved" / "policy" / "adapter_model.safetensors").is_file()
+    # the frozen reward adapter, which peft saved without its head, looking like a (broken) reward role folder
+    assert not (tmp_path / "saved" / "reward").exists()
+    assert "save_pretrained" not in vars(shared.peft_model)  # peft's own method is back after the save
     reloaded = make_shared(reward_folder)
     reloaded.load_role("value", value_dir)
     torch.testing.assert_close(reloaded.heads["value"].linear.weight, shared.heads["value"].linear.weight)
@@ -313,12 +318,120 @@ def test_empty_dataset_is_rejected(tmp_path, reward_folder, left_tokenizer):
         )
 
 
-def test_prompt_longer_than_the_limit_is_rejected(tmp_path, reward_folder, left_tokenizer):
-    dataset = Dataset.from_dict({"prompt": ["short", "x" * 40, "ok", "fine"]})
-    args = ppo_args(tmp_path, max_prompt_length=16)
+def test_long_prompt_is_found_before_training_and_named_by_its_record(tmp_path, reward_folder, left_tokenizer):
+    # one long prompt at record 13 of 16, in the 4th batch of 4: the per-batch check only met it at step 4
+    dataset = Dataset.from_dict({"prompt": [p if i != 13 else "x" * 40 for i, p in enumerate(PROMPTS * 4)]})
+    args = ppo_args(tmp_path, max_prompt_length=16, max_steps=4)
+    with pytest.raises(ValueError, match=r"train dataset, record 13 \(0-based\): field 'prompt' has 40 tokens, more "
+                       r"than the limit of 16.*long_prompts='drop'"):  # fmt: skip
+        PPOTrainer(make_shared(reward_folder), args=args, train_dataset=dataset, processing_class=left_tokenizer)
+
+
+def chat(content: str) -> list[dict]:
+    return [{"role": "user", "content": content}]
+
+
+def test_prompt_length_is_counted_after_the_chat_template(tmp_path, reward_folder, left_tokenizer):
+    tokenized = left_tokenizer.apply_chat_template(chat("abcd"), add_generation_prompt=True, tokenize=True)
+    templated = len(tokenized["input_ids"])
+    assert templated > len("abcd") + 4  # the template adds role names and turn markers
+    dataset = Dataset.from_dict({"prompt": [chat("ab"), chat("abcd"), chat("a")]})
+    args = ppo_args(tmp_path, max_prompt_length=templated - 1)
+    with pytest.raises(ValueError, match=rf"record 1 \(0-based\): field 'prompt' has {templated} tokens"):
+        PPOTrainer(make_shared(reward_folder), args=args, train_dataset=dataset, processing_class=left_tokenizer)
+
+
+def test_long_prompts_drop_removes_them_logs_the_count_and_trains(tmp_path, reward_folder, left_tokenizer, caplog):
+    dataset = Dataset.from_dict({"prompt": ["x" * 40, *PROMPTS, "y" * 30, *PROMPTS]})
+    args = ppo_args(tmp_path, max_prompt_length=16, long_prompts="drop")
     trainer = PPOTrainer(make_shared(reward_folder), args=args, train_dataset=dataset, processing_class=left_tokenizer)
-    with pytest.raises(ValueError, match=r"has 40 tokens, more than the limit of 16"):
+    assert "train dataset: dropped 2 of 10 prompts longer than 16 tokens" in caplog.text
+    assert trainer.train_dataset["prompt"] == PROMPTS * 2
+    trainer.train()
+    assert trainer.state.global_step == 1
+
+
+def test_every_prompt_too_long_is_a_clear_error(tmp_path, reward_folder, left_tokenizer):
+    dataset = Dataset.from_dict({"prompt": ["x" * 40, "y" * 30]})
+    args = ppo_args(tmp_path, max_prompt_length=16, long_prompts="drop")
+    with pytest.raises(ValueError, match="all 2 prompts are longer than 16 tokens"):
+        PPOTrainer(make_shared(reward_folder), args=args, train_dataset=dataset, processing_class=left_tokenizer)
+
+
+@pytest.mark.parametrize(
+    ("bad_prompt", "message"),
+    [
+        (None, r"record 2 \(0-based\): field 'prompt' must be text or a non-empty list of chat messages"),
+        ("", r"record 2 \(0-based\): field 'prompt' has no tokens"),
+    ],
+)
+def test_malformed_prompt_is_named_by_its_record(tmp_path, reward_folder, left_tokenizer, bad_prompt, message):
+    dataset = Dataset.from_dict({"prompt": ["abc", "hello", bad_prompt, "qrs"]})
+    with pytest.raises(ValueError, match=message):
+        PPOTrainer(
+            make_shared(reward_folder), args=ppo_args(tmp_path), train_dataset=dataset, processing_class=left_tokenizer
+        )
+
+
+def test_chat_message_without_content_is_named(tmp_path, reward_folder, left_tokenizer):
+    dataset = Dataset.from_list([{"prompt": chat("hi")}, {"prompt": [{"role": "user", "content": None}]}])
+    with pytest.raises(ValueError, match=r"record 1 \(0-based\): field 'prompt', message 0: a chat message needs"):
+        PPOTrainer(
+            make_shared(reward_folder), args=ppo_args(tmp_path), train_dataset=dataset, processing_class=left_tokenizer
+        )
+
+
+def says_good(completions, **kwargs):
+    return ["good" for _ in completions]
+
+
+def nested_rewards(completions, **kwargs):
+    return [[0.5] for _ in completions]
+
+
+def two_columns(completions, **kwargs):
+    return torch.ones(len(completions), 2)
+
+
+async def says_good_async(completions, **kwargs):
+    return ["good" for _ in completions]
+
+
+@pytest.mark.parametrize(
+    ("reward_func", "message"),
+    [
+        (says_good, r"Reward function 'says_good' returned str 'good' for completion 0"),
+        (nested_rewards, r"Reward function 'nested_rewards' returned list \[0.5\] for completion 0"),
+        (two_columns, r"Reward function 'two_columns' returned Tensor tensor\(\[1., 1.\]\) for completion 0"),
+        (says_good_async, r"Reward function 'says_good_async' returned str 'good' for completion 0"),
+    ],
+)
+def test_reward_function_returning_non_numbers_is_named(tmp_path, reward_folder, left_tokenizer, reward_func, message):
+    trainer = PPOTrainer(
+        make_shared(reward_folder),
+        reward_funcs=reward_func,
+        args=ppo_args(tmp_path),
+        train_dataset=prompts(),
+        processing_class=left_tokenizer,
+    )
+    with pytest.raises(TypeError, match=message):
         trainer.train()
+
+
+def test_reward_functions_returning_numbers_of_any_kind_train(tmp_path, reward_folder, left_tokenizer):
+    def mixed(completions, **kwargs):
+        kinds = [1, 0.5, torch.tensor(0.25), None]  # int, float, 0-d tensor, None (skipped)
+        return [kinds[i % 4] for i in range(len(completions))]
+
+    def column(completions, **kwargs):
+        return torch.zeros(len(completions), 1)  # TRL reads each one-element row as a number
+
+    trainer = PPOTrainer(
+        make_shared(reward_folder), reward_funcs=[mixed, column, lambda completions, **kw: np.zeros(len(completions))],
+        args=ppo_args(tmp_path), train_dataset=prompts(), processing_class=left_tokenizer,
+    )  # fmt: skip
+    trainer.train()
+    assert trainer.state.log_history[0]["objective/skipped_completions"] == 1
 
 
 def test_reward_function_with_wrong_count_is_rejected(tmp_path, reward_folder, left_tokenizer):

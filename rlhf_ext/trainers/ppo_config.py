@@ -19,6 +19,7 @@ from trl import GRPOConfig
 KL_ESTIMATORS = ("k1", "k2", "k3")
 ADVANTAGE_ESTIMATORS = ("gae", "reinforce")
 LOSS_AGGREGATIONS = ("token", "sequence")
+LONG_PROMPT_POLICIES = ("error", "drop")
 
 
 class _OneCompletionPerPrompt(int):
@@ -140,8 +141,17 @@ class PPOConfig(GRPOConfig):
     max_prompt_length: int | None = field(
         default=None,
         metadata={
-            "help": "Longest prompt, in tokens, that the trainer accepts; a longer one raises an error naming it. "
-            "None: the model's max_position_embeddings minus max_completion_length."
+            "help": "Longest prompt, in tokens, that the trainer accepts (see long_prompts for what happens to longer "
+            "ones). None: the model's max_position_embeddings minus max_completion_length."
+        },
+    )
+    long_prompts: str = field(
+        default="error",
+        metadata={
+            "help": "What to do with prompts longer than max_prompt_length, found when the trainer is built (every "
+            "prompt is tokenized as generation will tokenize it, chat template included): 'error' raises a "
+            "ValueError naming the first such record; 'drop' removes them and logs how many.",
+            "choices": list(LONG_PROMPT_POLICIES),
         },
     )
     loss_aggregation: str = field(
@@ -181,6 +191,7 @@ class PPOConfig(GRPOConfig):
             "kl_estimator": KL_ESTIMATORS,
             "advantage_estimator": ADVANTAGE_ESTIMATORS,
             "loss_aggregation": LOSS_AGGREGATIONS,
+            "long_prompts": LONG_PROMPT_POLICIES,
         }
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:

@@ -20,13 +20,17 @@ whose weight sync sends vLLM the policy merged into the base and nothing else (d
 from __future__ import annotations
 
 import copy
+import functools
+import logging
+import numbers
 import os
 import textwrap
-from collections.abc import Callable, Iterator
-from contextlib import nullcontext
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager, nullcontext
 
 import torch
 from accelerate.utils import gather, gather_object, is_peft_model
+from datasets import Dataset
 from peft import PeftModel
 from peft.tuners.lora import LoraLayer
 from peft.utils.integrations import dequantize_module_weight
@@ -35,7 +39,7 @@ from transformers import AutoModelForCausalLM, PreTrainedModel
 from trl import GRPOTrainer
 from trl.data_utils import apply_chat_template, is_conversational
 from trl.generation.vllm_generation import VLLMGeneration
-from trl.trainer.utils import add_fused_lm_head, disable_dropout_in_model
+from trl.trainer.utils import add_fused_lm_head, disable_dropout_in_model, is_async_callable
 
 from ..models import SharedBase
 from ..ops import (
@@ -48,7 +52,13 @@ from ..ops import (
 )
 from .ppo_config import PPOConfig
 
+logger = logging.getLogger(__name__)
+
 VALUE_DIR = "value"
+POLICY_ADAPTER = "policy"
+# Prompts tokenized per call by the up-front length check: large enough to amortise the tokenizer call, small
+# enough that a huge dataset never sits in memory as token ids.
+PROMPT_CHECK_BATCH = 1024
 
 
 def token_values(value_model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
@@ -293,6 +303,16 @@ class PPOTrainer(GRPOTrainer):
             disable_dropout_in_model(value_model)
         self._last_rewards_per_func = None
         self.last_rollout: list[dict] = []
+        # Bad input found now, before the first step, rather than steps into the run with nothing saved.
+        self.reward_funcs = [
+            checked_reward_function(func, name)
+            for func, name in zip(self.reward_funcs, self.reward_func_names, strict=True)
+        ]
+        self.train_dataset = self._checked_prompts(self.train_dataset, "train")
+        if isinstance(self.eval_dataset, Mapping):
+            self.eval_dataset = {key: self._checked_prompts(d, f"eval {key}") for key, d in self.eval_dataset.items()}
+        else:
+            self.eval_dataset = self._checked_prompts(self.eval_dataset, "eval")
 
     # ---------------------------------------------------------------- setup
 
@@ -334,6 +354,60 @@ class PPOTrainer(GRPOTrainer):
             return self.args.max_prompt_length
         config = self.accelerator.unwrap_model(self.model).config.get_text_config()
         return getattr(config, "max_position_embeddings", float("inf")) - self.max_completion_length
+
+    def _checked_prompts(self, dataset, split: str):
+        """`dataset` with every prompt checked before training: a clear error naming the record for a malformed or
+        (with long_prompts="error") too long prompt, or, with long_prompts="drop", the dataset without the long ones.
+
+        Prompts are tokenized exactly as generation will tokenize them (`GRPOTrainer._tokenize_prompts`: chat
+        template, tools, chat_template_kwargs). Datasets whose prompts are only known at rollout time (iterable
+        datasets, environments, a custom rollout_func, images) are left to the per-batch check of `_tokenize_prompts`.
+        """
+        if (
+            not isinstance(dataset, Dataset)
+            or "prompt" not in dataset.column_names
+            or not self._prompts_known_upfront(dataset)
+        ):
+            return dataset
+        limit = self._max_prompt_length()
+        lengths = self._prompt_lengths(dataset, split)
+        too_long = [i for i, n in enumerate(lengths) if n > limit]
+        if not too_long:
+            return dataset
+        if self.args.long_prompts == "error":
+            raise long_prompt_error(dataset, split, lengths, too_long, limit)
+        if len(too_long) == len(lengths):
+            raise ValueError(
+                f"{split} dataset: all {len(lengths)} prompts are longer than {limit} tokens (max_prompt_length, or "
+                "max_position_embeddings - max_completion_length); nothing is left to train on."
+            )
+        logger.warning(
+            "%s dataset: dropped %d of %d prompts longer than %d tokens (long_prompts='drop')",
+            split, len(too_long), len(lengths), limit,
+        )  # fmt: skip
+        dropped = set(too_long)
+        return dataset.select([i for i in range(len(lengths)) if i not in dropped])
+
+    def _prompts_known_upfront(self, dataset: Dataset) -> bool:
+        """Whether the dataset's prompts are exactly what generation tokenizes (no environment, rollout function or
+        images changing them at rollout time)."""
+        changed_at_rollout = self.environment_factories is not None or self.rollout_func is not None
+        return not changed_at_rollout and not {"image", "images"} & set(dataset.column_names)
+
+    def _prompt_lengths(self, dataset: Dataset, split: str) -> list[int]:
+        """Token count of every prompt of `dataset`, tokenized by GRPOTrainer (not this class's per-batch check);
+        ValueError naming the record for a prompt that is not text or chat messages, or that has no tokens."""
+        lengths = []
+        for batch in dataset.select_columns("prompt").iter(batch_size=PROMPT_CHECK_BATCH):
+            prompts = batch["prompt"]
+            for i, prompt in enumerate(prompts, start=len(lengths)):
+                check_prompt(prompt, split, i)
+            prompt_ids = GRPOTrainer._tokenize_prompts(self, prompts)[0]
+            for i, ids in enumerate(prompt_ids, start=len(lengths)):
+                if len(ids) == 0:
+                    raise ValueError(f"{split} dataset, record {i} (0-based): field 'prompt' has no tokens.")
+            lengths.extend(len(ids) for ids in prompt_ids)
+        return lengths
 
     def _generate_and_score_completions(self, inputs):
         # super() samples with theta_old, runs the reward functions and builds GRPO's outputs; we replace its
@@ -562,9 +636,31 @@ class PPOTrainer(GRPOTrainer):
         if state_dict is None:
             state_dict = self.accelerator.unwrap_model(self.model).state_dict()
         policy_state = {k: v for k, v in state_dict.items() if not k.startswith("value_model.")}
-        super()._save(output_dir, state_dict=policy_state)
+        with self._saving_only_the_policy_adapter():
+            super()._save(output_dir, state_dict=policy_state)
         if self.args.should_save:
             save_value_model(self.value_model, os.path.join(output_dir, VALUE_DIR))
+
+    @contextmanager
+    def _saving_only_the_policy_adapter(self):
+        """While active, the shared base's peft model saves only the policy adapter (in `<output_dir>/policy`).
+
+        Trainer._save calls peft's `save_pretrained`, which writes every adapter, each but "default" in a subfolder
+        named after it: the frozen reward adapter landed in `<output_dir>/reward` without its head, looking like a
+        reward role folder but not loadable as one, and the value adapter is written with its head by `_save` anyway.
+        The reward role is read from `reward_adapter_path` again on resume, so a checkpoint needs neither.
+        """
+        if self.shared_base is None:
+            yield
+            return
+        peft_model = self.shared_base.peft_model
+        peft_model.save_pretrained = functools.partial(
+            type(peft_model).save_pretrained, peft_model, selected_adapters=[POLICY_ADAPTER]
+        )
+        try:
+            yield
+        finally:
+            del peft_model.save_pretrained  # back to the class's method
 
     def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
         # Extends Trainer._load_from_checkpoint, which restores only the policy, with the critic saved by `_save`.
@@ -597,3 +693,80 @@ def _check_train_dataset(train_dataset) -> None:
         raise ValueError("train_dataset is empty: PPO needs at least one prompt.")
     if train_dataset is not None and "prompt" not in (train_dataset.column_names or []):
         raise ValueError(f"train_dataset needs a 'prompt' column, got columns {train_dataset.column_names}.")
+
+
+def long_prompt_error(dataset, split: str, lengths: list[int], too_long: list[int], limit: int) -> ValueError:
+    """The error for prompts over the limit: the first one's record, length and text, and how many there are."""
+    first = too_long[0]
+    listed = f"records {too_long[:10]}{' ...' if len(too_long) > 10 else ''}"
+    return ValueError(
+        f"{split} dataset, record {first} (0-based): field 'prompt' has {lengths[first]} tokens, more than the limit "
+        f"of {limit} (max_prompt_length, or max_position_embeddings - max_completion_length); {len(too_long)} of "
+        f"{len(lengths)} prompts are that long ({listed}). Shorten or filter them, or set long_prompts='drop' to "
+        f"train without them: {str(dataset[first]['prompt'])[:200]!r}"
+    )
+
+
+def check_prompt(prompt, split: str, index: int) -> None:
+    """ValueError naming the record unless `prompt` is text or a list of chat messages ({"role", "content"})."""
+    where = f"{split} dataset, record {index} (0-based): field 'prompt'"
+    if isinstance(prompt, str):
+        return
+    if not isinstance(prompt, list) or not prompt:
+        raise ValueError(f"{where} must be text or a non-empty list of chat messages, got {prompt!r:.100}.")
+    for turn, message in enumerate(prompt):
+        is_message = isinstance(message, Mapping) and isinstance(message.get("role"), str)
+        if not is_message or message.get("content") is None:
+            raise ValueError(
+                f"{where}, message {turn}: a chat message needs a 'role' (text) and a 'content', got {message!r:.100}."
+            )
+
+
+def checked_reward_function(func, name: str):
+    """`func` with what it returns checked by `check_rewards` (async stays async); a module is returned unchanged,
+    since TRL reads a reward model's logits itself."""
+    if isinstance(func, nn.Module):
+        return func
+    if is_async_callable(func):
+
+        async def checked(*args, **kwargs):
+            return check_rewards(await func(*args, **kwargs), name)
+    else:
+
+        def checked(*args, **kwargs):
+            return check_rewards(func(*args, **kwargs), name)
+
+    checked.__name__ = checked.__qualname__ = name
+    checked.__wrapped__ = func
+    return checked
+
+
+def check_rewards(rewards, name: str):
+    """`rewards` unchanged if it holds one number (or None, to skip) per completion; a TypeError naming the reward
+    function and the first bad value otherwise, instead of torch's "too many dimensions 'str'" from inside TRL.
+
+    Accepted is what TRL's conversion reads correctly: a list, tuple, array or tensor whose items are None, Python or
+    numpy numbers, or one-element torch tensors (so a [N] or [N, 1] tensor). The count is left to TRL, whose error
+    already names the function.
+    """
+    advice = "a reward function must return one number (or None to skip the completion) per completion"
+    is_sequence = hasattr(rewards, "__len__") and getattr(rewards, "ndim", 1) > 0  # a 0-d array has __len__ too
+    if isinstance(rewards, (str, bytes, Mapping)) or not is_sequence:
+        raise TypeError(f"Reward function {name!r} returned {type(rewards).__name__} {rewards!r:.100}; {advice}.")
+    for i, reward in enumerate(rewards):
+        if not _is_scalar_reward(reward):
+            raise TypeError(
+                f"Reward function {name!r} returned {type(reward).__name__} {reward!r:.100} for completion {i}; "
+                f"{advice}."
+            )
+    return rewards
+
+
+def _is_scalar_reward(reward) -> bool:
+    """None, a real number (Python or numpy), a 0-d numpy array or a one-element torch tensor."""
+    if reward is None or isinstance(reward, numbers.Real):
+        return True
+    if torch.is_tensor(reward):
+        return reward.numel() == 1 and not reward.is_complex()
+    numpy_kind = getattr(getattr(reward, "dtype", None), "kind", None)  # bool, signed, unsigned, float
+    return getattr(reward, "ndim", None) == 0 and numpy_kind in ("b", "i", "u", "f")
