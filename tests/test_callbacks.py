@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 from datasets import Dataset
-from transformers import AutoModelForSequenceClassification
+from transformers import AutoModelForSequenceClassification, TrainerCallback
 
 from rlhf_ext.callbacks import (
     AdaptiveKLCallback,
@@ -77,11 +77,55 @@ def test_adaptive_kl_callback_steers_kl_coef_in_a_run(tmp_path):
 
 def test_adaptive_kl_callback_state_round_trips():
     callback = AdaptiveKLCallback(target=3.0, horizon=500, kl_coef=0.2)
+    callback.last_step = 6
     saved = callback.state()
     restored = AdaptiveKLCallback(**saved["args"])
     for name, value in saved["attributes"].items():  # as Trainer._load_callback_state does
         setattr(restored, name, value)
-    assert (restored.target, restored.horizon, restored.kl_coef) == (3.0, 500, 0.2)
+    assert (restored.target, restored.horizon, restored.kl_coef, restored.last_step) == (3.0, 500, 0.2, 6)
+
+
+class StopAfter(TrainerCallback):
+    """Interrupt training after `step` optimizer steps, as a crash or a preempted job would."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == self.step:
+            control.should_training_stop = True
+
+
+@pytest.mark.parametrize("restore_flag", [False, True])  # False: transformers' default
+def test_adaptive_kl_resume_equals_straight_run(tmp_path, restore_flag):
+    def run(output_dir, resume=None, stop_after=None):
+        def callbacks(trainer):
+            controller = AdaptiveKLCallback(target=1e-6, horizon=10)  # beta moves visibly at every step
+            return [controller, *([StopAfter(stop_after)] if stop_after else [])]
+
+        trainer = tiny_trainer(
+            output_dir, callbacks_for=callbacks, kl_coef=0.05, max_steps=4, save_strategy="steps", save_steps=2,
+            logging_steps=1, seed=0, restore_callback_states_from_checkpoint=restore_flag,
+        )  # fmt: skip
+        trainer.train(resume_from_checkpoint=resume)
+        return trainer
+
+    straight = run(tmp_path / "straight")
+    run(tmp_path / "split", stop_after=2)
+    # a fresh process: a new controller at kl_coef=0.05 must pick up beta from the checkpoint
+    resumed = run(tmp_path / "split", resume=str(tmp_path / "split" / "checkpoint-2"))
+
+    def kl_coefs(trainer):
+        return [(log["step"], log["objective/kl_coef"]) for log in trainer.state.log_history if "objective/kl" in log]
+
+    expected, got = kl_coefs(straight), kl_coefs(resumed)
+    assert [step for step, _ in got] == [1, 2, 3, 4] and expected[2][1] != pytest.approx(0.05)
+    assert [coef for _, coef in got] == pytest.approx([coef for _, coef in expected], rel=1e-6)
+    assert resumed.args.kl_coef == pytest.approx(straight.args.kl_coef, rel=1e-6)
+    for (name, p_resumed), (_, p_straight) in zip(
+        resumed.model.named_parameters(), straight.model.named_parameters(), strict=True
+    ):
+        torch.testing.assert_close(p_resumed, p_straight, atol=1e-6, rtol=1e-5, msg=name)
 
 
 def test_completions_table_every_n_steps(tmp_path):

@@ -29,7 +29,10 @@ class AdaptiveKLCallback(TrainerCallback, ExportableState):
     """Set `args.kl_coef` of a PPOTrainer from the logged KL, after every log.
 
     The measured KL is the logged `objective/kl`: the per-completion KL summed over tokens, averaged over the steps
-    since the last log (TRL PPO's metric). The current beta is saved with checkpoints and restored on resume.
+    since the last log (TRL PPO's metric). The current beta (and the step of its last update) is saved with
+    checkpoints and restored on resume, so k steps + resume + N - k steps give the run of N steps. The restore needs
+    no flag: transformers restores callback states only with `restore_callback_states_from_checkpoint=True`
+    (default False), so the callback reads its saved state from the resumed `TrainerState` itself.
 
     Args:
         target: target KL per completion, in nats (Ziegler et al. used 6).
@@ -43,24 +46,39 @@ class AdaptiveKLCallback(TrainerCallback, ExportableState):
         self.target = target
         self.horizon = horizon
         self.kl_coef = kl_coef
-        self._last_step = 0
+        self.last_step = None  # optimizer step of the last update of beta; None until training begins
 
     def on_train_begin(self, args, state, control, **kwargs):
+        if state.global_step > 0:  # resuming: the loaded TrainerState holds this callback's state at the checkpoint
+            self._restore(state)
         if self.kl_coef is None:
             self.kl_coef = args.kl_coef
         args.kl_coef = self.kl_coef
-        self._last_step = state.global_step
+        if self.last_step is None:
+            self.last_step = state.global_step
+
+    def _restore(self, state) -> None:
+        """Take beta and the step of its last update from the checkpointed state of this callback, if it has one."""
+        saved = state.stateful_callbacks.get(type(self).__name__)
+        candidates = saved if isinstance(saved, list) else [saved] if saved else []
+        mine = [c for c in candidates if c.get("args") == self.state()["args"]]  # the controller with our target
+        if mine:
+            self.kl_coef = mine[0]["attributes"]["kl_coef"]
+            self.last_step = mine[0]["attributes"].get("last_step", state.global_step)
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if not logs or KL_METRIC not in logs:
             return
-        n_steps = (state.global_step - self._last_step) * completions_per_optimizer_step(args)
-        self._last_step = state.global_step
+        n_steps = (state.global_step - self.last_step) * completions_per_optimizer_step(args)
+        self.last_step = state.global_step
         self.kl_coef = adaptive_kl_coef(self.kl_coef, logs[KL_METRIC], self.target, n_steps, self.horizon)
         args.kl_coef = self.kl_coef
 
     def state(self) -> dict:
-        return {"args": {"target": self.target, "horizon": self.horizon}, "attributes": {"kl_coef": self.kl_coef}}
+        return {
+            "args": {"target": self.target, "horizon": self.horizon},
+            "attributes": {"kl_coef": self.kl_coef, "last_step": self.last_step},
+        }
 
 
 def completions_per_optimizer_step(args) -> float:
