@@ -1,15 +1,17 @@
 """PPO with a critic on one shared base: policy and value LoRA adapters, a frozen reward adapter, reference = base.
 
-    accelerate launch recipes/ppo.py --config recipes/configs/ppo.yaml
+    accelerate launch recipes/ppo.py --config recipes/configs/ppo.yaml --reward_adapter_path out/reward
     accelerate launch --multi_gpu --num_processes 2 recipes/ppo.py --config recipes/configs/ppo.yaml --use_cpu --max_steps 20
     python recipes/ppo.py --help
 
 Every field of `PPOScriptArguments`, `PPOConfig` and `SharedBaseArguments` is a CLI flag and a YAML key; flags
-override the YAML. The reward is the reward role (`--reward_adapter_path`, an adapter + head folder such as the
-K-way reward trainer writes) or a sequence-classification model (`--reward_model_name_or_path`).
+override the YAML. The reward is the reward role (`--reward_adapter_path`, the adapter + head folder the K-way
+reward recipe writes to its --output_dir) or a sequence-classification model (`--reward_model_name_or_path`),
+never both. The shared base always trains LoRA adapters: `--use_peft` is accepted (as in the DPO and reward
+recipes, where it is the default too) and `--use_peft false` is refused.
 
-Writes `<output_dir>/policy` (peft adapter folder) and `<output_dir>/value` (adapter + head folder), and pushes
-`<output_dir>` to the Hub with `--push_to_hub`.
+Writes `<output_dir>/policy` (peft adapter folder + tokenizer) and `<output_dir>/value` (adapter + head folder),
+and pushes `<output_dir>` to the Hub with `--push_to_hub`.
 """  # noqa: E501 (a shell command in the docstring; wrapping it would break copy-paste)
 
 from __future__ import annotations
@@ -19,13 +21,41 @@ from dataclasses import dataclass, field
 
 from datasets import Dataset
 from transformers import AutoTokenizer
-from trl import TrlParser
 
 from rlhf_ext.callbacks import AdaptiveKLCallback, CompletionsTableCallback
 from rlhf_ext.data import load_dataset_or_file
 from rlhf_ext.models import SharedBase, SharedBaseArguments
+from rlhf_ext.recipe_utils import (
+    check_local_folder,
+    check_model_path,
+    eval_split,
+    recipe_parser,
+    seed_before_models,
+    train_split,
+)
 from rlhf_ext.trainers.ppo_config import PPOConfig
 from rlhf_ext.trainers.ppo_trainer import PPOTrainer
+
+USAGE = "ppo.py --config recipes/configs/ppo.yaml --reward_adapter_path DIR [--FLAG VALUE ...]"
+DESCRIPTION = """\
+PPO with a critic on one shared base: policy and value LoRA adapters, a frozen reward adapter + head, and the
+base itself as the reference. Writes <output_dir>/policy (adapter + tokenizer) and <output_dir>/value.
+
+--config FILE.yaml            every key is a flag below; flags given on the command line override it
+--model_name_or_path PATH     base model: Hub id or local folder
+--reward_adapter_path DIR     reward role folder (the K-way reward recipe's --output_dir), or instead:
+--reward_model_name_or_path   a sequence-classification reward model (num_labels=1); not both
+--dataset_name NAME           Hub dataset, or a local .json / .jsonl / .parquet file with a "prompt" column
+--output_dir DIR              where policy/, value/ and checkpoints are written
+--max_prompt_length N         longest prompt in tokens; --long_prompts error|drop for longer ones
+--max_completion_length 53    tokens sampled per completion
+--kl_coef 0.05, --kl_target   KL penalty coefficient; a target KL turns on the adaptive controller
+--learning_rate, --max_steps, --per_device_train_batch_size, --num_ppo_epochs, --seed
+--lora_r 16, --load_in_4bit   LoRA rank of policy and value; quantized base (--use_peft: always on here)
+--resume_from_checkpoint DIR, --push_to_hub --hub_model_id ID
+
+All PPOConfig (TRL GRPOConfig) and transformers TrainingArguments flags follow.
+"""
 
 
 @dataclass
@@ -37,7 +67,10 @@ class PPOScriptArguments:
         metadata={"help": "Hub dataset name, or a local .json / .jsonl / .parquet file of prompts."},
     )
     dataset_config: str | None = field(default=None, metadata={"help": "Configuration name of a Hub dataset."})
-    dataset_train_split: str = field(default="train", metadata={"help": "Split to train on (Hub datasets)."})
+    dataset_train_split: str = field(default="train", metadata={"help": "Split to train on."})
+    dataset_test_split: str = field(
+        default="test", metadata={"help": "Split to evaluate on when --eval_strategy is not 'no'."}
+    )
     prompt_column: str = field(
         default="prompt", metadata={"help": "Column holding the prompts (text or a list of chat messages)."}
     )
@@ -48,7 +81,7 @@ class PPOScriptArguments:
         default=None,
         metadata={
             "help": "A sequence-classification reward model (num_labels=1) used instead of the reward role of the "
-            "shared base (--reward_adapter_path)."
+            "shared base (--reward_adapter_path); giving both is an error."
         },
     )
     kl_target: float | None = field(
@@ -62,22 +95,59 @@ class PPOScriptArguments:
         default=0,
         metadata={"help": "Write a table of sampled completions every this many steps (0: never)."},
     )
+    use_peft: bool = field(
+        default=True,
+        metadata={
+            "help": "Accepted for symmetry with the DPO and reward recipes, where LoRA is the default too: the shared "
+            "base always trains LoRA adapters (policy and value on one frozen base, which is also the reference), "
+            "so --use_peft false (full fine-tuning) is refused."
+        },
+    )
 
 
-def load_prompts(args: PPOScriptArguments) -> Dataset:
-    """The training prompts as a Dataset with a 'prompt' column; a clear error if there are none."""
-    if not args.dataset_name:
-        raise ValueError("Set --dataset_name to a Hub dataset or a local .json / .jsonl / .parquet file.")
-    dataset = load_dataset_or_file(args.dataset_name, args.dataset_config)[args.dataset_train_split]
-    if args.prompt_column not in dataset.column_names:
-        raise ValueError(f"{args.dataset_name} has no column {args.prompt_column!r}; columns: {dataset.column_names}.")
-    if args.prompt_column != "prompt":
-        dataset = dataset.rename_column(args.prompt_column, "prompt")
+def load_prompts(args: PPOScriptArguments, training_args: PPOConfig) -> tuple[Dataset, Dataset | None]:
+    """The training prompts (and the evaluation prompts when the run evaluates) as Datasets with a 'prompt'
+    column; a clear error if there are none, or if the split evaluation needs is missing."""
+    dataset = load_dataset_or_file(args.dataset_name, args.dataset_config)
+    train = train_split(dataset, args.dataset_train_split, args.dataset_name)
+    evaluation = eval_split(dataset, args.dataset_test_split, args.dataset_name, training_args.eval_strategy)
+    train = prompt_column(train, args.prompt_column, args.dataset_name)
     if args.max_train_samples is not None:
-        dataset = dataset.select(range(min(args.max_train_samples, len(dataset))))
-    if len(dataset) == 0:
-        raise ValueError(f"{args.dataset_name} has no prompts to train on.")
-    return dataset
+        train = train.select(range(min(args.max_train_samples, len(train))))
+    if len(train) == 0:
+        raise ValueError(f"{args.dataset_name}: --max_train_samples {args.max_train_samples} leaves no prompts.")
+    if evaluation is not None:
+        evaluation = prompt_column(evaluation, args.prompt_column, args.dataset_name)
+    return train, evaluation
+
+
+def prompt_column(dataset: Dataset, column: str, dataset_name: str) -> Dataset:
+    """`dataset` with its prompt column named 'prompt', as the trainer expects; a clear error if it has none."""
+    if column not in dataset.column_names:
+        raise ValueError(f"{dataset_name} has no column {column!r} (--prompt_column); columns: {dataset.column_names}.")
+    return dataset.rename_column(column, "prompt") if column != "prompt" else dataset
+
+
+def check_arguments(script_args: PPOScriptArguments, model_args: SharedBaseArguments) -> None:
+    """Refuse contradictory or missing flags and missing local folders before anything is loaded."""
+    if not script_args.use_peft:
+        raise ValueError(
+            "--use_peft false: the PPO recipe always trains LoRA adapters (policy and value share one frozen base, "
+            "which is also the reference); full fine-tuning is not supported. Drop the flag."
+        )
+    has_role, has_model = bool(model_args.reward_adapter_path), bool(script_args.reward_model_name_or_path)
+    if has_role and has_model:
+        raise ValueError(
+            f"Both --reward_adapter_path ({model_args.reward_adapter_path}) and --reward_model_name_or_path "
+            f"({script_args.reward_model_name_or_path}) are set; the reward is one or the other. Keep one."
+        )
+    if not has_role and not has_model:
+        raise ValueError("No reward: set --reward_adapter_path (reward role folder) or --reward_model_name_or_path.")
+    check_model_path(model_args.model_name_or_path, "model_name_or_path")
+    if has_model:
+        check_model_path(script_args.reward_model_name_or_path, "reward_model_name_or_path")
+    for flag in ("reward_adapter_path", "policy_adapter_path", "value_adapter_path"):
+        check_local_folder(getattr(model_args, flag), flag)
 
 
 def load_tokenizer(model_args: SharedBaseArguments, trust_remote_code: bool):
@@ -93,12 +163,11 @@ def load_tokenizer(model_args: SharedBaseArguments, trust_remote_code: bool):
 
 def main(script_args: PPOScriptArguments, training_args: PPOConfig, model_args: SharedBaseArguments) -> PPOTrainer:
     """Train, save the policy and value roles under `training_args.output_dir`, and push if asked."""
-    if not model_args.model_name_or_path:
-        raise ValueError("Set --model_name_or_path to the base model (Hub id or local folder).")
-    if not model_args.reward_adapter_path and not script_args.reward_model_name_or_path:
-        raise ValueError("No reward: set --reward_adapter_path (reward role folder) or --reward_model_name_or_path.")
-
-    dataset = load_prompts(script_args)
+    check_arguments(script_args, model_args)
+    # Seeded before the shared base exists: its LoRA A matrices and value head are drawn when it is built, before
+    # the Trainer seeds, so two runs with the same --seed would otherwise differ from the first step.
+    seed_before_models(training_args)
+    train_dataset, eval_dataset = load_prompts(script_args, training_args)
     tokenizer = load_tokenizer(model_args, training_args.trust_remote_code)
     shared = SharedBase.from_pretrained(
         model_args.model_name_or_path, model_args, trust_remote_code=training_args.trust_remote_code
@@ -107,7 +176,8 @@ def main(script_args: PPOScriptArguments, training_args: PPOConfig, model_args: 
         shared,
         reward_funcs=script_args.reward_model_name_or_path,
         args=training_args,
-        train_dataset=dataset,
+        train_dataset=train_dataset,
+        eval_dataset=eval_dataset,
         processing_class=tokenizer,
     )
     if script_args.kl_target is not None:
@@ -126,11 +196,9 @@ def main(script_args: PPOScriptArguments, training_args: PPOConfig, model_args: 
     return trainer
 
 
-def make_parser(subparsers=None) -> TrlParser:
+def make_parser(subparsers=None):
     dataclass_types = (PPOScriptArguments, PPOConfig, SharedBaseArguments)
-    if subparsers is not None:
-        return subparsers.add_parser("ppo", help="Run the PPO recipe", dataclass_types=dataclass_types)
-    return TrlParser(dataclass_types)
+    return recipe_parser(dataclass_types, USAGE, DESCRIPTION, subparsers=subparsers, name="ppo")
 
 
 if __name__ == "__main__":

@@ -1,9 +1,110 @@
-"""What every preference recipe does around its trainer: model-loading kwargs, and train / save / push."""
+"""What every recipe does around its trainer: the parser and its short usage block, seeding, up-front checks of
+paths and splits, model-loading kwargs, and train / save / push."""
 
 from __future__ import annotations
 
+import argparse
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
 import transformers
 from packaging.version import Version
+from transformers import enable_full_determinism, set_seed
+from trl import ModelConfig, TrlParser
+
+from .data.loading import looks_like_local_path
+from .models.quantization import adapter_dtype_for, disable_cpu_4bit_repacking, is_quantized
+
+# -- the parser ------------------------------------------------------------------------------------------------------
+
+
+class _UsageFirstFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """--help with the recipe's own usage block kept as written (line breaks and all) and every flag's default."""
+
+
+def recipe_parser(dataclass_types, usage: str, description: str, subparsers=None, name: str | None = None):
+    """A TrlParser whose --help starts with a short `usage` line and a `description` block (what the recipe does,
+    --config, the flags that matter) before the hundreds of TRL and transformers flags. Argparse's own usage line
+    would list every flag (hundreds of lines) and never mention --config, which TrlParser handles by hand."""
+    kwargs = dict(usage=usage, description=description, formatter_class=_UsageFirstFormatter)
+    if subparsers is not None:
+        return subparsers.add_parser(name, help=description.splitlines()[0], dataclass_types=dataclass_types, **kwargs)
+    return TrlParser(dataclass_types, **kwargs)
+
+
+@dataclass
+class LoraModelConfig(ModelConfig):
+    """TRL's ModelConfig with LoRA on by default, as in every rlhf_ext recipe (the PPO recipe's shared base is
+    always LoRA): the reward recipe's role folder and the DPO recipe's adapter-off reference need it."""
+
+    use_peft: bool = field(
+        default=True,
+        metadata={
+            "help": "Train LoRA adapters (default, as in every rlhf_ext recipe). --use_peft false trains every weight: "
+            "the reward recipe then saves a full model instead of the reward role folder PPO loads."
+        },
+    )
+
+
+# -- before any model is built ---------------------------------------------------------------------------------------
+
+
+def seed_before_models(training_args) -> None:
+    """Seed torch, numpy and random from `training_args` as the Trainer would, but before any model is built.
+
+    The Trainer seeds in its __init__, after the recipe has built the models: LoRA A matrices, value and score heads
+    would otherwise start from whatever state the global RNG is in, so two runs with the same --seed would differ.
+    """
+    if training_args.full_determinism:
+        enable_full_determinism(training_args.seed)
+    else:
+        set_seed(training_args.seed)
+
+
+def check_model_path(name_or_path: str | None, flag: str) -> None:
+    """FileNotFoundError for a local model path that does not exist, instead of a Hub "repo id" error from it."""
+    if not name_or_path:
+        raise ValueError(f"Set --{flag} to a Hub model id or a local model folder.")
+    if looks_like_local_path(name_or_path) and not Path(name_or_path).expanduser().is_dir():
+        raise FileNotFoundError(f"--{flag} {name_or_path}: no such folder")
+
+
+def check_local_folder(path: str | None, flag: str) -> None:
+    """FileNotFoundError unless `path` (a flag naming a folder on disk, never a Hub id) is an existing folder."""
+    if path and not os.path.isdir(os.path.expanduser(path)):
+        raise FileNotFoundError(f"--{flag} {path}: no such folder")
+
+
+def train_split(dataset, split: str, dataset_name: str):
+    """dataset[split], with errors naming the dataset and its splits when it is missing or has no records."""
+    if split not in dataset:
+        raise ValueError(
+            f"{dataset_name} has no split {split!r} (--dataset_train_split); its splits are {sorted(dataset)}."
+        )
+    if len(dataset[split]) == 0:
+        raise ValueError(f"{dataset_name}: split {split!r} has no records to train on.")
+    return dataset[split]
+
+
+def eval_split(dataset, split: str, dataset_name: str, eval_strategy) -> object | None:
+    """dataset[split] when the run evaluates (eval_strategy is not "no"), None otherwise; a clear error when the
+    split the evaluation needs is missing (a single local file has only "train") or empty."""
+    if str(getattr(eval_strategy, "value", eval_strategy)) == "no":
+        return None
+    if split not in dataset:
+        raise ValueError(
+            f"--eval_strategy {getattr(eval_strategy, 'value', eval_strategy)} evaluates on split {split!r} "
+            f"(--dataset_test_split), but {dataset_name} has only {sorted(dataset)}. Use a dataset with that split, "
+            "name another with --dataset_test_split, or set --eval_strategy no."
+        )
+    if len(dataset[split]) == 0:
+        raise ValueError(f"{dataset_name}: evaluation split {split!r} has no records.")
+    return dataset[split]
+
+
+# -- the trained model -----------------------------------------------------------------------------------------------
 
 
 def model_init_kwargs(model_args, training_args) -> dict:
@@ -16,6 +117,28 @@ def model_init_kwargs(model_args, training_args) -> dict:
         "dtype": model_args.dtype,
         **(training_args.model_init_kwargs or {}),
     }
+
+
+def match_trainable_dtype(model: torch.nn.Module) -> int:
+    """On a 4-bit or 8-bit base, put the trainable weights back in the dtype the base computes in; returns how many
+    were cast. Also keeps bitsandbytes from repacking 4-bit layers for CPU inference (which breaks their gradients).
+
+    TRL's trainers cast every trainable parameter of a quantized model to bfloat16 (QLoRA's adapters), whatever the
+    compute dtype. LoRA layers cast their input and survive that, but a trained plain module does not: the reward
+    model's score head then multiplies float32 hidden states by bfloat16 weights and fails at step 1 ("expected m1
+    and m2 to have the same dtype") unless --dtype bfloat16. So the trainable weights follow the base, as the shared
+    base keeps them: bfloat16 when it computes in bfloat16, float32 otherwise.
+    """
+    if not is_quantized(model):
+        return 0
+    disable_cpu_4bit_repacking(model)
+    dtype = adapter_dtype_for(model.get_base_model() if hasattr(model, "get_base_model") else model)
+    cast = 0
+    for param in model.parameters():
+        if param.requires_grad and param.is_floating_point() and param.dtype != dtype:
+            param.data = param.data.to(dtype)  # in place: the parameter objects (and any optimizer's view) stay
+            cast += 1
+    return cast
 
 
 def train_save_push(trainer, training_args, dataset_name: str | None):

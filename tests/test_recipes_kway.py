@@ -4,13 +4,17 @@ import importlib.util
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from datasets import Dataset, DatasetDict
+from safetensors.torch import load_file
 
+from rlhf_ext.data import load_dataset_or_file
 from rlhf_ext.models import load_head
 from rlhf_ext.testing import save_tiny_model
 
@@ -98,3 +102,145 @@ def test_recipe_runs_in_two_cpu_processes(workdir, recipe):
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "Model saved" in result.stdout
+
+
+def run(recipe_name: str, args: list[str]):
+    recipe = load_recipe(recipe_name)
+    return recipe.main(*recipe.make_parser().parse_args_and_config(args))
+
+
+def with_flag(args: list[str], flag: str, value: str) -> list[str]:
+    """`args` with the value of `flag` replaced."""
+    args = list(args)
+    args[args.index(flag) + 1] = value
+    return args
+
+
+# ----------------------------------------------------------------------------- seeding, LoRA default, --help
+
+
+@pytest.mark.parametrize("recipe", ["dpo", "reward"])
+def test_two_runs_with_the_same_seed_give_identical_adapters(workdir, tmp_path, recipe):
+    torch.manual_seed(123)  # the global RNG state the recipe finds must not matter
+    for name in ("first", "second"):
+        run(recipe, with_flag(cli_args(workdir, recipe, "--max_steps", "1", "--seed", "7"), "--output_dir",
+                              str(tmp_path / name)))  # fmt: skip
+    files = sorted(p.name for p in (tmp_path / "first").glob("*.safetensors"))
+    assert "adapter_model.safetensors" in files
+    for file in files:
+        first, second = load_file(tmp_path / "first" / file), load_file(tmp_path / "second" / file)
+        for key in first:
+            torch.testing.assert_close(second[key], first[key], atol=0, rtol=0, msg=f"{file} {key}")
+
+
+@pytest.mark.parametrize("recipe", ["dpo", "reward"])
+def test_lora_is_on_by_default(recipe):
+    parser = load_recipe(recipe).make_parser()
+    assert parser.parse_args_and_config(["--use_cpu"])[2].use_peft
+    assert parser.parse_dict({"use_cpu": True})[2].use_peft  # also in-process (recipes/demo.py parses dicts)
+    assert not parser.parse_args_and_config(["--use_cpu", "--use_peft", "false"])[2].use_peft
+
+
+@pytest.mark.parametrize("recipe", ["dpo", "reward"])
+def test_help_starts_with_a_short_usage_block_naming_config(recipe, capsys):
+    with pytest.raises(SystemExit):
+        load_recipe(recipe).make_parser().parse_args_and_config(["--help"])
+    out = capsys.readouterr().out
+    head = out[: out.index("options:")]
+    assert out.startswith(f"usage: {recipe}.py --config") and len(head.splitlines()) < 30
+    assert "--config" in head and "--model_name_or_path" in head and "--use_peft" in head
+    for flag in set(re.findall(r"--[a-z0-9_]+", head)) - {"--config"}:
+        assert f"\n  {flag} " in out or f"\n  {flag}," in out, flag  # every flag the block names is a real one
+
+
+# ----------------------------------------------------------------------------- a quantized base
+
+
+@pytest.fixture(scope="module")
+def model_64(tmp_path_factory):
+    """A tiny base whose hidden size (64) is a multiple of bitsandbytes' 4-bit block size."""
+    return save_tiny_model(tmp_path_factory.mktemp("model_64"), seed=0, hidden_size=64)
+
+
+@pytest.mark.parametrize("quantization", ["--load_in_4bit", "--load_in_8bit"])
+def test_reward_recipe_trains_on_a_quantized_base_with_the_default_dtype(workdir, model_64, tmp_path, quantization):
+    # TRL casts every trainable weight of a quantized model to bfloat16, the score head included, which then met
+    # float32 hidden states: "expected m1 and m2 to have the same dtype" at step 1 unless --dtype bfloat16
+    args = with_flag(cli_args(workdir, "reward", quantization, "--max_steps", "1"), "--model_name_or_path", model_64)
+    trainer = run("reward", with_flag(args, "--output_dir", str(tmp_path / "out")))
+    assert math.isfinite(trainer.state.log_history[0]["loss"])
+    assert {p.dtype for p in trainer.model.parameters() if p.requires_grad} == {torch.float32}
+    assert (tmp_path / "out" / "head.safetensors").is_file()
+
+
+# ----------------------------------------------------------------------------- bad input, before training
+
+
+@pytest.mark.parametrize("recipe", ["dpo", "reward"])
+def test_empty_jsonl_is_a_clear_error(workdir, tmp_path, recipe):
+    (tmp_path / "empty.jsonl").write_text("")
+    with pytest.raises(ValueError, match="empty.jsonl holds no records"):
+        run(recipe, with_flag(cli_args(workdir, recipe), "--dataset_name", str(tmp_path / "empty.jsonl")))
+
+
+@pytest.mark.parametrize("recipe", ["dpo", "reward"])
+def test_empty_parquet_is_a_clear_error(workdir, tmp_path, recipe):
+    Dataset.from_dict({"prompt": [], "completions": []}).to_parquet(tmp_path / "empty.parquet")
+    with pytest.raises(ValueError, match="empty.parquet holds no records"):
+        run(recipe, with_flag(cli_args(workdir, recipe), "--dataset_name", str(tmp_path / "empty.parquet")))
+
+
+def test_empty_or_missing_split_is_a_clear_error():
+    from rlhf_ext.recipe_utils import eval_split, train_split
+
+    dataset = DatasetDict({"train": Dataset.from_dict({"prompt": []}), "test": Dataset.from_dict({"prompt": ["a"]})})
+    with pytest.raises(ValueError, match="hub/name: split 'train' has no records to train on"):
+        train_split(dataset, "train", "hub/name")
+    with pytest.raises(ValueError, match=r"hub/name has no split 'validation' .* its splits are \['test', 'train'\]"):
+        train_split(dataset, "validation", "hub/name")
+    assert eval_split(dataset, "test", "hub/name", "steps")["prompt"] == ["a"]
+    assert eval_split(dataset, "missing", "hub/name", "no") is None
+
+
+@pytest.mark.parametrize("recipe", ["dpo", "reward"])
+def test_malformed_jsonl_line_is_named_with_its_file(workdir, tmp_path, recipe):
+    lines = (workdir / "ranked.jsonl").read_text().splitlines()
+    lines[4] = lines[4][:-1]  # drop the closing brace of line 5
+    (tmp_path / "broken.jsonl").write_text("\n".join(lines) + "\n")
+    with pytest.raises(ValueError, match=r"broken.jsonl, line 5: not valid JSON"):
+        run(recipe, with_flag(cli_args(workdir, recipe), "--dataset_name", str(tmp_path / "broken.jsonl")))
+
+
+@pytest.mark.parametrize("recipe", ["dpo", "reward"])
+def test_missing_local_model_folder_is_named(workdir, tmp_path, recipe):
+    args = with_flag(cli_args(workdir, recipe), "--model_name_or_path", str(tmp_path / "no_such_model"))
+    with pytest.raises(FileNotFoundError, match="--model_name_or_path .*no_such_model: no such folder"):
+        run(recipe, args)
+
+
+@pytest.mark.parametrize("recipe", ["dpo", "reward"])
+def test_eval_strategy_with_a_single_file_names_the_missing_split(workdir, recipe):
+    with pytest.raises(ValueError, match=r"evaluates on split 'test' \(--dataset_test_split\), but .* has only"):
+        run(recipe, cli_args(workdir, recipe, "--eval_strategy", "steps", "--eval_steps", "1"))
+
+
+def test_json_array_files_and_blank_lines_still_load(tmp_path):
+    rows = [{"prompt": "a", "completions": ["x", "y"]}, {"prompt": "b", "completions": ["z", "w"]}]
+    (tmp_path / "array.json").write_text(json.dumps(rows, indent=2))
+    (tmp_path / "lines.jsonl").write_text("\n" + json.dumps(rows[0]) + "\n\n" + json.dumps(rows[1]) + "\n")
+    for name in ("array.json", "lines.jsonl"):
+        assert load_dataset_or_file(str(tmp_path / name))["train"]["prompt"] == ["a", "b"]
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        ('[{"prompt": "a"},\n {"prompt": "b"\n]', r"array.json, line 3: not valid JSON"),
+        ('[{"prompt": "a"}, 3]', r"item 1 of the array is int"),
+        ('{"prompt": "a"}\n["b"]\n', r"line 2: expected a JSON object"),
+    ],
+)
+def test_malformed_json_files_are_named(tmp_path, content, message):
+    (tmp_path / "array.json").write_text(content)
+    with pytest.raises(ValueError, match=message):
+        load_dataset_or_file(str(tmp_path / "array.json"))

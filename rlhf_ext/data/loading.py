@@ -1,7 +1,14 @@
-"""Load a dataset (preferences or prompts) by Hub name or from a local json / jsonl / parquet file."""
+"""Load a dataset (preferences or prompts) by Hub name or from a local json / jsonl / parquet file.
+
+A local JSON file is checked before `datasets` reads it, so a malformed line is reported with its file and line
+number (the `datasets` builder only says "An error occurred while generating the dataset") and an empty file
+with a clear error (the builder raises a bare StopIteration).
+"""
 
 from __future__ import annotations
 
+import json
+import os
 from pathlib import Path
 
 from datasets import DatasetDict, load_dataset
@@ -11,10 +18,110 @@ LOCAL_FORMATS = {".json": "json", ".jsonl": "json", ".parquet": "parquet"}
 
 
 def load_dataset_or_file(name_or_path: str, config: str | None = None) -> DatasetDict:
-    """A DatasetDict from a local .json/.jsonl/.parquet file (one "train" split) or a dataset name / folder."""
-    suffix = Path(name_or_path).suffix.lower()
+    """A DatasetDict from a local .json/.jsonl/.parquet file (one "train" split) or a dataset name / folder.
+
+    Raises FileNotFoundError for a local path that does not exist (instead of a Hub lookup of it) and ValueError
+    naming the file and line for malformed or empty JSON files.
+    """
+    if not name_or_path:
+        raise ValueError("Set --dataset_name to a Hub dataset or a local .json / .jsonl / .parquet file.")
+    path = Path(name_or_path).expanduser()
+    suffix = path.suffix.lower()
     if suffix in LOCAL_FORMATS:
-        if not Path(name_or_path).is_file():
+        if not path.is_file():
             raise FileNotFoundError(f"dataset file {name_or_path} does not exist")
-        return load_dataset(LOCAL_FORMATS[suffix], data_files={"train": name_or_path})
+        if count_file_records(path) == 0:
+            raise ValueError(f"dataset file {name_or_path} holds no records (it is empty)")
+        return load_dataset(LOCAL_FORMATS[suffix], data_files={"train": str(path)})
+    if looks_like_local_path(name_or_path) and not path.exists():
+        raise FileNotFoundError(f"dataset folder {name_or_path} does not exist (no such folder)")
     return load_dataset(name_or_path, name=config)
+
+
+def looks_like_local_path(name_or_path: str) -> bool:
+    """Whether `name_or_path` can only be a local path, not a Hub id ("name" or "org/name").
+
+    Absolute, home-relative (~), explicitly relative (./, ../) and Windows paths, paths with more than one "/",
+    and "dir/name" where `dir` is an existing local folder.
+    """
+    if os.path.isabs(name_or_path) or name_or_path.startswith(("~", "./", "../", ".\\")) or "\\" in name_or_path:
+        return True
+    parts = name_or_path.strip("/").split("/")
+    return len(parts) > 2 or (len(parts) == 2 and Path(parts[0]).is_dir())
+
+
+def count_file_records(path: Path) -> int:
+    """The number of records in a local .json / .jsonl / .parquet file (JSON checked record by record)."""
+    if LOCAL_FORMATS[path.suffix.lower()] == "parquet":
+        import pyarrow.parquet as pq
+
+        return pq.ParquetFile(path).metadata.num_rows
+    return count_json_records(path)
+
+
+def count_json_records(path: Path) -> int:
+    """The number of records in a JSON Lines file or a JSON array file; ValueError naming the file and line of the
+    first malformed record.
+
+    A file is read as JSON Lines (one object per line, blank lines skipped) unless it starts with "[" (one JSON
+    document, as a .json file may be). A JSON Lines file that fails but parses as one document is accepted too:
+    `datasets` reads both.
+    """
+    if _first_character(path) == "[":
+        return _count_document_records(path)
+    try:
+        return _count_json_lines(path)
+    except ValueError:
+        try:
+            return _count_document_records(path)
+        except ValueError:
+            pass  # not one document either: the line-by-line error is the one that locates the problem
+        raise
+
+
+def _first_character(path: Path) -> str:
+    """The first non-whitespace character of `path` ("" for a blank file)."""
+    with path.open(encoding="utf-8") as f:
+        for line in f:
+            if line.strip():
+                return line.strip()[0]
+    return ""
+
+
+def _count_json_lines(path: Path) -> int:
+    """Records of a JSON Lines file; ValueError naming the line of the first that is not a JSON object."""
+    count = 0
+    with path.open(encoding="utf-8") as f:
+        for line_number, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise ValueError(
+                    f"{path}, line {line_number}: not valid JSON ({err.msg}, column {err.colno}): "
+                    f"{line.strip()[:120]!r}"
+                ) from err
+            if not isinstance(record, dict):
+                raise ValueError(
+                    f"{path}, line {line_number}: expected a JSON object (one record per line), got "
+                    f"{type(record).__name__}: {line.strip()[:120]!r}"
+                )
+            count += 1
+    return count
+
+
+def _count_document_records(path: Path) -> int:
+    """Records of a file holding one JSON document: the items of an array (each an object) or 1 for an object."""
+    try:
+        document = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path}, line {err.lineno}: not valid JSON ({err.msg}, column {err.colno})") from err
+    if isinstance(document, dict):
+        return 1
+    if not isinstance(document, list):
+        raise ValueError(f"{path}: expected a JSON array of objects or JSON Lines, got {type(document).__name__}")
+    for index, record in enumerate(document):
+        if not isinstance(record, dict):
+            raise ValueError(f"{path}: item {index} of the array is {type(record).__name__}, expected a JSON object")
+    return len(document)
