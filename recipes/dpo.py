@@ -17,7 +17,6 @@ from rlhf_ext.recipe_utils import (
     LoraModelConfig,
     check_model_path,
     eval_split,
-    match_trainable_dtype,
     model_init_kwargs,
     recipe_parser,
     seed_before_models,
@@ -62,7 +61,6 @@ def main(script_args: ScriptArguments, training_args: PlackettLuceDPOConfig, mod
         quantization_config=get_quantization_config(model_args),
         peft_config=get_peft_config(model_args),
     )
-    match_trainable_dtype(trainer.model)
     return train_save_push(trainer, training_args, name)
 
 

@@ -19,7 +19,6 @@ from rlhf_ext.recipe_utils import (
     LoraModelConfig,
     check_model_path,
     eval_split,
-    match_trainable_dtype,
     model_init_kwargs,
     recipe_parser,
     seed_before_models,
@@ -65,7 +64,6 @@ def main(script_args: ScriptArguments, training_args: PlackettLuceRewardConfig, 
         quantization_config=get_quantization_config(model_args),
         peft_config=get_peft_config(model_args),
     )
-    match_trainable_dtype(trainer.model)  # TRL leaves the score head of a quantized base in bfloat16
     return train_save_push(trainer, training_args, name)
 
 

@@ -192,3 +192,24 @@ def test_bad_records_fail_before_training_naming_record_and_field(model_path, tm
     records = [*LISTS, {"prompt": "q ", "completions": ["good answer", " "]}]
     with pytest.raises(ValueError, match=r"record 3, field 'completions'\[1\]: empty completion"):
         pl_trainer(model_path, tmp_path, records)
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_trainer_on_a_quantized_base_trains_with_the_default_float32_compute(tmp_path, bits):
+    """TRL casts the score head of a quantized base to bfloat16; the trainer puts it back in the compute dtype."""
+    from transformers import BitsAndBytesConfig
+
+    from rlhf_ext.testing import save_tiny_model
+
+    path = save_tiny_model(tmp_path / "base", seed=0, hidden_size=64)  # 64: a multiple of the 4-bit block size
+    quantization = BitsAndBytesConfig(load_in_4bit=bits == 4, load_in_8bit=bits == 8)
+    model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, quantization_config=quantization,
+                                                               dtype=torch.float32, device_map={"": "cpu"})
+    trainer = PlackettLuceRewardTrainer(
+        model=model, args=PlackettLuceRewardConfig(**common_args(tmp_path / "out", max_steps=1)),
+        train_dataset=Dataset.from_list(LISTS), processing_class=tiny_tokenizer(),
+        peft_config=LoraConfig(r=4, lora_alpha=8, task_type="SEQ_CLS"),
+    )
+    assert {p.dtype for p in trainer.model.parameters() if p.requires_grad} == {torch.float32}
+    trainer.train()
+    assert math.isfinite(trainer.state.log_history[-1]["train_loss"])

@@ -99,3 +99,25 @@ def prepare_kbit_base(model: nn.Module) -> int:
             module.register_forward_hook(_output_in_input_dtype)
     model.enable_input_require_grads()
     return len(layers)
+
+
+def match_trainable_dtype(model: nn.Module) -> int:
+    """On a 4-bit or 8-bit base, put the trainable weights back in the dtype the base computes in; returns how many
+    were cast. Also keeps bitsandbytes from repacking 4-bit layers for CPU inference (which breaks their gradients).
+
+    TRL's trainers cast every trainable parameter of a quantized model to bfloat16 (QLoRA's adapters), whatever the
+    compute dtype. LoRA layers cast their input and survive that, but a trained plain module does not: the reward
+    model's score head then multiplies float32 hidden states by bfloat16 weights and fails at step 1 ("expected m1
+    and m2 to have the same dtype") unless --dtype bfloat16. So the trainable weights follow the base, as the shared
+    base keeps them: bfloat16 when it computes in bfloat16, float32 otherwise.
+    """
+    if not is_quantized(model):
+        return 0
+    disable_cpu_4bit_repacking(model)
+    dtype = adapter_dtype_for(model.get_base_model() if hasattr(model, "get_base_model") else model)
+    cast = 0
+    for param in model.parameters():
+        if param.requires_grad and param.is_floating_point() and param.dtype != dtype:
+            param.data = param.data.to(dtype)  # in place: the parameter objects (and any optimizer's view) stay
+            cast += 1
+    return cast

@@ -28,6 +28,7 @@ from torch.utils.data import DataLoader
 from trl import DPOConfig, DPOTrainer
 
 from ..data import split_into_lists
+from ..models.quantization import match_trainable_dtype
 from ..ops import dpo_plackett_luce_loss
 from .kway_common import (
     RankedDataArguments,
@@ -97,6 +98,8 @@ class PlackettLuceDPOTrainer(DPOTrainer):
         super().__init__(model, ref_model=ref_model, args=args, data_collator=data_collator,
                          train_dataset=train_dataset, eval_dataset=eval_dataset, processing_class=processing_class,
                          **kwargs)
+        # TRL casts the trainable weights of a quantized base to bfloat16 whatever its compute dtype
+        match_trainable_dtype(self.model)
 
     # Replaces DPOTrainer._prepare_dataset: ranked records are validated, ordered best first and tokenized into
     # one prompt and K completions, with TRL's tokenization; truncation to max_length happens (and is counted) here.

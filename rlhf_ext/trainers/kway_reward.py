@@ -20,6 +20,7 @@ from accelerate.utils import is_peft_model
 from trl import RewardConfig, RewardTrainer
 
 from ..data import split_into_lists
+from ..models.quantization import match_trainable_dtype
 from ..ops import plackett_luce_loss
 from .kway_common import (
     RankedDataArguments,
@@ -71,6 +72,9 @@ class PlackettLuceRewardTrainer(RewardTrainer):
             kwargs["peft_config"] = dataclasses.replace(peft_config, task_type="SEQ_CLS")
         super().__init__(model, args=args, data_collator=data_collator, train_dataset=train_dataset,
                          eval_dataset=eval_dataset, processing_class=processing_class, **kwargs)
+        # TRL casts the trainable weights of a quantized base, the score head's copy included, to bfloat16 whatever
+        # its compute dtype; a float32 base would then fail at step 1 (float != BFloat16 in the head)
+        match_trainable_dtype(self.model)
 
     # Replaces RewardTrainer._prepare_dataset: ranked records are validated, ordered best first and tokenized
     # into one prompt and K completions (pairwise records become K=2 lists).
