@@ -13,6 +13,7 @@ import pytest
 import torch
 import transformers
 import trl
+from peft import PeftModel
 from peft.tuners.tuners_utils import BaseTunerLayer
 from transformers import PreTrainedModel, Trainer
 from trl import DPOTrainer, GRPOTrainer, RewardTrainer
@@ -34,6 +35,8 @@ SIGNATURES = [
      ["self", "model", "input_ids", "attention_mask", "logits_to_keep", "batch_size", "compute_entropy"]),
     (trl_utils, "add_fused_lm_head", ["model", "temperature", "cast_lm_head_to_fp32"]),
     (trl_utils, "disable_dropout_in_model", ["model"]),
+    (trl_utils, "is_async_callable", ["func"]),
+    (PeftModel, "save_pretrained", ["self", "save_directory", "safe_serialization", "selected_adapters"]),
     # PlackettLuceDPOTrainer (rlhf_ext/trainers/kway_dpo.py) overrides ...
     (DPOTrainer, "_prepare_dataset", ["self", "dataset", "processing_class", "args", "dataset_name"]),
     (DPOTrainer, "_set_signature_columns_if_needed", ["self"]),
@@ -61,6 +64,13 @@ def test_signature_is_the_one_rlhf_ext_was_written_for(owner, name, expected):
     assert parameters[: len(expected)] == expected, (
         f"{label} now takes {parameters} ({VERSIONS}); rlhf_ext was written for {expected}"
     )
+
+
+def test_grpo_trainer_still_has_the_rollout_hooks_the_prompt_check_reads():
+    """PPOTrainer checks prompt lengths up front unless environments or a rollout function change them later."""
+    source = inspect.getsource(GRPOTrainer.__init__)
+    for attribute in ("self.environment_factories", "self.rollout_func"):
+        assert attribute in source, f"GRPOTrainer no longer sets {attribute} ({VERSIONS})"
 
 
 def test_peft_tuner_layers_keep_the_adapter_state_checkpointing_sets():
