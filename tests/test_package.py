@@ -20,3 +20,24 @@ def test_docs_stand_alone_without_paths_outside_the_repository():
         assert not re.search(r"(?<![\w.])(\.\./)?shared/(seed|DESIGN|STYLE)", text), f"{page.name} cites shared/"
         for target in re.findall(r"\]\(([^)#:]+)(?:#[^)]*)?\)", text):  # relative markdown links
             assert (page.parent / target).exists(), f"{page.name} links to {target}, which is not in the repository"
+
+
+@__import__("pytest").mark.slow
+def test_wheel_builds_passes_twine_check_and_imports_in_a_fresh_venv(tmp_path):
+    """`python -m build` + `twine check` + a fresh venv with the CPU torch: the package and its data files import."""
+    import pytest
+
+    pytest.importorskip("build")
+    pytest.importorskip("twine")
+    subprocess.run([sys.executable, "-m", "build", "--wheel", "--outdir", str(tmp_path / "dist"), str(REPO)],
+                   check=True, capture_output=True)
+    wheel = next((tmp_path / "dist").glob("rlhf_ext-*.whl"))
+    subprocess.run([sys.executable, "-m", "twine", "check", "--strict", str(wheel)], check=True)
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+    pip = [str(venv / "bin" / "python"), "-m", "pip", "install", "-q"]
+    subprocess.run([*pip, "torch==2.13.0"], check=True)
+    subprocess.run([*pip, str(wheel)], check=True)
+    code = ("import rlhf_ext, rlhf_ext.memory; from importlib.resources import files; rlhf_ext.PPOTrainer; "
+            "assert (files('rlhf_ext.demo') / 'prompts.txt').is_file()")
+    subprocess.run([str(venv / "bin" / "python"), "-c", code], check=True, cwd=tmp_path)
