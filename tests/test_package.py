@@ -1,5 +1,9 @@
+import re
 import subprocess
 import sys
+from pathlib import Path
+
+import pytest
 
 
 def test_importing_the_ops_does_not_import_trl_or_transformers():
@@ -8,13 +12,11 @@ def test_importing_the_ops_does_not_import_trl_or_transformers():
     assert out == ["False", "False"]
 
 
-REPO = __import__("pathlib").Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[1]
 DOCS = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
 
 
 def test_docs_stand_alone_without_paths_outside_the_repository():
-    import re
-
     for page in DOCS:
         text = page.read_text()
         assert not re.search(r"(?<![\w.])(\.\./)?shared/(seed|DESIGN|STYLE)", text), f"{page.name} cites shared/"
@@ -22,11 +24,9 @@ def test_docs_stand_alone_without_paths_outside_the_repository():
             assert (page.parent / target).exists(), f"{page.name} links to {target}, which is not in the repository"
 
 
-@__import__("pytest").mark.slow
+@pytest.mark.slow
 def test_wheel_builds_passes_twine_check_and_imports_in_a_fresh_venv(tmp_path):
     """`python -m build` + `twine check` + a fresh venv with the CPU torch: the package and its data files import."""
-    import pytest
-
     pytest.importorskip("build")
     pytest.importorskip("twine")
     subprocess.run([sys.executable, "-m", "build", "--wheel", "--outdir", str(tmp_path / "dist"), str(REPO)],
