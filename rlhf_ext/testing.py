@@ -1,4 +1,5 @@
-"""Tiny models and tokenizers built from config, for tests, benchmarks and the CI demo.
+"""Tiny models and tokenizers built from config, and a callback that interrupts training, for tests, benchmarks and
+the CI demo.
 
 Nothing here touches the Hugging Face Hub: the tokenizer is a byte-level vocabulary built in memory
 and the models are randomly initialised from a config.
@@ -10,7 +11,7 @@ import string
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast, TrainerCallback
 
 SPECIAL_TOKENS = ["<pad>", "<s>", "</s>"]
 # A minimal chat template, so conversational records work with the tiny tokenizer too.
@@ -68,3 +69,14 @@ def save_tiny_model(path, seed: int = 0, **config_overrides) -> str:
     model.save_pretrained(path)
     tiny_tokenizer().save_pretrained(path)
     return str(path)
+
+
+class StopAfter(TrainerCallback):
+    """Interrupt training after `step` optimizer steps, as a crash or a preempted job would."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == self.step:
+            control.should_training_stop = True

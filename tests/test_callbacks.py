@@ -5,14 +5,14 @@ import json
 import pytest
 import torch
 from datasets import Dataset
-from transformers import AutoModelForSequenceClassification, TrainerCallback
+from transformers import AutoModelForSequenceClassification
 
 from rlhf_ext.callbacks import (
     AdaptiveKLCallback,
     CompletionsTableCallback,
     adaptive_kl_coef,
 )
-from rlhf_ext.testing import tiny_causal_lm, tiny_llama_config, tiny_tokenizer
+from rlhf_ext.testing import StopAfter, tiny_causal_lm, tiny_llama_config, tiny_tokenizer
 from rlhf_ext.trainers.ppo_config import PPOConfig
 from rlhf_ext.trainers.ppo_trainer import PPOTrainer
 
@@ -83,17 +83,6 @@ def test_adaptive_kl_callback_state_round_trips():
     for name, value in saved["attributes"].items():  # as Trainer._load_callback_state does
         setattr(restored, name, value)
     assert (restored.target, restored.horizon, restored.kl_coef, restored.last_step) == (3.0, 500, 0.2, 6)
-
-
-class StopAfter(TrainerCallback):
-    """Interrupt training after `step` optimizer steps, as a crash or a preempted job would."""
-
-    def __init__(self, step: int):
-        self.step = step
-
-    def on_step_end(self, args, state, control, **kwargs):
-        if state.global_step == self.step:
-            control.should_training_stop = True
 
 
 @pytest.mark.parametrize("restore_flag", [False, True])  # False: transformers' default

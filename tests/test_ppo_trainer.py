@@ -6,11 +6,11 @@ import numpy as np
 import pytest
 import torch
 from datasets import Dataset
-from transformers import AutoModelForSequenceClassification, TrainerCallback
+from transformers import AutoModelForSequenceClassification
 
 from rlhf_ext.models import SharedBase, SharedBaseArguments, save_adapter_with_head
 from rlhf_ext.ops import gae, masked_whiten, ppo_loss, token_rewards
-from rlhf_ext.testing import tiny_causal_lm, tiny_llama_config, tiny_tokenizer
+from rlhf_ext.testing import StopAfter, tiny_causal_lm, tiny_llama_config, tiny_tokenizer
 from rlhf_ext.trainers.ppo_config import PPOConfig
 from rlhf_ext.trainers.ppo_trainer import PPOTrainer, SharedBaseReward
 
@@ -250,17 +250,6 @@ def final_weights(shared: SharedBase) -> dict:
     weights = {n: p.detach().clone() for n, p in shared.peft_model.named_parameters() if id(p) in trainable}
     weights.update({f"head.{n}": p.detach().clone() for n, p in shared.heads["value"].named_parameters()})
     return weights
-
-
-class StopAfter(TrainerCallback):
-    """Interrupt training after `step` optimizer steps, as a crash or a preempted job would."""
-
-    def __init__(self, step: int):
-        self.step = step
-
-    def on_step_end(self, args, state, control, **kwargs):
-        if state.global_step == self.step:
-            control.should_training_stop = True
 
 
 @pytest.mark.parametrize("gradient_checkpointing", [True, False])  # True: TRL's default
