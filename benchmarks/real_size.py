@@ -734,7 +734,8 @@ def main() -> None:
             "model_config": {k: getattr(config, k) for k in (*SIZES[cli.size], "tie_word_embeddings")},
             "machine": {"cpus": os.cpu_count(), "processor": platform.processor() or platform.machine(),
                         "memory_gib": gib(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))},
-            "malloc_env": {} if cli.glibc_default_malloc else GLIBC_MALLOC_ENV, "total_wall_s": started.lap()[0]}  # fmt: skip
+            "malloc_env": {} if cli.glibc_default_malloc else GLIBC_MALLOC_ENV,
+            "total_wall_s": started.lap()[0]}  # fmt: skip
     output.parent.mkdir(parents=True, exist_ok=True)
     output.write_text(json.dumps({"meta": meta, "results": rows}, indent=2) + "\n")
     print(f"\nresults: {output} ({meta['total_wall_s']:.0f} s in all)")
