@@ -244,7 +244,11 @@ class SharedBase(nn.Module):
     @property
     def is_gradient_checkpointing(self) -> bool:
         """Whether the base checkpoints its layers (in training mode)."""
-        return self.peft_model.get_base_model().is_gradient_checkpointing
+        base = self.peft_model.get_base_model()
+        # transformers 5 renamed the property; the old name stays as a deprecated alias until v6
+        if hasattr(type(base), "is_activation_checkpointing"):
+            return base.is_activation_checkpointing
+        return base.is_gradient_checkpointing
 
     def _require_role(self, role: str) -> None:
         """ValueError naming the missing role and how to provide it."""
