@@ -672,6 +672,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--venv", type=Path, default=Path(tempfile.gettempdir()) / "rlhf_ext-bench-trl-1.12.0",
                         help="the trl 1.12.0 virtual environment (created if missing, as ppo_vs_trl.py does)")
     parser.add_argument("--output", type=Path, help="JSON results (default: <work_dir>/real_size-<size>.json)")
+    parser.add_argument("--reestimate", type=Path, metavar="RESULTS_JSON",
+                        help="print a saved run's table with the estimate recomputed (no measuring)")
     parser.add_argument("--child", choices=CONFIG_NAMES, help=argparse.SUPPRESS)
     parser.add_argument("--prepare", choices=list(SIZES), help=argparse.SUPPRESS)
     parser.add_argument("--base_dir", help=argparse.SUPPRESS)
@@ -679,8 +681,27 @@ def parse_args(argv=None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def reestimate(results_file: Path) -> None:
+    """Print the table of a saved run with the estimate computed again by today's `rlhf_ext.memory`: the
+    measurements stay those of the run, so a change to the estimator is checked without measuring again."""
+    saved = json.loads(results_file.read_text())
+    cli = parse_args(saved["meta"]["command"][2:])
+    config = llama_config(cli.size)
+    specs = configurations(cli.dtype)
+    rows = []
+    for row in saved["results"]:
+        estimate, why_not = memory_estimate(specs[row["config"]], config, cli)
+        rows.append({**row, "estimate_gib": estimate, "estimate_unavailable": why_not})
+    print(f"{results_file.name}: measured by {' '.join(saved['meta']['command'][1:])}; estimate of today's "
+          "rlhf_ext.memory\n")
+    print_table(rows, cli)
+
+
 def main() -> None:
     cli = parse_args()
+    if cli.reestimate:
+        reestimate(cli.reestimate)
+        return
     if cli.child:
         child_main(cli)
         return

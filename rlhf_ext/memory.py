@@ -12,8 +12,8 @@ The peak of one training step is the sum of four terms (docs/shared-base.md, "Me
                         data, no memory) and every tensor it saves for backward is summed. Without
                         checkpointing every layer keeps that much; with it each layer keeps its input and one
                         layer's worth is rebuilt at a time during backward
-    logits              TRL's fused LM head: one [min(N, 4096), min(V, 32768)] tile and its gradient, never
-                        the [B, T, V] logits
+    logits              TRL's fused LM head: a few float32 [min(N, 4096), min(V, 32768)] tiles (2 with its
+                        Triton kernel on a GPU, 7 with its torch fallback on a CPU), never the [B, T, V] logits
     runtime             device="cpu" only: the Python process with torch, transformers, peft and TRL loaded
                         (its resident set before any model; on a GPU, torch.cuda.max_memory_allocated
                         does not count the CUDA context)
@@ -41,6 +41,10 @@ STAGES = ("ppo", "dpo", "reward")
 GIB = 2**30
 # TRL's fused LM head projects [tokens, vocabulary] tiles of at most this size (trl/kernels/chunked_logprob.py)
 FUSED_HEAD_TOKENS, FUSED_HEAD_VOCAB = 4096, 32768
+# Tile-sized float32 buffers TRL's fused head holds at once in backward: the Triton kernel (GPU) keeps the tile
+# and its gradient; the torch fallback (CPU) materialises each elementwise step (logits in float32, log-softmax,
+# softmax, gradient ...): 7 measured, from the 135M K-way DPO step's backward peak (0.77 GiB over 0.104 GiB tiles).
+FUSED_HEAD_TILE_BUFFERS = {"cuda": 2, "cpu": 7}
 # Resident set of a process that imported torch, transformers, peft, accelerate and TRL
 # and training a model of 0.3 MB (measured: `benchmarks/real_size.py --size tiny` peaks at 0.55 GiB)
 CPU_RUNTIME_BYTES = int(0.55 * GIB)
@@ -250,8 +254,8 @@ def estimate(config, stage: str = "ppo", bits: int = 16, lora_r: int = 16, batch
         activations = inputs + per_layer * tokens  # one layer rebuilt at a time
     else:
         activations = forwards * tokens * layers * per_layer
-    logits = 0 if stage == "reward" else 2 * min(tokens, FUSED_HEAD_TOKENS) * min(config.vocab_size,
-                                                                                 FUSED_HEAD_VOCAB) * 4
+    logits = 0 if stage == "reward" else fused_head_bytes(config.vocab_size, sequences, length, completion_length,
+                                                          device, stage)
     return MemoryEstimate(
         stage=stage,
         weights=_weights_bytes(counts, bits, compute, adapters_held, adapter),
@@ -260,6 +264,20 @@ def estimate(config, stage: str = "ppo", bits: int = 16, lora_r: int = 16, batch
         logits=int(logits),
         runtime=CPU_RUNTIME_BYTES if device == "cpu" else 0,
     )
+
+
+def fused_head_bytes(vocab_size: int, sequences: int, length: int, completion_length: int, device: str,
+                     stage: str) -> int:
+    """Peak bytes of TRL's fused LM head: a few [tokens, vocabulary] float32 tiles, never the [B, T, V] logits.
+
+    GRPOTrainer (PPO) passes only the completion positions (`logits_to_keep`). DPOTrainer passes every position with
+    labels -100 outside the completion: with Triton (GPU) only the labelled ones are projected, the torch fallback
+    (CPU) projects them all.
+    """
+    every_position = stage == "dpo" and device != "cuda"
+    tokens = sequences * (length if every_position else completion_length)
+    tile = min(tokens, FUSED_HEAD_TOKENS) * min(vocab_size, FUSED_HEAD_VOCAB) * 4
+    return FUSED_HEAD_TILE_BUFFERS.get(device, FUSED_HEAD_TILE_BUFFERS["cpu"]) * tile
 
 
 def _compute_dtype(bits: int, compute_dtype: str | None, device: str) -> torch.dtype:
