@@ -32,6 +32,13 @@ def test_long_prompts_are_an_error_unless_dropping_is_asked_for():
     assert config(long_prompts="drop").long_prompts == "drop"
 
 
+def test_critic_options_default_to_plain_ppo():
+    c = config()
+    assert (c.value_warmup_steps, c.value_learning_rate, c.value_head_init) == (0, None, "zero")
+    c = config(value_warmup_steps=3, value_learning_rate=1e-5, value_head_init="first_rollout_mean")
+    assert (c.value_warmup_steps, c.value_learning_rate, c.value_head_init) == (3, 1e-5, "first_rollout_mean")
+
+
 def test_one_completion_per_prompt_is_allowed():
     c = config(num_generations=1, per_device_train_batch_size=3)
     assert c.num_generations == 1 and type(c.num_generations) is int and c.generation_batch_size == 3
@@ -49,6 +56,9 @@ def test_one_completion_per_prompt_is_allowed():
         (dict(mask_truncated_completions=True), "missing_eos_penalty"),
         (dict(num_ppo_epochs=0), "num_ppo_epochs must be >= 1"),
         (dict(long_prompts="truncate"), "long_prompts must be one of"),
+        (dict(value_warmup_steps=-1), "value_warmup_steps must be >= 0"),
+        (dict(value_learning_rate=-1e-5), "value_learning_rate must be >= 0 or None"),
+        (dict(value_head_init="mean"), "value_head_init must be one of"),
     ],
 )
 def test_bad_values_raise_clear_errors(overrides, message):

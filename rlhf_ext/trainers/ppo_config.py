@@ -20,6 +20,7 @@ KL_ESTIMATORS = ("k1", "k2", "k3")
 ADVANTAGE_ESTIMATORS = ("gae", "reinforce")
 LOSS_AGGREGATIONS = ("token", "sequence")
 LONG_PROMPT_POLICIES = ("error", "drop")
+VALUE_HEAD_INITS = ("zero", "first_rollout_mean")
 
 
 class _OneCompletionPerPrompt(int):
@@ -164,6 +165,32 @@ class PPOConfig(GRPOConfig):
         },
     )
 
+    value_warmup_steps: int = field(
+        default=0,
+        metadata={
+            "help": "Critic warm-up (VAPO's value pretraining, VC-PPO's value warm-up): during the first N optimizer "
+            "steps only the critic learns; the policy loss and entropy bonus are dropped and the policy parameters "
+            "get no update. 0: no warm-up."
+        },
+    )
+    value_learning_rate: float | None = field(
+        default=None,
+        metadata={
+            "help": "Learning rate of the critic's parameters (the shared base's value adapter and head, or the "
+            "separate value_model), in its own optimizer param groups that the LR scheduler scales like the "
+            "policy's. None: learning_rate."
+        },
+    )
+    value_head_init: str = field(
+        default="zero",
+        metadata={
+            "help": "'zero': the value head's bias starts where it was built (0 for a fresh shared-base head). "
+            "'first_rollout_mean': before the first update, set the bias to the mean score (raw, not whitened) of "
+            "the first rollout, so the first advantages are not dominated by that offset.",
+            "choices": list(VALUE_HEAD_INITS),
+        },
+    )
+
     def __post_init__(self):
         self._check_ppo_fields()
         self.epsilon = self.cliprange
@@ -192,6 +219,7 @@ class PPOConfig(GRPOConfig):
             "advantage_estimator": ADVANTAGE_ESTIMATORS,
             "loss_aggregation": LOSS_AGGREGATIONS,
             "long_prompts": LONG_PROMPT_POLICIES,
+            "value_head_init": VALUE_HEAD_INITS,
         }
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
@@ -207,3 +235,7 @@ class PPOConfig(GRPOConfig):
             )
         if self.cliprange <= 0:
             raise ValueError(f"cliprange must be > 0, got {self.cliprange}.")
+        if self.value_warmup_steps < 0:
+            raise ValueError(f"value_warmup_steps must be >= 0, got {self.value_warmup_steps}.")
+        if self.value_learning_rate is not None and self.value_learning_rate < 0:
+            raise ValueError(f"value_learning_rate must be >= 0 or None, got {self.value_learning_rate}.")
