@@ -21,6 +21,8 @@ _LAZY = {
     "PlackettLuceDPOTrainer": ".trainers.kway_dpo",
     "PlackettLuceRewardConfig": ".trainers.kway_reward",
     "PlackettLuceRewardTrainer": ".trainers.kway_reward",
+    "OnlinePlackettLuceConfig": ".trainers.online_kway",
+    "OnlinePlackettLuceTrainer": ".trainers.online_kway",
     "DataCollatorForRankedPreference": ".data",
     "load_dataset_or_file": ".data",
     "SharedBase": ".models",

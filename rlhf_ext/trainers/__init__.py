@@ -1,7 +1,9 @@
-"""Thin subclasses of TRL trainers: PPO with a critic (on GRPOTrainer), K-way (Plackett-Luce) DPO and reward models."""
+"""Thin subclasses of TRL trainers: PPO with a critic and online K-way DPO (on GRPOTrainer), K-way (Plackett-Luce)
+DPO and reward models."""
 
 from .kway_dpo import PlackettLuceDPOConfig, PlackettLuceDPOTrainer
 from .kway_reward import PlackettLuceRewardConfig, PlackettLuceRewardTrainer
+from .online_kway import OnlinePlackettLuceConfig, OnlinePlackettLuceTrainer
 from .ppo_config import PPOConfig
 from .ppo_trainer import PPOTrainer, SharedBaseCritic, SharedBaseReward
 
@@ -14,4 +16,6 @@ __all__ = [
     "PlackettLuceDPOTrainer",
     "PlackettLuceRewardConfig",
     "PlackettLuceRewardTrainer",
+    "OnlinePlackettLuceConfig",
+    "OnlinePlackettLuceTrainer",
 ]

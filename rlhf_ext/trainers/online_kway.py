@@ -1,0 +1,396 @@
+r"""Online K-way (Plackett-Luce) DPO, as a thin subclass of TRL's GRPOTrainer (seed section 5.2, sampled online).
+
+For every prompt x the policy samples K = `num_generations` completions; the reward function(s) score them
+(weighted sum, `reward_weights`) and the scores rank the group best first, y_1 > y_2 > ... > y_K. With implicit
+rewards
+
+    s_k = beta * (log pi_theta(y_k | x) - log pi_ref(y_k | x))          (summed over completion tokens)
+
+the loss is the negative log Plackett-Luce probability of that ranking (`rlhf_ext.dpo_plackett_luce_loss`):
+
+    loss = - sum_{k < m} [ s_k - log sum_{j >= k} exp s_j ]
+
+averaged over the groups of a micro-batch, with m = K - 1 for a full ranking, fewer for `top_m` or a tie. At K=2
+it is the sigmoid DPO loss of (better, worse): -log sigmoid(s_1 - s_2), i.e. online DPO with the reward as judge.
+
+TRL's GRPOTrainer already samples (transformers or vLLM), runs the reward functions, buffers a generation batch
+over `steps_per_generation` micro-batches, logs and checkpoints. This subclass changes:
+
+    _generate_and_score_completions   super() samples and scores; we add the reference log-probs, sort every group
+                                      by its reward and regroup the batch as [groups, K, ...] in ranked order
+    _compute_loss                     policy forward, then the Plackett-Luce DPO loss per group
+
+Regrouping matters: GRPO shuffles a generation batch along its first dimension and splits it into micro-batches;
+with one group per row the shuffle permutes whole groups and each micro-batch holds whole groups, which a
+ranking loss needs (it compares the K completions of a prompt in one forward). So every process must hold whole
+groups: `per_device_train_batch_size` (and `per_device_eval_batch_size`) must be multiples of `num_generations`.
+
+Ties ("truncate", as the offline trainer's tie_policy): the ranking is kept up to the first tie of equal rewards:
+for rewards [5, 3, 3, 1] only "y_1 beats the other three" is modelled (m = 1), and a tie at the top leaves the
+group out of the loss (m = 0); all scored completions still compete in each denominator. A completion whose
+reward is NaN (or None) is left out of its group and counted in `objective/skipped_completions`; a group with
+fewer than 2 scored completions contributes nothing.
+
+On a `SharedBase`: the policy adapter trains, the frozen reward adapter + head is the default reward function
+(`SharedBaseReward`), the reference is the base with adapters off, and the value adapter is unused and frozen (it
+is removed from the shared base's trainable set, so it is neither in the optimizer nor given gradients).
+"""
+
+from __future__ import annotations
+
+import copy
+import textwrap
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from accelerate.utils import is_peft_model
+from torch import nn
+from transformers import AutoModelForCausalLM, PreTrainedModel
+from trl import GRPOConfig, GRPOTrainer
+
+from ..models import SharedBase
+from ..ops import dpo_plackett_luce_loss
+from .kway_common import TOP_M_HELP, ranking_stats
+from .ppo_trainer import PPOTrainer, SharedBaseReward, SharedBaseVLLMGeneration, checked_reward_function
+
+# Fields of the regrouped batch that the loss reads and the regrouping builds; everything else GRPO returns
+# per completion is regrouped alongside.
+GROUP_FIELDS = ("ref_logps", "item_mask", "depth")
+
+
+@dataclass
+class OnlinePlackettLuceConfig(GRPOConfig):
+    r"""GRPOConfig for online K-way DPO: K = `num_generations` completions per prompt, ranked by their reward.
+
+    Adds `dpo_beta` (DPO's beta, the inverse temperature of the implicit reward), `top_m` and
+    `length_normalization` (as in `PlackettLuceDPOConfig`). GRPO's own `beta` (the coefficient of its in-loss
+    KL term) must stay 0: the reference enters through the implicit reward instead. GRPO's advantage and
+    clipping options (`scale_rewards`, `loss_type`, `epsilon`, ...) are not used.
+    """
+
+    dpo_beta: float = field(
+        default=0.1,
+        metadata={"help": "DPO's beta: implicit reward s = dpo_beta * (log pi - log pi_ref), summed over tokens."},
+    )
+    top_m: int | None = field(default=None, metadata={"help": TOP_M_HELP})
+    length_normalization: bool = field(
+        default=False,
+        metadata={
+            "help": "Divide each completion's summed log-probs (policy and reference) by its number of tokens "
+            "before the loss; at K=2 this is TRL's DPO loss_type='sigmoid_norm'."
+        },
+    )
+    beta: float = field(
+        default=0.0,
+        metadata={
+            "help": "GRPO's in-loss KL coefficient. Must be 0 here: the reference enters through the implicit reward "
+            "(set `dpo_beta`)."
+        },
+    )
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.beta != 0.0:
+            raise ValueError(
+                f"OnlinePlackettLuceConfig.beta must be 0 (got {self.beta}): it is GRPO's KL coefficient; the "
+                "implicit reward's beta is `dpo_beta`."
+            )
+        if self.dpo_beta <= 0:
+            raise ValueError(f"dpo_beta must be > 0, got {self.dpo_beta}")
+        if self.top_m is not None and self.top_m < 1:
+            raise ValueError(f"top_m must be >= 1 or None, got {self.top_m}")
+        check_whole_groups(self.per_device_train_batch_size, self.num_generations, "per_device_train_batch_size")
+        check_whole_groups(
+            self.per_device_eval_batch_size, self.num_generations_eval or self.num_generations,
+            "per_device_eval_batch_size",
+        )  # fmt: skip
+
+
+def check_whole_groups(batch_size: int, num_generations: int, name: str) -> None:
+    """ValueError unless a micro-batch of `batch_size` completions holds whole groups of `num_generations`."""
+    if batch_size % num_generations != 0:
+        raise ValueError(
+            f"{name}={batch_size} must be a multiple of num_generations={num_generations}: the ranking loss needs "
+            "all completions of a prompt in one micro-batch on one process."
+        )
+
+
+# ---------------------------------------------------------------- the ranking and the loss (pure functions)
+
+
+def rank_groups(
+    scores: torch.Tensor, scored: torch.Tensor, top_m: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The ranking the rewards give each group: (order [G, K] long, item_mask [G, K] bool, depth [G] long).
+
+    order[g] lists the group's completions by descending score (stable: equal scores keep their sampling order),
+    unscored ones (scored False) last; item_mask marks the scored ones in that order (a prefix). depth m_g is the
+    number of places modelled: up to the first tie of equal scores (the offline tie_policy "truncate"), at most
+    n_g - 1 for n_g scored completions, at most top_m, and 0 for a group with fewer than 2.
+    """
+    key = scores.masked_fill(~scored, float("-inf"))
+    order = torch.argsort(key, dim=1, descending=True, stable=True)
+    item_mask = scored.gather(1, order)
+    sorted_scores = key.gather(1, order)
+    count = item_mask.sum(dim=1)
+    ties = (sorted_scores[:, :-1] == sorted_scores[:, 1:]) & item_mask[:, 1:]
+    first_tie = torch.where(ties.any(dim=1), ties.float().argmax(dim=1), count - 1)
+    depth = torch.minimum(first_tie, count - 1).clamp(min=0)
+    if top_m is not None:
+        depth = depth.clamp(max=top_m)
+    return order, item_mask, depth
+
+
+def group_dpo_loss(
+    policy_logps: torch.Tensor, ref_logps: torch.Tensor, item_mask: torch.Tensor, depth: torch.Tensor, beta: float
+) -> torch.Tensor:
+    """Plackett-Luce DPO loss of each ranked group [G] (0 for a group with fewer than 2 scored completions).
+
+    policy_logps, ref_logps [G, K] in ranked order; item_mask, depth as `rank_groups` returns them. The zero of a
+    skipped group keeps the graph (0 * log-probs), so every process backpropagates through its forward, as DDP needs.
+    """
+    losses = 0.0 * policy_logps.sum(dim=1)
+    rankable = item_mask.sum(dim=1) >= 2
+    if rankable.any():
+        rows = rankable.nonzero().squeeze(1)
+        ranked = dpo_plackett_luce_loss(
+            policy_logps[rows], ref_logps[rows], beta=beta, mask=item_mask[rows], top_m=depth[rows]
+        )
+        losses = losses.index_put((rows,), ranked)
+    return losses
+
+
+def regroup(batch: dict, order: torch.Tensor) -> dict:
+    """Every per-completion tensor of `batch` [B, ...] as [G, K, ...], each group in ranked `order` [G, K].
+
+    Scalars (GRPO's `num_items_in_batch`) are kept; other fields are left as they are.
+    """
+    num_groups, k = order.shape
+    flat = (order + k * torch.arange(num_groups, device=order.device)[:, None]).reshape(-1)
+    out = {}
+    for key, value in batch.items():
+        if torch.is_tensor(value) and value.ndim > 0 and value.shape[0] == num_groups * k:
+            value = value[flat.to(value.device)].view(num_groups, k, *value.shape[1:])
+        out[key] = value
+    return out
+
+
+def freeze_value_role(shared: SharedBase) -> None:
+    """Take the shared base's value adapter and head out of its trainable set: online DPO has no critic.
+
+    The shared base restores requires_grad from its trainable set on every role switch, so setting it to False
+    once would not last; emptying the set's value entry does.
+    """
+    shared._trainable["value"] = {}
+    shared._restore_trainable()
+    shared.heads["value"].requires_grad_(False)
+
+
+# ---------------------------------------------------------------- the trainer
+
+
+class OnlinePlackettLuceTrainer(GRPOTrainer):
+    r"""Online K-way DPO: sample K completions per prompt, rank them by reward, minimise the Plackett-Luce DPO loss.
+
+    Args:
+        model: a `SharedBase` (policy adapter trained; reward role as the default reward function; reference =
+            adapters off; value adapter unused and frozen), or the policy as in `GRPOTrainer` (model id or path,
+            `PreTrainedModel`, or `PeftModel`).
+        reward_funcs: any TRL reward function or a list of them, weighted by `args.reward_weights`. Default with a
+            `SharedBase`: its reward role.
+        args: an [`OnlinePlackettLuceConfig`].
+        ref_model: the reference policy. Default: the policy with its adapters disabled when it is a PeftModel (or
+            `peft_config` is given), otherwise a frozen copy of the policy taken before training.
+        Other arguments are passed to `GRPOTrainer` unchanged.
+    """
+
+    _tag_names = ["trl", "online-dpo", "rlhf_ext", "plackett-luce"]
+    _name = "Online Plackett-Luce DPO"
+    _paper = {
+        "title": "Direct Preference Optimization: Your Language Model is Secretly a Reward Model",
+        "id": "2305.18290",
+        # docstyle-ignore
+        "citation": textwrap.dedent("""\
+            @inproceedings{rafailov2023direct,
+                title        = {{Direct Preference Optimization: Your Language Model is Secretly a Reward Model}},
+                author       = {Rafael Rafailov and Archit Sharma and Eric Mitchell and Christopher D. Manning and Stefano Ermon and Chelsea Finn},
+                year         = 2023,
+                booktitle    = {Advances in Neural Information Processing Systems 36},
+            }"""),  # noqa: E501 (the BibTeX author list is one line of data)
+    }
+
+    # Reused from PPOTrainer as they are (they read only `shared_base`, `ppo_ref_model`, `model`, `args`, `temperature`
+    # and the accelerator): the reference (a ref model, the shared base's reference role, or peft's adapters off) and
+    # saving only the policy adapter of a shared base.
+    _prepare_reference = PPOTrainer._prepare_reference
+    _reference_logprobs = PPOTrainer._reference_logprobs
+    _saving_only_the_policy_adapter = PPOTrainer._saving_only_the_policy_adapter
+
+    def __init__(
+        self,
+        model: str | PreTrainedModel | nn.Module,
+        reward_funcs: Callable | nn.Module | str | list | None = None,
+        args: OnlinePlackettLuceConfig | None = None,
+        train_dataset=None,
+        eval_dataset=None,
+        processing_class=None,
+        ref_model: PreTrainedModel | None = None,
+        reward_processing_classes=None,
+        callbacks=None,
+        optimizers=(None, None),
+        peft_config=None,
+    ):
+        if args is None:
+            args = OnlinePlackettLuceConfig("online-kway-output")
+        if not isinstance(args, OnlinePlackettLuceConfig):
+            raise TypeError(f"OnlinePlackettLuceTrainer needs an OnlinePlackettLuceConfig, got {type(args).__name__}.")
+        self.shared_base = model if isinstance(model, SharedBase) else None
+        if self.shared_base is not None:
+            if reward_funcs is None and "reward" in self.shared_base.heads:
+                reward_funcs = SharedBaseReward(self.shared_base, processing_class, args.chat_template_kwargs)
+            model = self.shared_base.peft_model
+        if reward_funcs is None:
+            raise ValueError("OnlinePlackettLuceTrainer needs `reward_funcs`, or a SharedBase with a reward role.")
+        if isinstance(model, str):
+            model = AutoModelForCausalLM.from_pretrained(model, **(args.model_init_kwargs or {}))
+        if ref_model is None and not (is_peft_model(model) or peft_config is not None):
+            # A full fine-tune moves every weight, so the reference must be a copy taken before training.
+            ref_model = copy.deepcopy(model).eval().requires_grad_(False)
+        super().__init__(
+            model=model, reward_funcs=reward_funcs, args=args, train_dataset=train_dataset, eval_dataset=eval_dataset,
+            processing_class=processing_class, reward_processing_classes=reward_processing_classes,
+            callbacks=callbacks, optimizers=optimizers, peft_config=peft_config,
+        )  # fmt: skip
+        if self.shared_base is not None:
+            # GRPOTrainer casts trainable adapters of a quantized base to bfloat16; the shared base keeps its dtype.
+            self.shared_base.match_adapter_dtype()
+            freeze_value_role(self.shared_base)  # before `train()` builds the optimizer from requires_grad
+            if self.use_vllm:
+                self.vllm_generation.__class__ = SharedBaseVLLMGeneration  # sync the policy only (see PPOTrainer)
+        self.ppo_ref_model = self._prepare_reference(ref_model)
+        self._last_rewards_per_func = None
+        self.reward_funcs = [
+            checked_reward_function(func, name)
+            for func, name in zip(self.reward_funcs, self.reward_func_names, strict=True)
+        ]
+
+    # ---------------------------------------------------------------- rollout: rewards, reference, ranking
+
+    def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
+        # Extends GRPOTrainer._calculate_rewards: keep the gathered [N_global, n_funcs] rewards, which super() turns
+        # into group-relative advantages and drops; the ranking needs each completion's raw weighted reward.
+        rewards_per_func = super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)
+        self._last_rewards_per_func = rewards_per_func
+        return rewards_per_func
+
+    def _local_scores(self, batch_size: int, mode: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """This process's [B] weighted reward sums and a [B] bool marking the finite ones, as PPOTrainer skips them:
+        a completion whose reward is NaN (or None) under any reward function leaves the ranking and is counted in
+        `objective/skipped_completions`, rather than being ranked by a partial sum."""
+        rewards_per_func = self._last_rewards_per_func
+        scores = (rewards_per_func * self.reward_weights.to(rewards_per_func.device)).sum(dim=1)
+        scored = torch.isfinite(scores)
+        self._metrics[mode]["objective/skipped_completions"].append((~scored).sum().item())
+        local = slice(self.accelerator.process_index * batch_size, (self.accelerator.process_index + 1) * batch_size)
+        return scores[local].nan_to_num(0.0), scored[local]
+
+    def _generate_and_score_completions(self, inputs):
+        # Extends GRPOTrainer._generate_and_score_completions: super() samples and scores (and logs `reward`); we add
+        # the reference's sequence log-probs and replace GRPO's advantages with the ranking of each group, regrouping
+        # the batch as [G, K, ...] so that GRPO's shuffle and micro-batch split keep groups whole (module docstring).
+        batch = super()._generate_and_score_completions(inputs)
+        mode = "train" if self.model.training else "eval"
+        k = self.num_generations if mode == "train" else self.num_generations_eval
+        size = batch["completion_ids"].size(0)
+        check_whole_groups(size, k, "the local batch")
+        input_ids = torch.cat([batch["prompt_ids"], batch["completion_ids"]], dim=1)
+        attention_mask = torch.cat([batch["prompt_mask"], batch["completion_mask"]], dim=1)
+        with torch.no_grad():
+            ref_tokens = self._reference_logprobs(input_ids, attention_mask, batch["completion_ids"].size(1))
+        # TRL's layout: rewards are gathered in process order, num_generations consecutive ones per prompt, and
+        # this process's completions are the slice `_local_scores` takes; whole groups, as checked above.
+        scores, scored = self._local_scores(size, mode)
+        order, item_mask, depth = rank_groups(scores.view(-1, k), scored.view(-1, k), self.args.top_m)
+        batch.pop("advantages")  # GRPO's group-relative advantages: not used by a ranking loss
+        batch["ref_logps"] = (ref_tokens * completion_mask(batch)).sum(dim=1)
+        grouped = regroup(batch, order)
+        grouped.update(item_mask=item_mask, depth=depth)
+        return grouped
+
+    # ---------------------------------------------------------------- update (seed 5.2)
+
+    def _compute_loss(self, model, inputs):
+        # Replaces GRPOTrainer._compute_loss (a clipped policy-gradient loss on advantages): the loss here is the
+        # Plackett-Luce DPO loss of each group's ranking, so no part of GRPO's loss carries over.
+        num_groups, k = inputs["item_mask"].shape
+        flat = {
+            key: value.flatten(0, 1)
+            for key, value in inputs.items()
+            if key not in GROUP_FIELDS and is_grouped(value, num_groups, k)
+        }
+        input_ids = torch.cat([flat["prompt_ids"], flat["completion_ids"]], dim=1)
+        attention_mask = torch.cat([flat["prompt_mask"], flat["completion_mask"]], dim=1)
+        token_logps, _, _ = self._get_per_token_logps_and_entropies(
+            model, input_ids, attention_mask, flat["completion_ids"].size(1)
+        )
+        mask = completion_mask(flat)
+        policy_logps = (token_logps * mask).sum(dim=1).view(num_groups, k)
+        ref_logps = inputs["ref_logps"]
+        kl = (policy_logps - ref_logps).detach()
+        if self.args.length_normalization:
+            lengths = mask.sum(dim=1).view(num_groups, k).clamp(min=1)  # an empty completion stays finite
+            policy_logps, ref_logps = policy_logps / lengths, ref_logps / lengths
+        item_mask, depth = inputs["item_mask"], inputs["depth"]
+        loss = group_dpo_loss(policy_logps, ref_logps, item_mask, depth, self.args.dpo_beta).mean()
+        mode = "train" if self.model.training else "eval"
+        self._log_update(mode, policy_logps.detach(), ref_logps, item_mask, depth, kl)
+        # As GRPO: Trainer's gradient-accumulation scaling is off for this trainer, so the loss scales itself.
+        return loss / self.current_gradient_accumulation_steps if mode == "train" else loss
+
+    # ---------------------------------------------------------------- logging, under the offline trainer's names
+
+    def _log_update(self, mode: str, policy_logps, ref_logps, item_mask, depth, kl) -> None:
+        """rewards/{chosen,rejected,margins,accuracies,top1_accuracy} of the implicit rewards against the reward
+        ranking, as `PlackettLuceDPOTrainer` logs them (over groups with >= 2 scored completions), and objective/kl:
+        the mean over scored completions of sum_t (log pi - log pi_ref), at the policy being updated."""
+        stats = ranking_stats(self.args.dpo_beta * (policy_logps - ref_logps), item_mask, depth)
+        rankable = item_mask.sum(dim=1) >= 2
+        chosen, rejected = stats.chosen, stats.rejected  # NaN "rejected" for a group with one scored completion
+        per_group = torch.stack([
+            rankable.float(), stats.pairs_correct, stats.pairs, stats.top1_correct, stats.has_top1,
+            chosen.nan_to_num(0.0) * rankable, rejected.nan_to_num(0.0) * rankable,
+            (kl * item_mask).sum(dim=1), item_mask.sum(dim=1).float(),
+        ], dim=1).float()  # fmt: skip
+        totals = self.accelerator.gather(per_group).sum(dim=0).tolist()
+        groups, pairs_correct, pairs, top1_correct, has_top1, chosen_sum, rejected_sum, kl_sum, items = totals
+        metrics = self._metrics[mode]
+        if groups > 0:
+            metrics["rewards/chosen"].append(chosen_sum / groups)
+            metrics["rewards/rejected"].append(rejected_sum / groups)
+            metrics["rewards/margins"].append((chosen_sum - rejected_sum) / groups)
+        metrics["rewards/accuracies"].append(pairs_correct / pairs if pairs > 0 else 0.0)
+        metrics["rewards/top1_accuracy"].append(top1_correct / has_top1 if has_top1 > 0 else 0.0)
+        if items > 0:
+            metrics["objective/kl"].append(kl_sum / items)
+
+    # ---------------------------------------------------------------- checkpoints
+
+    def _save(self, output_dir: str | None = None, state_dict=None):
+        # Extends Trainer._save: on a shared base only the policy adapter is written (PPOTrainer's reason: peft would
+        # also write the frozen reward adapter without its head, and the unused value adapter).
+        with self._saving_only_the_policy_adapter():
+            super()._save(output_dir, state_dict=state_dict)
+
+
+def is_grouped(value, num_groups: int, k: int) -> bool:
+    """Whether `value` is a regrouped per-completion tensor [G, K, ...]."""
+    return torch.is_tensor(value) and value.ndim >= 2 and value.shape[:2] == (num_groups, k)
+
+
+def completion_mask(batch: dict) -> torch.Tensor:
+    """The completion tokens that count [B, C]: the completion mask, without tool-output tokens when there are any."""
+    mask = batch["completion_mask"]
+    if "tool_mask" in batch:
+        mask = mask * batch["tool_mask"]
+    return mask
