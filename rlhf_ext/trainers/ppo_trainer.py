@@ -9,6 +9,8 @@ checkpointing. This subclass changes two methods and adds the critic:
                                       log-probs, values, per-token rewards and GAE advantages [B, T]
     _compute_loss                     policy + value forward, then `rlhf_ext.ppo_loss`
 
+and extends `create_optimizer` (the critic's own learning rate) and `training_step` (the critic warm-up).
+
 The trainer's `model` is the policy (a causal LM or a PeftModel). The critic's trainable module is attached
 to it as the submodule `value_model`, so TRL's optimizer, DDP and device placement see every trainable
 parameter; `_save` / `_load_from_checkpoint` write and read the critic beside the policy.
@@ -303,6 +305,13 @@ class PPOTrainer(GRPOTrainer):
             disable_dropout_in_model(value_model)
         self._last_rewards_per_func = None
         self.last_rollout: list[dict] = []
+        self._value_head_pending = self.args.value_head_init == "first_rollout_mean"
+        if self._value_head_pending and value_head_bias(value_model) is None:
+            raise ValueError(
+                f"value_head_init='first_rollout_mean' needs a value head with a bias; {type(value_model).__name__} "
+                "has none (a transformers `score` head is built with bias=False). Use the shared base's value role "
+                "or a critic whose `score` is an nn.Linear with a bias."
+            )
         # Bad input found now, before the first step, rather than steps into the run with nothing saved.
         self.reward_funcs = [
             checked_reward_function(func, name)
@@ -325,6 +334,54 @@ class PPOTrainer(GRPOTrainer):
     @property
     def value_model(self) -> nn.Module:
         return self.accelerator.unwrap_model(self.model).value_model
+
+    def critic_parameters(self) -> list[nn.Parameter]:
+        """The critic's trainable parameters: the shared base's value adapter and head, or the attached value model's.
+
+        On a shared base the value adapter lives in the base (the policy's module), not in `value_model`, so the
+        shared base's own split (`trainable_parameters("value")`) is the one to ask.
+        """
+        if self.shared_base is not None:
+            return self.shared_base.trainable_parameters("value")
+        return [p for p in self.value_model.parameters() if p.requires_grad]
+
+    def policy_parameters(self) -> list[nn.Parameter]:
+        """Every trainable parameter of the trainer's model that is not the critic's."""
+        critic = {id(p) for p in self.critic_parameters()}
+        return [p for p in self.model.parameters() if p.requires_grad and id(p) not in critic]
+
+    # ---------------------------------------------------------------- optimizer: the critic's own learning rate
+
+    def create_optimizer(self, model=None):
+        # Extends Trainer.create_optimizer. super() builds the optimizer TrainingArguments asks for (optim,
+        # weight-decay groups from `get_decay_parameter_names`, betas, eps); with `value_learning_rate` set, each of
+        # its param groups is then split in two, the critic's parameters moving to a copy of the group with the
+        # critic's lr. Done before the first step (the optimizer has no state yet) and before `create_scheduler`,
+        # whose LambdaLR records each group's initial lr and scales every group by the same factor. An optimizer
+        # passed in through `optimizers=` is the caller's, and is left as it is.
+        built_here = self.optimizer is None
+        optimizer = super().create_optimizer(model)
+        if built_here and self.args.value_learning_rate is not None:
+            split_param_groups(optimizer, self.critic_parameters(), lr=self.args.value_learning_rate)
+        return optimizer
+
+    # ---------------------------------------------------------------- critic warm-up (VAPO, VC-PPO)
+
+    def in_value_warmup(self) -> bool:
+        """Whether this training step is one of the first `value_warmup_steps` optimizer steps (critic only)."""
+        return self.model.training and self.state.global_step < self.args.value_warmup_steps
+
+    def training_step(self, model, inputs, num_items_in_batch):
+        # Extends GRPOTrainer.training_step. During warm-up `_compute_loss` gives the policy term a gradient of
+        # exactly 0 (it stays in the graph, since DDP without find_unused_parameters expects a gradient for every
+        # parameter); dropping that zero gradient after the backward makes the optimizer skip the policy
+        # parameters altogether, so weight decay leaves them as they are and Adam's moments and step count start
+        # when the warm-up ends, as for a fresh policy.
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        if self.in_value_warmup():
+            for param in self.policy_parameters():
+                param.grad = None
+        return loss
 
     # ---------------------------------------------------------------- rollout (seed 4, steps 1-5)
 
@@ -421,6 +478,9 @@ class PPOTrainer(GRPOTrainer):
         if "tool_mask" in batch:
             mask = mask & batch["tool_mask"].bool()
 
+        scores, scored = self._local_scores(len(mask), mode)
+        if self._value_head_pending and mode == "train":
+            self._initialise_value_head_bias()
         with torch.no_grad():
             logprobs = batch.get("old_per_token_logps")
             if logprobs is None:
@@ -428,7 +488,6 @@ class PPOTrainer(GRPOTrainer):
             ref_logprobs = self._reference_logprobs(prompt_completion_ids, attention_mask, completion_length)
             values = completion_values(self.value_model, prompt_completion_ids, attention_mask, completion_length)
 
-        scores, scored = self._local_scores(len(mask), mode)
         rollout = self._advantages(scores, scored, logprobs, ref_logprobs, values, mask, batch["completion_ids"])
         loss_mask = mask & scored[:, None]
         batch.update(
@@ -465,20 +524,45 @@ class PPOTrainer(GRPOTrainer):
             )
         return logps
 
+    def _global_scores(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """[N_global] weighted reward sums of the generation batch (all processes) and where they are finite."""
+        rewards_per_func = self._last_rewards_per_func
+        weights = self.reward_weights.to(rewards_per_func.device)
+        scores_global = (rewards_per_func * weights).sum(dim=1)
+        return scores_global, torch.isfinite(scores_global)
+
     def _local_scores(self, batch_size: int, mode: str) -> tuple[torch.Tensor, torch.Tensor]:
         """This process's [B] weighted reward sums and a [B] bool marking the completions with a finite score.
 
         A completion whose reward is NaN or None under any reward function is skipped (its tokens leave the loss)
         and counted in `objective/skipped_completions`, rather than being scored with a partial sum.
         """
-        rewards_per_func = self._last_rewards_per_func
-        weights = self.reward_weights.to(rewards_per_func.device)
-        scores_global = (rewards_per_func * weights).sum(dim=1)
-        scored_global = torch.isfinite(scores_global)
+        scores_global, scored_global = self._global_scores()
         self._metrics[mode]["objective/skipped_completions"].append((~scored_global).sum().item())
         start = self.accelerator.process_index * batch_size
         local = slice(start, start + batch_size)
         return scores_global[local].nan_to_num(0.0), scored_global[local]
+
+    def _initialise_value_head_bias(self) -> None:
+        """value_head_init="first_rollout_mean": set the value head's bias to the mean score of this, the first
+        training rollout, before its values are computed (so its GAE already sees them), the weight unchanged.
+
+        A fresh head predicts about 0 while the returns sit near the mean score, so without it the first advantages
+        are mostly that offset, the same sign for every token. The mean is over the finite scores of all processes
+        (the weighted reward-function sum, before missing_eos_penalty and the KL penalty), so every process sets the
+        same bias. Not done on resume (global_step > 0: the checkpoint's head is kept), nor on a rollout without a
+        finite score (the next rollout tries again).
+        """
+        if self.state.global_step > 0:
+            self._value_head_pending = False
+            return
+        scores, scored = self._global_scores()
+        if not scored.any():
+            return
+        bias = value_head_bias(self.value_model)
+        with torch.no_grad():
+            bias.fill_(scores[scored].mean().item())
+        self._value_head_pending = False
 
     def _has_eos(self, completion_ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         last = completion_ids.gather(1, (mask.sum(dim=1, keepdim=True) - 1).clamp(min=0)).squeeze(1)
@@ -523,10 +607,14 @@ class PPOTrainer(GRPOTrainer):
         )
         values = completion_values(self.value_model, input_ids, attention_mask, completion_length)
         normalizer = self._loss_normalizer(inputs)
+        warmup = self.in_value_warmup()
+        # Critic warm-up: zero advantages and no entropy bonus make the policy term 0 with a gradient of exactly 0
+        # (see `training_step` for why the policy stays in the graph), leaving vf_coef * value_loss.
+        advantages = torch.zeros_like(inputs["advantages"]) if warmup else inputs["advantages"]
         out = ppo_loss(
             logprobs,
             inputs["old_per_token_logps"],
-            inputs["advantages"],
+            advantages,
             inputs["ppo_mask"],
             values=values,
             old_values=inputs["old_values"],
@@ -535,7 +623,7 @@ class PPOTrainer(GRPOTrainer):
             clip_range=self.args.cliprange,
             clip_range_value=self.args.cliprange_value,
             vf_coef=self.args.vf_coef,
-            ent_coef=self.args.ent_coef,
+            ent_coef=0.0 if warmup else self.args.ent_coef,
             aggregation=self.args.loss_aggregation,
             normalizer=normalizer,
         )
@@ -666,6 +754,35 @@ class PPOTrainer(GRPOTrainer):
         # Extends Trainer._load_from_checkpoint, which restores only the policy, with the critic saved by `_save`.
         super()._load_from_checkpoint(resume_from_checkpoint, model)
         load_value_model(self.value_model, os.path.join(resume_from_checkpoint, VALUE_DIR))
+
+
+def value_head_bias(value_model: nn.Module) -> nn.Parameter | None:
+    """The bias of the critic's value head: the shared base's value head, or a transformers critic's `score` head
+    (None when that head has no bias, as transformers builds it)."""
+    if isinstance(value_model, SharedBaseCritic):
+        return value_model.heads["value"].linear.bias
+    return getattr(getattr(value_model, "score", None), "bias", None)
+
+
+def split_param_groups(optimizer: torch.optim.Optimizer, params: list[nn.Parameter], lr: float) -> None:
+    """Move `params` out of every param group of `optimizer` into copies of their groups with learning rate `lr`.
+
+    Only for an optimizer that has not stepped (its state, keyed by parameter, is empty): each copy keeps its
+    group's other options (weight decay, betas, ...), so only the learning rate differs.
+    """
+    if optimizer.state:
+        raise RuntimeError("split_param_groups needs an optimizer that has not stepped yet.")
+    moving = {id(p) for p in params}
+    moved_any = False
+    for group in list(optimizer.param_groups):
+        moved = [p for p in group["params"] if id(p) in moving]
+        if moved:
+            group["params"] = [p for p in group["params"] if id(p) not in moving]
+            optimizer.add_param_group({**group, "params": moved, "lr": lr})
+            moved_any = True
+    if moving and not moved_any:
+        # e.g. FSDP, whose flattened parameters are not the module's: a silent no-op would train at the wrong lr
+        raise ValueError("value_learning_rate: none of the critic's parameters is in the optimizer's param groups.")
 
 
 def save_value_model(value_model: nn.Module, path: str) -> None:
