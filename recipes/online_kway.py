@@ -1,0 +1,136 @@
+"""Online K-way (Plackett-Luce) DPO on one shared base: a trainable policy adapter, a frozen reward adapter + head as
+the judge, and the base itself as the reference (docs/kway.md, "Online K-way DPO").
+
+    accelerate launch recipes/online_kway.py --config recipes/configs/online_kway.yaml --reward_adapter_path out/reward
+    python recipes/online_kway.py --help
+
+Every field of `OnlineKWayScriptArguments`, `OnlinePlackettLuceConfig` and `SharedBaseArguments` is a CLI flag and a
+YAML key; flags override the YAML. The reward is the reward role (`--reward_adapter_path`, the folder the K-way reward
+recipe writes) or a sequence-classification model (`--reward_model_name_or_path`), never both. The shared base's value
+adapter is built but unused and frozen. Writes `<output_dir>/policy` (peft adapter folder + tokenizer) and pushes
+`<output_dir>` to the Hub with `--push_to_hub`.
+"""  # noqa: E501 (a shell command in the docstring; wrapping it would break copy-paste)
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from rlhf_ext.models import SharedBase, SharedBaseArguments
+from rlhf_ext.recipe_utils import recipe_parser, seed_before_models
+from rlhf_ext.trainers.online_kway import OnlinePlackettLuceConfig, OnlinePlackettLuceTrainer
+
+
+def _ppo_recipe():
+    """recipes/ppo.py, whose prompt loading, argument checks and tokenizer this recipe shares (same data, same
+    reward options), loaded by path so that this file runs from anywhere, as a script or imported."""
+    name = "rlhf_ext_recipe_ppo"
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, Path(__file__).with_name("ppo.py"))
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module  # dataclasses with string annotations look their module up there
+        spec.loader.exec_module(module)
+    return sys.modules[name]
+
+
+_ppo = _ppo_recipe()
+
+USAGE = "online_kway.py --config recipes/configs/online_kway.yaml --reward_adapter_path DIR [--FLAG VALUE ...]"
+DESCRIPTION = """\
+Online K-way DPO on one shared base: K = num_generations completions per prompt are sampled, ranked by the frozen
+reward adapter + head, and the policy adapter minimises the Plackett-Luce DPO loss of that ranking; the base itself is
+the reference. Writes <output_dir>/policy (adapter + tokenizer).
+
+--config FILE.yaml            every key is a flag below; flags given on the command line override it
+--model_name_or_path PATH     base model: Hub id or local folder
+--reward_adapter_path DIR     reward role folder (the K-way reward recipe's --output_dir), or instead:
+--reward_model_name_or_path   a sequence-classification reward model (num_labels=1); not both
+--dataset_name NAME           Hub dataset, or a local .json / .jsonl / .parquet file with a "prompt" column
+--output_dir DIR              where policy/ and checkpoints are written
+--num_generations 4           K, completions ranked per prompt (per_device_train_batch_size: a multiple of it)
+--dpo_beta 0.1, --top_m       implicit reward scale; model only the first top_m places of each ranking
+--length_normalization        divide log-probs by completion length (K=2: TRL's sigmoid_norm)
+--max_completion_length N, --learning_rate, --max_steps, --seed
+--lora_r 16, --load_in_4bit   LoRA rank of the policy; quantized base (--use_peft: always on here)
+--resume_from_checkpoint DIR, --push_to_hub --hub_model_id ID
+
+All OnlinePlackettLuceConfig (TRL GRPOConfig) and transformers TrainingArguments flags follow.
+"""
+
+
+@dataclass
+class OnlineKWayScriptArguments:
+    """Data and reward of the online K-way recipe: the PPO recipe's, without its KL controller (here the KL to the
+    reference is set by --dpo_beta) and completions table."""
+
+    dataset_name: str | None = field(
+        default=None,
+        metadata={"help": "Hub dataset name, or a local .json / .jsonl / .parquet file of prompts."},
+    )
+    dataset_config: str | None = field(default=None, metadata={"help": "Configuration name of a Hub dataset."})
+    dataset_train_split: str = field(default="train", metadata={"help": "Split to train on."})
+    dataset_test_split: str = field(
+        default="test", metadata={"help": "Split to evaluate on when --eval_strategy is not 'no'."}
+    )
+    prompt_column: str = field(
+        default="prompt", metadata={"help": "Column holding the prompts (text or a list of chat messages)."}
+    )
+    max_train_samples: int | None = field(
+        default=None, metadata={"help": "Train on the first this many prompts only (None: all)."}
+    )
+    reward_model_name_or_path: str | None = field(
+        default=None,
+        metadata={
+            "help": "A sequence-classification reward model (num_labels=1) used instead of the reward role of the "
+            "shared base (--reward_adapter_path); giving both is an error."
+        },
+    )
+    use_peft: bool = field(
+        default=True,
+        metadata={
+            "help": "Accepted for symmetry with the other recipes: the shared base always trains a LoRA policy adapter "
+            "on a frozen base, which is also the reference, so --use_peft false is refused."
+        },
+    )
+
+
+def main(script_args: OnlineKWayScriptArguments, training_args: OnlinePlackettLuceConfig,
+         model_args: SharedBaseArguments) -> OnlinePlackettLuceTrainer:
+    """Train, save the policy role under `training_args.output_dir`, and push if asked."""
+    _ppo.check_arguments(script_args, model_args)
+    # Seeded before the shared base exists: its LoRA A matrices are drawn when it is built, before the Trainer seeds.
+    seed_before_models(training_args)
+    train_dataset, eval_dataset = _ppo.load_prompts(script_args, training_args)
+    tokenizer = _ppo.load_tokenizer(model_args, training_args.trust_remote_code)
+    shared = SharedBase.from_pretrained(
+        model_args.model_name_or_path, model_args, trust_remote_code=training_args.trust_remote_code
+    )
+    trainer = OnlinePlackettLuceTrainer(
+        shared,
+        reward_funcs=script_args.reward_model_name_or_path,
+        args=training_args,
+        train_dataset=train_dataset,
+        eval_dataset=eval_dataset,
+        processing_class=tokenizer,
+    )
+    trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    trainer.save_model(training_args.output_dir)  # the policy adapter, tokenizer and training args
+    if trainer.accelerator.is_main_process:
+        shared.save_role("policy", os.path.join(training_args.output_dir, "policy"))
+        tokenizer.save_pretrained(os.path.join(training_args.output_dir, "policy"))
+    if training_args.push_to_hub:
+        trainer.push_to_hub(dataset_name=script_args.dataset_name)
+    return trainer
+
+
+def make_parser(subparsers=None):
+    dataclass_types = (OnlineKWayScriptArguments, OnlinePlackettLuceConfig, SharedBaseArguments)
+    return recipe_parser(dataclass_types, USAGE, DESCRIPTION, subparsers=subparsers, name="online_kway")
+
+
+if __name__ == "__main__":
+    script_args, training_args, model_args = make_parser().parse_args_and_config()
+    main(script_args, training_args, model_args)
