@@ -387,3 +387,19 @@ def test_recipe_help_starts_with_usage_naming_config(capsys):
     out = capsys.readouterr().out
     assert out.startswith("usage: online_kway.py --config"), out[:200]
     assert "--push_to_hub" in out and "--dpo_beta" in out
+
+
+def test_evaluate_logs_the_ranking_metrics(tmp_path, reward_folder, left_tokenizer):
+    trainer = OnlinePlackettLuceTrainer(
+        make_shared(reward_folder), args=config(tmp_path, per_device_eval_batch_size=8), train_dataset=prompts(),
+        eval_dataset=prompts(), processing_class=left_tokenizer,
+    )  # fmt: skip
+    metrics = trainer.evaluate()
+    assert math.isfinite(metrics["eval_loss"]) and "eval_rewards/accuracies" in metrics, sorted(metrics)
+
+
+def test_eval_batch_of_split_groups_is_refused_when_evaluating(tmp_path):
+    config(tmp_path, per_device_eval_batch_size=6)  # no evaluation: not checked
+    # GRPO checks the global eval batch; the config, stricter, each process's (whole groups on every process)
+    with pytest.raises(ValueError, match="divisible by the number of generations|multiple of num_generations"):
+        config(tmp_path, per_device_eval_batch_size=6, eval_strategy="steps", eval_steps=1)

@@ -66,7 +66,8 @@ class OnlinePlackettLuceConfig(GRPOConfig):
     Adds `dpo_beta` (DPO's beta, the inverse temperature of the implicit reward), `top_m` and
     `length_normalization` (as in `PlackettLuceDPOConfig`). GRPO's own `beta` (the coefficient of its in-loss
     KL term) must stay 0: the reference enters through the implicit reward instead. GRPO's advantage and
-    clipping options (`scale_rewards`, `loss_type`, `epsilon`, ...) are not used.
+    clipping options (`scale_rewards`, `loss_type`, `epsilon`, ...) are not used; `num_iterations > 1` reuses each
+    generation batch for more updates, with no importance weights (the DPO loss is off-policy by nature).
     """
 
     dpo_beta: float = field(
@@ -101,10 +102,11 @@ class OnlinePlackettLuceConfig(GRPOConfig):
         if self.top_m is not None and self.top_m < 1:
             raise ValueError(f"top_m must be >= 1 or None, got {self.top_m}")
         check_whole_groups(self.per_device_train_batch_size, self.num_generations, "per_device_train_batch_size")
-        check_whole_groups(
-            self.per_device_eval_batch_size, self.num_generations_eval or self.num_generations,
-            "per_device_eval_batch_size",
-        )  # fmt: skip
+        if str(getattr(self.eval_strategy, "value", self.eval_strategy)) != "no":
+            check_whole_groups(
+                self.per_device_eval_batch_size, self.num_generations_eval or self.num_generations,
+                "per_device_eval_batch_size",
+            )  # fmt: skip
 
 
 def check_whole_groups(batch_size: int, num_generations: int, name: str) -> None:
