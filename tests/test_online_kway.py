@@ -4,6 +4,8 @@ learning, checkpoints and resume, gradient checkpointing, bad rewards, metrics, 
 import importlib.util
 import json
 import math
+import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -403,3 +405,56 @@ def test_eval_batch_of_split_groups_is_refused_when_evaluating(tmp_path):
     # GRPO checks the global eval batch; the config, stricter, each process's (whole groups on every process)
     with pytest.raises(ValueError, match="divisible by the number of generations|multiple of num_generations"):
         config(tmp_path, per_device_eval_batch_size=6, eval_strategy="steps", eval_steps=1)
+
+
+TWO_PROCESS_CHECK = """
+import sys, torch
+from datasets import Dataset
+from peft import LoraConfig
+from rlhf_ext.testing import tiny_causal_lm, tiny_tokenizer
+from rlhf_ext.trainers.online_kway import OnlinePlackettLuceConfig, OnlinePlackettLuceTrainer
+
+
+def character_sum(completions, **kwargs):  # few ties, unlike most programmatic rewards on random text
+    return [sum(map(ord, c)) / 1000 for c in completions]
+
+
+class Checked(OnlinePlackettLuceTrainer):
+    def _generate_and_score_completions(self, inputs):
+        batch = super()._generate_and_score_completions(inputs)
+        prompts = batch["prompt_ids"]
+        assert (prompts == prompts[:, :1]).all(), "a group mixes prompts"
+        texts = self.processing_class.batch_decode(batch["completion_ids"].flatten(0, 1), skip_special_tokens=True)
+        rewards = torch.tensor(character_sum(texts)).view(batch["item_mask"].shape)
+        assert (rewards[:, :-1] >= rewards[:, 1:]).all(), ("this process's groups are not ranked by their rewards",
+                                                          rewards)
+        return batch
+
+
+tokenizer = tiny_tokenizer()
+tokenizer.padding_side = "left"
+args = OnlinePlackettLuceConfig(sys.argv[1], per_device_train_batch_size=4, num_generations=4, steps_per_generation=2,
+                                max_completion_length=6, max_steps=4, learning_rate=1e-2, use_cpu=True, bf16=False,
+                                report_to=[], save_strategy="no", disable_tqdm=True, seed=0)
+trainer = Checked(tiny_causal_lm(seed=0), reward_funcs=character_sum, args=args, processing_class=tokenizer,
+                  train_dataset=Dataset.from_dict({"prompt": ["abc", "hello", "xy", "qrs"] * 8}),
+                  peft_config=LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
+trainer.train()
+params = [p.detach().double().sum() for p in trainer.model.parameters() if p.requires_grad]
+checksums = trainer.accelerator.gather(torch.stack(params)[None])
+assert torch.equal(checksums[0], checksums[1]), checksums
+if trainer.accelerator.is_main_process:
+    print("GROUPS_RANKED_AND_WEIGHTS_IN_SYNC", trainer.accelerator.num_processes)
+"""
+
+
+@pytest.mark.slow
+def test_two_cpu_processes_rank_their_own_groups_and_stay_in_sync(tmp_path):
+    # torchrun, not `accelerate launch --cpu` (one process without MPI); see tests/test_ppo_learning.py
+    script = tmp_path / "check.py"
+    script.write_text(TWO_PROCESS_CHECK)
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(script), str(tmp_path)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "GROUPS_RANKED_AND_WEIGHTS_IN_SYNC 2" in result.stdout
