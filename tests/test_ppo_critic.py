@@ -11,7 +11,7 @@ from transformers import AutoModelForSequenceClassification, TrainerCallback
 
 from rlhf_ext.models import SharedBase, SharedBaseArguments, save_adapter_with_head
 from rlhf_ext.ops import gae, masked_whiten, ppo_loss, token_rewards
-from rlhf_ext.testing import tiny_causal_lm, tiny_llama_config, tiny_tokenizer
+from rlhf_ext.testing import StopAfter, tiny_causal_lm, tiny_llama_config, tiny_tokenizer
 from rlhf_ext.trainers.ppo_config import PPOConfig
 from rlhf_ext.trainers.ppo_trainer import PPOTrainer
 
@@ -66,12 +66,14 @@ def prompts(n: int = 8) -> Dataset:
     return Dataset.from_dict({"prompt": (PROMPTS * n)[:n]})
 
 
-def shared_trainer(tmp_path, reward_folder, left_tokenizer, gradient_checkpointing, callbacks=None, **overrides):
+def shared_trainer(
+    tmp_path, reward_folder, left_tokenizer, gradient_checkpointing, callbacks=None, n_prompts=8, **overrides
+):
     shared = make_shared(reward_folder)
     args = ppo_args(tmp_path, gradient_checkpointing, **overrides)
     trainer = PPOTrainer(
-        shared, reward_funcs=char_code_score, args=args, train_dataset=prompts(), processing_class=left_tokenizer,
-        callbacks=callbacks,
+        shared, reward_funcs=char_code_score, args=args, train_dataset=prompts(n_prompts),
+        processing_class=left_tokenizer, callbacks=callbacks,
     )  # fmt: skip
     return trainer, shared
 
@@ -295,6 +297,45 @@ def test_zero_value_head_init_leaves_the_bias_alone(tmp_path, reward_folder, lef
 def test_first_rollout_mean_needs_a_value_head_with_a_bias(tmp_path, left_tokenizer):
     with pytest.raises(ValueError, match="needs a value head with a bias"):
         separate_critic_trainer(tmp_path, left_tokenizer, True, value_head_init="first_rollout_mean")
+
+
+# ----------------------------------------------------------------------------- all three options across a resume
+
+
+@CHECKPOINTING
+def test_resume_with_the_critic_options_equals_straight_run(
+    tmp_path, reward_folder, left_tokenizer, gradient_checkpointing
+):
+    # Warm-up for 3 steps spans the checkpoint at step 2, so it must count optimizer steps restored from the
+    # checkpoint; the optimizer's split param groups must load the saved state; the head bias is set only on the
+    # first rollout of the run, not again after resuming.
+    def run(output_dir, resume=None, stop_after=None):
+        policy_after = {}
+
+        def record(step):
+            policy_after[step] = snapshot(role_parameters(shared, "policy"))
+
+        callbacks = [AfterStep(record)]
+        trainer, shared = shared_trainer(
+            tmp_path, reward_folder, left_tokenizer, gradient_checkpointing, output_dir=str(output_dir), max_steps=4,
+            learning_rate=3e-3, value_learning_rate=1e-3, value_warmup_steps=3, value_head_init="first_rollout_mean",
+            n_prompts=16,  # one epoch: across an epoch boundary resuming differs even without these options
+            save_strategy="steps", save_steps=2, callbacks=callbacks + ([StopAfter(stop_after)] if stop_after else []),
+        )  # fmt: skip
+        policy_after[0] = snapshot(role_parameters(shared, "policy"))
+        trainer.train(resume_from_checkpoint=resume)
+        return shared, policy_after
+
+    straight, policy_after = run(tmp_path / "straight")
+    assert not moved(policy_after[0], policy_after[3]), "the policy moved during the 3 warm-up steps"
+    assert moved(policy_after[3], policy_after[4]), "the policy did not train after the warm-up"
+    run(tmp_path / "split", stop_after=2)
+    resumed, _ = run(tmp_path / "split", resume=str(tmp_path / "split" / "checkpoint-2"))
+    expected = {**role_parameters(straight, "policy"), **role_parameters(straight, "value")}
+    got = {**role_parameters(resumed, "policy"), **role_parameters(resumed, "value")}
+    assert expected.keys() == got.keys()
+    for name in expected:
+        torch.testing.assert_close(got[name], expected[name], atol=1e-6, rtol=1e-5, msg=name)
 
 
 # ----------------------------------------------------------------------------- several completions per prompt
