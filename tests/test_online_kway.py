@@ -220,6 +220,35 @@ def test_mean_reward_rises(tmp_path, left_tokenizer, gradient_checkpointing):
     assert max(log["rewards/accuracies"] for log in logs) > 0.8
 
 
+def test_micro_batches_of_a_buffered_generation_batch_hold_whole_ranked_groups(tmp_path, left_tokenizer):
+    # GRPO shuffles a generation batch along dim 0 and splits it into steps_per_generation micro-batches; with the
+    # batch regrouped as [G, K, ...] both act on whole groups (TRL's shuffle_sequence_dict / split_tensor_dict).
+    seen = []
+
+    class Recording(OnlinePlackettLuceTrainer):
+        def _compute_loss(self, model, inputs):
+            seen.append({k: inputs[k] for k in ("prompt_ids", "completion_ids", "item_mask")})
+            return super()._compute_loss(model, inputs)
+
+    def character_sum(completions, **kwargs):  # few ties, unlike most programmatic rewards on random text
+        return [sum(map(ord, c)) / 1000 for c in completions]
+
+    args = config(tmp_path, per_device_train_batch_size=4, steps_per_generation=2, max_steps=2)
+    trainer = Recording(
+        tiny_causal_lm(seed=0), reward_funcs=character_sum, args=args, train_dataset=prompts(16),
+        processing_class=left_tokenizer,
+    )  # fmt: skip
+    trainer.train()
+    assert len(seen) == 2
+    for batch in seen:
+        assert batch["prompt_ids"].shape[:2] == (1, 4)
+        assert (batch["prompt_ids"] == batch["prompt_ids"][:, :1]).all()  # one prompt per group
+        texts = left_tokenizer.batch_decode(batch["completion_ids"][0], skip_special_tokens=True)
+        rewards = character_sum(texts)
+        assert rewards == sorted(rewards, reverse=True)  # still in ranked order
+    assert not torch.equal(seen[0]["prompt_ids"][0, 0], seen[1]["prompt_ids"][0, 0])  # two different prompts
+
+
 def test_full_fine_tune_uses_a_frozen_copy_as_reference(tmp_path, left_tokenizer):
     model = tiny_causal_lm(seed=0)
     trainer = OnlinePlackettLuceTrainer(

@@ -1,10 +1,14 @@
-r"""Online K-way (Plackett-Luce) DPO, as a thin subclass of TRL's GRPOTrainer (seed section 5.2, sampled online).
+r"""Online K-way (Plackett-Luce) DPO, as a thin subclass of TRL's GRPOTrainer.
+
+The seed post ("Navigating the RLHF Landscape: From Policy Gradients to PPO, GAE, and DPO for LLM Alignment"),
+section 5.2, derives DPO for K ranked completions from the Plackett-Luce model; here the K completions are sampled
+from the policy being trained and ranked by a reward, instead of read from a dataset.
 
 For every prompt x the policy samples K = `num_generations` completions; the reward function(s) score them
 (weighted sum, `reward_weights`) and the scores rank the group best first, y_1 > y_2 > ... > y_K. With implicit
 rewards
 
-    s_k = beta * (log pi_theta(y_k | x) - log pi_ref(y_k | x))          (summed over completion tokens)
+    s_k = dpo_beta * (log pi_theta(y_k | x) - log pi_ref(y_k | x))          (summed over completion tokens)
 
 the loss is the negative log Plackett-Luce probability of that ranking (`rlhf_ext.dpo_plackett_luce_loss`):
 
@@ -19,6 +23,7 @@ over `steps_per_generation` micro-batches, logs and checkpoints. This subclass c
     _generate_and_score_completions   super() samples and scores; we add the reference log-probs, sort every group
                                       by its reward and regroup the batch as [groups, K, ...] in ranked order
     _compute_loss                     policy forward, then the Plackett-Luce DPO loss per group
+    _calculate_rewards, _save         keep the raw rewards for the ranking; save only a shared base's policy adapter
 
 Regrouping matters: GRPO shuffles a generation batch along its first dimension and splits it into micro-batches;
 with one group per row the shuffle permutes whole groups and each micro-batch holds whole groups, which a
