@@ -13,6 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from datasets import Dataset
+from safetensors.torch import load_file
 
 from rlhf_ext.models import SharedBase, SharedBaseArguments, save_adapter_with_head
 from rlhf_ext.ops import dpo_plackett_luce_loss
@@ -391,24 +392,39 @@ def load_recipe(name: str):
     return module
 
 
-def test_recipe_trains_on_the_shared_base_and_writes_the_policy(tmp_path, reward_folder):
-    recipe = load_recipe("online_kway")
-    save_tiny_model(tmp_path / "model", seed=0)
-    data = tmp_path / "prompts.jsonl"
-    data.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in PROMPTS * 4))
-    argv = [
+def recipe_argv(tmp_path: Path, reward_folder: str, output_dir: Path, *extra: str) -> list[str]:
+    """Flags for a 2-step run of the recipe on a tiny model folder and a JSONL of prompts (written once)."""
+    if not (tmp_path / "model").exists():
+        save_tiny_model(tmp_path / "model", seed=0)
+        (tmp_path / "prompts.jsonl").write_text("".join(json.dumps({"prompt": p}) + "\n" for p in PROMPTS * 4))
+    return [
         "--config", str(ROOT / "recipes" / "configs" / "online_kway.yaml"), "--model_name_or_path",
-        str(tmp_path / "model"), "--reward_adapter_path", reward_folder, "--dataset_name", str(data),
-        "--output_dir", str(tmp_path / "out"), "--lora_r", "4", "--lora_alpha", "8",
+        str(tmp_path / "model"), "--reward_adapter_path", reward_folder, "--dataset_name",
+        str(tmp_path / "prompts.jsonl"), "--output_dir", str(output_dir), "--lora_r", "4", "--lora_alpha", "8",
         "--per_device_train_batch_size", "4", "--num_generations", "4", "--steps_per_generation", "1",
-        "--max_completion_length", "6", "--max_steps", "2", "--use_cpu", "true",
-        "--save_strategy", "no", "--disable_tqdm", "true", "--logging_steps", "1", "--report_to", "none",
+        "--max_completion_length", "6", "--max_steps", "2", "--learning_rate", "1e-2", "--use_cpu", "true",
+        "--save_strategy", "no", "--disable_tqdm", "true", "--logging_steps", "1", "--report_to", "none", *extra,
     ]  # fmt: skip
-    script_args, training_args, model_args = recipe.make_parser().parse_args_and_config(argv)
-    trainer = recipe.main(script_args, training_args, model_args)
+
+
+def run_recipe(argv: list[str]):
+    recipe = load_recipe("online_kway")
+    return recipe.main(*recipe.make_parser().parse_args_and_config(argv))
+
+
+def test_recipe_trains_on_the_shared_base_and_writes_the_policy(tmp_path, reward_folder):
+    trainer = run_recipe(recipe_argv(tmp_path, reward_folder, tmp_path / "out"))
     assert trainer.state.global_step == 2
     assert (tmp_path / "out" / "policy" / "adapter_model.safetensors").is_file()
     assert "rewards/accuracies" in trainer.state.log_history[0]
+
+
+def test_recipe_runs_with_the_same_seed_are_identical(tmp_path, reward_folder):
+    # the seed is set before the shared base draws its LoRA weights, so two runs agree from the first step
+    for name in ("a", "b"):
+        run_recipe(recipe_argv(tmp_path, reward_folder, tmp_path / name, "--seed", "7"))
+    a, b = (load_file(tmp_path / name / "policy" / "adapter_model.safetensors") for name in ("a", "b"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_recipe_help_starts_with_usage_naming_config(capsys):
@@ -439,6 +455,7 @@ def test_eval_batch_of_split_groups_is_refused_when_evaluating(tmp_path):
 TWO_PROCESS_CHECK = """
 import sys, torch
 from datasets import Dataset
+from safetensors.torch import load_file
 from peft import LoraConfig
 from rlhf_ext.testing import tiny_causal_lm, tiny_tokenizer
 from rlhf_ext.trainers.online_kway import OnlinePlackettLuceConfig, OnlinePlackettLuceTrainer
