@@ -36,6 +36,10 @@ SIGNATURES = [
     (trl_utils, "add_fused_lm_head", ["model", "temperature", "cast_lm_head_to_fp32"]),
     (trl_utils, "disable_dropout_in_model", ["model"]),
     (trl_utils, "is_async_callable", ["func"]),
+    # OnlinePlackettLuceTrainer (rlhf_ext/trainers/online_kway.py) reshapes the buffered batch to [groups, K, ...]
+    # so that GRPOTrainer's shuffle and micro-batch split, which act on the first dimension, move whole groups
+    (trl_utils, "shuffle_sequence_dict", ["seq_dict"]),
+    (trl_utils, "split_tensor_dict", ["tensor_dict", "num_chunks"]),
     (PeftModel, "save_pretrained", ["self", "save_directory", "safe_serialization", "selected_adapters"]),
     # PlackettLuceDPOTrainer (rlhf_ext/trainers/kway_dpo.py) overrides ...
     (DPOTrainer, "_prepare_dataset", ["self", "dataset", "processing_class", "args", "dataset_name"]),
@@ -105,3 +109,12 @@ def test_transformers_layers_still_checkpoint_through_the_per_layer_function():
     model.train()
     model(input_ids=torch.tensor([[5, 6, 7]])).logits.sum().backward()
     assert calls, f"transformers {transformers.__version__} no longer calls _gradient_checkpointing_func"
+
+
+def test_trl_splits_and_shuffles_the_buffered_batch_along_its_first_dimension():
+    """The online K-way trainer keeps each ranked group whole by making it one row of the first dimension."""
+    groups = torch.arange(24).view(4, 3, 2)  # 4 groups of K=3 completions
+    halves = trl_utils.split_tensor_dict({"x": groups}, 2)
+    assert [h["x"].tolist() for h in halves] == [groups[:2].tolist(), groups[2:].tolist()], VERSIONS
+    shuffled = trl_utils.shuffle_sequence_dict({"x": groups})["x"]
+    assert sorted(shuffled.tolist()) == sorted(groups.tolist()), f"rows were split or mixed ({VERSIONS})"
