@@ -265,3 +265,20 @@ def test_reward_folder_of_a_sequence_classification_peft_model_scores_like_that_
     input_ids, attention_mask = batch()
     expected = trainer_model.eval()(input_ids=input_ids, attention_mask=attention_mask).logits.squeeze(-1)
     assert torch.allclose(shared.reward_scores(input_ids, attention_mask), expected, atol=1e-5)
+
+
+def test_a_frozen_role_stays_frozen_across_role_switches():
+    shared = SharedBase(tiny_causal_lm(seed=0), SharedBaseArguments(lora_r=4))
+    value_ids = {id(p) for p in shared.trainable_parameters("value")}
+    shared.freeze_role("value")
+    with shared.role("value"):
+        pass
+    with shared.role("reference"):
+        pass
+    value_params = [p for n, p in shared.peft_model.named_parameters() if ".lora_" in n and ".value." in n]
+    assert value_params and not any(p.requires_grad for p in value_params)
+    assert not any(p.requires_grad for p in shared.heads["value"].parameters())
+    assert shared.trainable_parameters("value") == [] and not value_ids & {id(p) for p in shared.trainable_parameters()}
+    assert shared.trainable_parameters("policy") and all(p.requires_grad for p in shared.trainable_parameters("policy"))
+    with pytest.raises(ValueError, match="can be frozen"):
+        shared.freeze_role("reward")

@@ -312,6 +312,17 @@ class SharedBase(nn.Module):
         with self.role("reference"):
             return self.peft_model(input_ids=input_ids, attention_mask=attention_mask).logits
 
+    def freeze_role(self, role: str) -> None:
+        """Take a trainable role ("policy" or "value") out of the trainable set, for good: its adapter (and head)
+        get requires_grad=False and keep it across role switches, and `trainable_parameters` no longer lists it
+        (e.g. online DPO, which has no critic). `load_role` makes a loaded role trainable again."""
+        if role not in TRAINABLE_ROLES:
+            raise ValueError(f"Only {TRAINABLE_ROLES} can be frozen, got {role!r}.")
+        self._trainable[role] = {}
+        if role in self.heads:
+            self.heads[role].requires_grad_(False)
+        self._restore_trainable()
+
     def trainable_parameters(self, role: str | None = None) -> list[nn.Parameter]:
         """Parameters that train: all of them, or only `role`'s ("policy" or "value", e.g. for its own lr)."""
         if role is not None and role not in TRAINABLE_ROLES:

@@ -187,11 +187,9 @@ def freeze_value_role(shared: SharedBase) -> None:
     """Take the shared base's value adapter and head out of its trainable set: online DPO has no critic.
 
     The shared base restores requires_grad from its trainable set on every role switch, so setting it to False
-    once would not last; emptying the set's value entry does.
+    once would not last; `freeze_role` takes the role out of that set.
     """
-    shared._trainable["value"] = {}
-    shared._restore_trainable()
-    shared.heads["value"].requires_grad_(False)
+    shared.freeze_role("value")
 
 
 # ---------------------------------------------------------------- the trainer
