@@ -16,7 +16,7 @@ from __future__ import annotations
 import importlib.util
 import os
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from rlhf_ext.models import SharedBase, SharedBaseArguments
@@ -62,39 +62,9 @@ All OnlinePlackettLuceConfig (TRL GRPOConfig) and transformers TrainingArguments
 
 
 @dataclass
-class OnlineKWayScriptArguments:
+class OnlineKWayScriptArguments(_ppo.PromptRecipeArguments):
     """Data and reward of the online K-way recipe: the PPO recipe's, without its KL controller (here the KL to the
     reference is set by --dpo_beta) and completions table."""
-
-    dataset_name: str | None = field(
-        default=None,
-        metadata={"help": "Hub dataset name, or a local .json / .jsonl / .parquet file of prompts."},
-    )
-    dataset_config: str | None = field(default=None, metadata={"help": "Configuration name of a Hub dataset."})
-    dataset_train_split: str = field(default="train", metadata={"help": "Split to train on."})
-    dataset_test_split: str = field(
-        default="test", metadata={"help": "Split to evaluate on when --eval_strategy is not 'no'."}
-    )
-    prompt_column: str = field(
-        default="prompt", metadata={"help": "Column holding the prompts (text or a list of chat messages)."}
-    )
-    max_train_samples: int | None = field(
-        default=None, metadata={"help": "Train on the first this many prompts only (None: all)."}
-    )
-    reward_model_name_or_path: str | None = field(
-        default=None,
-        metadata={
-            "help": "A sequence-classification reward model (num_labels=1) used instead of the reward role of the "
-            "shared base (--reward_adapter_path); giving both is an error."
-        },
-    )
-    use_peft: bool = field(
-        default=True,
-        metadata={
-            "help": "Accepted for symmetry with the other recipes: the shared base always trains a LoRA policy adapter "
-            "on a frozen base, which is also the reference, so --use_peft false is refused."
-        },
-    )
 
 
 def main(script_args: OnlineKWayScriptArguments, training_args: OnlinePlackettLuceConfig,

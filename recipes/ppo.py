@@ -59,8 +59,8 @@ All PPOConfig (TRL GRPOConfig) and transformers TrainingArguments flags follow.
 
 
 @dataclass
-class PPOScriptArguments:
-    """Data, reward and callbacks of the PPO recipe."""
+class PromptRecipeArguments:
+    """Prompts and reward of the recipes that sample on a shared base: PPO and online K-way DPO."""
 
     dataset_name: str | None = field(
         default=None,
@@ -84,6 +84,20 @@ class PPOScriptArguments:
             "shared base (--reward_adapter_path); giving both is an error."
         },
     )
+    use_peft: bool = field(
+        default=True,
+        metadata={
+            "help": "Accepted for symmetry with the DPO and reward recipes, where LoRA is the default too: the shared "
+            "base always trains LoRA adapters on one frozen base, which is also the reference, so --use_peft false "
+            "(full fine-tuning) is refused."
+        },
+    )
+
+
+@dataclass
+class PPOScriptArguments(PromptRecipeArguments):
+    """Data, reward and callbacks of the PPO recipe."""
+
     kl_target: float | None = field(
         default=None,
         metadata={"help": "Turn on the adaptive KL controller with this target KL per completion (nats)."},
@@ -94,14 +108,6 @@ class PPOScriptArguments:
     completions_every_n_steps: int = field(
         default=0,
         metadata={"help": "Write a table of sampled completions every this many steps (0: never)."},
-    )
-    use_peft: bool = field(
-        default=True,
-        metadata={
-            "help": "Accepted for symmetry with the DPO and reward recipes, where LoRA is the default too: the shared "
-            "base always trains LoRA adapters (policy and value on one frozen base, which is also the reference), "
-            "so --use_peft false (full fine-tuning) is refused."
-        },
     )
 
 
