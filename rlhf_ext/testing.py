@@ -80,3 +80,17 @@ class StopAfter(TrainerCallback):
     def on_step_end(self, args, state, control, **kwargs):
         if state.global_step == self.step:
             control.should_training_stop = True
+
+
+def fraction_of_a(completions, **kwargs) -> list[float]:
+    """A programmatic reward for tests: the share of 'a' characters in each completion."""
+    return [c.count("a") / max(len(c), 1) for c in completions]
+
+
+def randomize_lora(peft_model, adapter: str, seed: int, scale: float = 0.2) -> None:
+    """Random weights for one adapter (peft starts lora_B at 0, under which every adapter computes the base)."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in peft_model.named_parameters():
+            if f".{adapter}." in name and ".lora_" in name:
+                param.copy_(scale * torch.randn(param.shape, generator=generator))

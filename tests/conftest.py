@@ -27,3 +27,11 @@ def _seed():
 def model_path(tmp_path_factory):
     """A tiny Llama and its tokenizer saved to disk, for code that takes a model path."""
     return save_tiny_model(tmp_path_factory.mktemp("tiny"), seed=0)
+
+
+@pytest.fixture
+def left_tokenizer():
+    """The tiny tokenizer padding on the left, as generation (and so the PPO trainers) needs."""
+    tokenizer = tiny_tokenizer()
+    tokenizer.padding_side = "left"
+    return tokenizer

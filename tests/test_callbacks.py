@@ -12,13 +12,9 @@ from rlhf_ext.callbacks import (
     CompletionsTableCallback,
     adaptive_kl_coef,
 )
-from rlhf_ext.testing import StopAfter, tiny_causal_lm, tiny_llama_config, tiny_tokenizer
+from rlhf_ext.testing import StopAfter, fraction_of_a, tiny_causal_lm, tiny_llama_config, tiny_tokenizer
 from rlhf_ext.trainers.ppo_config import PPOConfig
 from rlhf_ext.trainers.ppo_trainer import PPOTrainer
-
-
-def fraction_of_a(completions, **kwargs):
-    return [c.count("a") / max(len(c), 1) for c in completions]
 
 
 def tiny_trainer(tmp_path, callbacks_for=lambda trainer: [], **overrides) -> PPOTrainer:

@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 
 from rlhf_ext.models import SharedBase, SharedBaseArguments, save_adapter_with_head
 from rlhf_ext.ops import dpo_plackett_luce_loss
-from rlhf_ext.testing import StopAfter, save_tiny_model, tiny_causal_lm, tiny_tokenizer
+from rlhf_ext.testing import StopAfter, fraction_of_a, randomize_lora, save_tiny_model, tiny_causal_lm
 from rlhf_ext.trainers.online_kway import OnlinePlackettLuceConfig, OnlinePlackettLuceTrainer, rank_groups
 from rlhf_ext.trainers.ppo_trainer import SharedBaseReward
 
@@ -25,27 +25,6 @@ ROOT = Path(__file__).resolve().parents[1]
 LORA = dict(lora_r=4, lora_alpha=8, lora_dropout=0.0)
 PROMPTS = ["abc", "hello", "xy", "qrs"]
 GRADIENT_CHECKPOINTING = [True, False]  # True: TRL's default
-
-
-def fraction_of_a(completions, **kwargs):
-    """A programmatic reward: the share of 'a' characters in the completion."""
-    return [c.count("a") / max(len(c), 1) for c in completions]
-
-
-def randomize_lora(peft_model, adapter: str, seed: int, scale: float = 0.2) -> None:
-    """peft starts lora_B at 0; random weights make an adapter differ from the base."""
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, param in peft_model.named_parameters():
-            if f".{adapter}." in name and ".lora_" in name:
-                param.copy_(scale * torch.randn(param.shape, generator=generator))
-
-
-@pytest.fixture
-def left_tokenizer():
-    tokenizer = tiny_tokenizer()
-    tokenizer.padding_side = "left"
-    return tokenizer
 
 
 @pytest.fixture(scope="module")

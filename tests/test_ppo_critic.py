@@ -11,7 +11,7 @@ from transformers import AutoModelForSequenceClassification, TrainerCallback
 
 from rlhf_ext.models import SharedBase, SharedBaseArguments, save_adapter_with_head
 from rlhf_ext.ops import gae, masked_whiten, ppo_loss, token_rewards
-from rlhf_ext.testing import StopAfter, tiny_causal_lm, tiny_llama_config, tiny_tokenizer
+from rlhf_ext.testing import StopAfter, randomize_lora, tiny_causal_lm, tiny_llama_config
 from rlhf_ext.trainers.ppo_config import PPOConfig
 from rlhf_ext.trainers.ppo_trainer import PPOTrainer
 
@@ -23,22 +23,6 @@ CHECKPOINTING = pytest.mark.parametrize("gradient_checkpointing", [True, False],
 def char_code_score(completions, **kwargs):
     """A reward that differs between most completions (unlike the share of 'a', often 0 on a random model)."""
     return [(sum(map(ord, c)) % 7) / 7 + 0.5 for c in completions]
-
-
-def randomize_lora(peft_model, adapter: str, seed: int, scale: float = 0.2) -> None:
-    """peft starts lora_B at 0; random weights make an adapter differ from the base."""
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, param in peft_model.named_parameters():
-            if f".{adapter}." in name and ".lora_" in name:
-                param.copy_(scale * torch.randn(param.shape, generator=generator))
-
-
-@pytest.fixture
-def left_tokenizer():
-    tokenizer = tiny_tokenizer()
-    tokenizer.padding_side = "left"
-    return tokenizer
 
 
 @pytest.fixture

@@ -10,33 +10,12 @@ from transformers import AutoModelForSequenceClassification
 
 from rlhf_ext.models import SharedBase, SharedBaseArguments, save_adapter_with_head
 from rlhf_ext.ops import gae, masked_whiten, ppo_loss, token_rewards
-from rlhf_ext.testing import StopAfter, tiny_causal_lm, tiny_llama_config, tiny_tokenizer
+from rlhf_ext.testing import StopAfter, fraction_of_a, randomize_lora, tiny_causal_lm, tiny_llama_config
 from rlhf_ext.trainers.ppo_config import PPOConfig
 from rlhf_ext.trainers.ppo_trainer import PPOTrainer, SharedBaseReward
 
 LORA = dict(lora_r=4, lora_alpha=8, lora_dropout=0.0)
 PROMPTS = ["abc", "hello", "xy", "qrs"]
-
-
-def fraction_of_a(completions, **kwargs):
-    """A programmatic reward: the share of 'a' characters in the completion."""
-    return [c.count("a") / max(len(c), 1) for c in completions]
-
-
-def randomize_lora(peft_model, adapter: str, seed: int, scale: float = 0.2) -> None:
-    """peft starts lora_B at 0; random weights make an adapter differ from the base."""
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, param in peft_model.named_parameters():
-            if f".{adapter}." in name and ".lora_" in name:
-                param.copy_(scale * torch.randn(param.shape, generator=generator))
-
-
-@pytest.fixture
-def left_tokenizer():
-    tokenizer = tiny_tokenizer()
-    tokenizer.padding_side = "left"
-    return tokenizer
 
 
 @pytest.fixture

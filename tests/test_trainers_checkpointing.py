@@ -17,7 +17,7 @@ from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForSequenceClassification
 
 from rlhf_ext.models import SharedBase, SharedBaseArguments, save_adapter_with_head
-from rlhf_ext.testing import save_tiny_model, tiny_causal_lm, tiny_llama_config, tiny_tokenizer
+from rlhf_ext.testing import fraction_of_a, save_tiny_model, tiny_causal_lm, tiny_llama_config, tiny_tokenizer
 from rlhf_ext.trainers import (
     PlackettLuceDPOConfig,
     PlackettLuceDPOTrainer,
@@ -81,10 +81,6 @@ def prompt_tokenizer():
     tokenizer = tiny_tokenizer()
     tokenizer.padding_side = "left"
     return tokenizer
-
-
-def fraction_of_a(completions, **kwargs):
-    return [c.count("a") / max(len(c), 1) for c in completions]
 
 
 @pytest.fixture(scope="module")
