@@ -14,7 +14,6 @@ adapter is built but unused and frozen. Writes `<output_dir>/policy` (peft adapt
 from __future__ import annotations
 
 import importlib.util
-import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -86,14 +85,7 @@ def main(script_args: OnlineKWayScriptArguments, training_args: OnlinePlackettLu
         eval_dataset=eval_dataset,
         processing_class=tokenizer,
     )
-    trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
-    trainer.save_model(training_args.output_dir)  # the policy adapter, tokenizer and training args
-    if trainer.accelerator.is_main_process:
-        shared.save_role("policy", os.path.join(training_args.output_dir, "policy"))
-        tokenizer.save_pretrained(os.path.join(training_args.output_dir, "policy"))
-    if training_args.push_to_hub:
-        trainer.push_to_hub(dataset_name=script_args.dataset_name)
-    return trainer
+    return _ppo.train_save_policy_push(trainer, shared, tokenizer, training_args, script_args.dataset_name)
 
 
 def make_parser(subparsers=None):

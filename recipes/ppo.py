@@ -191,14 +191,19 @@ def main(script_args: PPOScriptArguments, training_args: PPOConfig, model_args: 
     if script_args.completions_every_n_steps > 0:
         trainer.add_callback(CompletionsTableCallback(trainer, every_n_steps=script_args.completions_every_n_steps))
 
-    trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    return train_save_policy_push(trainer, shared, tokenizer, training_args, script_args.dataset_name)
 
-    trainer.save_model(training_args.output_dir)  # tokenizer, training args, and the value role in value/
+
+def train_save_policy_push(trainer, shared: SharedBase, tokenizer, training_args, dataset_name: str | None):
+    """Train (resuming if asked), save the checkpoint layout (tokenizer, training args, the value role in value/ for
+    PPO) and the policy role in <output_dir>/policy, push if asked; returns the trainer."""
+    trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    trainer.save_model(training_args.output_dir)
     if trainer.accelerator.is_main_process:
         shared.save_role("policy", os.path.join(training_args.output_dir, "policy"))
         tokenizer.save_pretrained(os.path.join(training_args.output_dir, "policy"))
     if training_args.push_to_hub:
-        trainer.push_to_hub(dataset_name=script_args.dataset_name)
+        trainer.push_to_hub(dataset_name=dataset_name)
     return trainer
 
 
