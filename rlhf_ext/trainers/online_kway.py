@@ -229,6 +229,9 @@ class OnlinePlackettLuceTrainer(GRPOTrainer):
     # and the accelerator): the reference (a ref model, the shared base's reference role, or peft's adapters off) and
     # saving only the policy adapter of a shared base.
     _prepare_reference = PPOTrainer._prepare_reference
+    # NaN-scored completions leave the ranking and are counted in `objective/skipped_completions`, as in PPO
+    _global_scores = PPOTrainer._global_scores
+    _local_scores = PPOTrainer._local_scores
     _reference_logprobs = PPOTrainer._reference_logprobs
     _saving_only_the_policy_adapter = PPOTrainer._saving_only_the_policy_adapter
 
@@ -284,21 +287,11 @@ class OnlinePlackettLuceTrainer(GRPOTrainer):
 
     def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
         # Extends GRPOTrainer._calculate_rewards: keep the gathered [N_global, n_funcs] rewards, which super() turns
-        # into group-relative advantages and drops; the ranking needs each completion's raw weighted reward.
+        # into group-relative advantages and drops; the ranking needs each completion's raw weighted reward. (Not
+        # borrowed from PPOTrainer like the methods above: its zero-argument super() is bound to PPOTrainer.)
         rewards_per_func = super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)
         self._last_rewards_per_func = rewards_per_func
         return rewards_per_func
-
-    def _local_scores(self, batch_size: int, mode: str) -> tuple[torch.Tensor, torch.Tensor]:
-        """This process's [B] weighted reward sums and a [B] bool marking the finite ones, as PPOTrainer skips them:
-        a completion whose reward is NaN (or None) under any reward function leaves the ranking and is counted in
-        `objective/skipped_completions`, rather than being ranked by a partial sum."""
-        rewards_per_func = self._last_rewards_per_func
-        scores = (rewards_per_func * self.reward_weights.to(rewards_per_func.device)).sum(dim=1)
-        scored = torch.isfinite(scores)
-        self._metrics[mode]["objective/skipped_completions"].append((~scored).sum().item())
-        local = slice(self.accelerator.process_index * batch_size, (self.accelerator.process_index + 1) * batch_size)
-        return scores[local].nan_to_num(0.0), scored[local]
 
     def _generate_and_score_completions(self, inputs):
         # Extends GRPOTrainer._generate_and_score_completions: super() samples and scores (and logs `reward`); we add
