@@ -6,6 +6,7 @@ from rlhf_ext.demo.plots import (
     plot_comparison,
     plot_dpo_curves,
     plot_ppo_curves,
+    ppo_curves_figure,
 )
 from rlhf_ext.demo.report import comparison_table, render_report
 
@@ -21,8 +22,45 @@ def test_metric_series_takes_the_first_logged_key_and_skips_entries_without_it()
         metric_series(history, ("objective/kl",))
 
 
+def ppo_log_history(steps: int = 8, rollout_every: int = 4) -> list[dict]:
+    """A PPOTrainer-like log history: update metrics every step, rollout metrics on each rollout's first step."""
+    history = []
+    for step in range(1, steps + 1):
+        entry = {"step": step, "loss": 0.1, "policy/clipfrac_avg": 0.01 * step}
+        if step % rollout_every == 1:
+            entry.update(
+                {"objective/scores": 0.1 * step, "objective/kl": 0.5 * step, "val/explained_variance": 0.05 * step}
+            )
+        history.append(entry)
+    history.append({"step": steps, "train_runtime": 9.0})
+    return history
+
+
+PPO_PANEL_KEYS = ["objective/scores", "objective/kl", "val/explained_variance", "policy/clipfrac_avg"]
+
+
+def test_ppo_figure_plots_score_kl_explained_variance_and_clipfrac_per_step():
+    history = ppo_log_history()
+    fig = ppo_curves_figure(history)
+    panels = [ax for ax in fig.axes if ax.get_visible()]
+    assert [ax.get_title() for ax in panels] == PPO_PANEL_KEYS
+    for ax, key in zip(panels, PPO_PANEL_KEYS):
+        line = ax.get_lines()[0]  # the curve; a reference line (explained variance 0) comes after it
+        assert list(line.get_xdata()) == [e["step"] for e in history if key in e]
+        assert list(line.get_ydata()) == pytest.approx([e[key] for e in history if key in e])
+    assert [ax.get_xlabel() for ax in panels] == ["optimizer step"] * 4
+
+
+@pytest.mark.parametrize("missing", PPO_PANEL_KEYS)
+def test_ppo_figure_names_a_missing_panel_instead_of_dropping_it(missing, tmp_path):
+    history = [{k: v for k, v in entry.items() if k != missing} for entry in ppo_log_history()]
+    with pytest.raises(KeyError, match=missing):
+        plot_ppo_curves(history, tmp_path / "ppo.png")
+    assert not (tmp_path / "ppo.png").exists()
+
+
 def test_plots_are_written_as_png(tmp_path):
-    ppo_log = [{"step": s, "objective/scores": 0.1 * s, "objective/kl": 0.5 * s} for s in range(1, 4)]
+    ppo_log = ppo_log_history()
     dpo_log = [{"step": s, "loss": 1.0 / s, "rewards/accuracies": 0.5 + 0.1 * s} for s in range(1, 4)]
     for path in (
         plot_ppo_curves(ppo_log, tmp_path / "ppo.png"),
