@@ -8,6 +8,8 @@ RSS (ru_maxrss) is its own:
              and reward as four full models, policy and value fully trained, as TRL laid it out
     rlhf_ext `rlhf_ext.PPOTrainer` on a `SharedBase`: one base, policy and value LoRA adapters (r=16), a frozen
              reward adapter + head, reference = adapters disabled
+    trunk    the same with `value_layout="policy_trunk"`: no value adapter, the value head reads the policy
+             adapter's last hidden state, so one forward and one backward per minibatch serve policy and value
 
 One update = one rollout of `batch_size` prompts (generation, reference log-probs, values, reward) followed by
 `num_ppo_epochs` optimizer steps on it. The first update is warm-up and not timed. Models are built from config
@@ -42,6 +44,7 @@ SIZES = {
     "135m": dict(hidden_size=576, num_hidden_layers=38, num_attention_heads=9, num_key_value_heads=3,
                  intermediate_size=1536),
 }  # fmt: skip
+WORKERS = ("trl", "rlhf_ext", "trunk")
 PPO = dict(learning_rate=3e-6, kl_coef=0.05, cliprange=0.2, cliprange_value=0.2, vf_coef=0.1, gamma=1.0, lam=0.95)
 
 
@@ -136,7 +139,7 @@ def run_trl(directory: Path, args) -> list[float]:
     return timer.seconds_per_update()
 
 
-def run_rlhf_ext(directory: Path, args) -> list[float]:
+def run_rlhf_ext(directory: Path, args, value_layout: str = "own_adapter") -> list[float]:
     from datasets import Dataset
     from transformers import AutoTokenizer
 
@@ -149,7 +152,8 @@ def run_rlhf_ext(directory: Path, args) -> list[float]:
     shared = SharedBase.from_pretrained(
         str(directory / "base"),
         SharedBaseArguments(
-            lora_r=16, lora_alpha=32, lora_dropout=0.0, reward_adapter_path=str(directory / "reward_role")
+            lora_r=16, lora_alpha=32, lora_dropout=0.0, reward_adapter_path=str(directory / "reward_role"),
+            value_layout=value_layout,
         ),
     )
     config = PPOConfig(
@@ -172,8 +176,8 @@ def run_rlhf_ext(directory: Path, args) -> list[float]:
 
 
 def worker(trainer_name: str, directory: Path, args) -> None:
-    run = run_trl if trainer_name == "trl" else run_rlhf_ext
-    times = run(directory, args)
+    runs = {"trl": run_trl, "rlhf_ext": run_rlhf_ext, "trunk": lambda d, a: run_rlhf_ext(d, a, "policy_trunk")}
+    times = runs[trainer_name](directory, args)
     peak_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print("RESULT " + json.dumps({"seconds_per_update": times, "peak_rss_mb": peak_rss_mb}), flush=True)
 
@@ -239,7 +243,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1, help="OMP_NUM_THREADS of each worker")
     parser.add_argument("--venv", type=Path, default=Path(tempfile.gettempdir()) / f"rlhf_ext-bench-trl-{TRL_VERSION}")
     parser.add_argument("--prepare", choices=list(SIZES), help=argparse.SUPPRESS)
-    parser.add_argument("--worker", choices=["trl", "rlhf_ext"], help=argparse.SUPPRESS)
+    parser.add_argument("--worker", choices=list(WORKERS), help=argparse.SUPPRESS)
     parser.add_argument("--directory", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.prepare:
@@ -262,8 +266,8 @@ def main() -> None:
             ]  # fmt: skip
             subprocess.run(prepare_command, check=True, env={**os.environ, "PYTHONPATH": str(REPO)})
             params = parameter_count(directory)
-            results = {name: run_worker(python, name, directory, args)
-                       for name, python in (("trl", trl_python), ("rlhf_ext", Path(sys.executable)))}  # fmt: skip
+            results = {name: run_worker(trl_python if name == "trl" else Path(sys.executable), name, directory, args)
+                       for name in WORKERS}  # fmt: skip
         seconds = {name: statistics.mean(r["seconds_per_update"][1:]) for name, r in results.items()}
         rss = {name: r["peak_rss_mb"] for name, r in results.items()}
         rows.append((size, params, seconds, rss))
@@ -271,17 +275,20 @@ def main() -> None:
 
     print(f"\nPPO update (batch {args.batch_size}, response {args.response_length} tokens,"
           f" {args.num_ppo_epochs} epochs, {args.threads} CPU thread(s)); TRL {TRL_VERSION} four full models"
-          f" vs rlhf_ext shared base (LoRA r=16)\n")  # fmt: skip
+          f" vs rlhf_ext shared base (LoRA r=16): ours = value adapter, trunk = value head on the policy trunk\n")
     header = (
-        f"{'size':>6} {'params':>8} | {'TRL s/upd':>10} {'ours s/upd':>10} {'ratio':>6} | "
-        f"{'TRL RSS MB':>10} {'ours RSS MB':>11} {'ratio':>6}"
+        f"{'size':>6} {'params':>8} | {'TRL s/upd':>10} {'ours s/upd':>10} {'ratio':>6} {'trunk s/upd':>11} "
+        f"{'ratio':>6} | {'TRL RSS MB':>10} {'ours RSS MB':>11} {'ratio':>6} {'trunk RSS MB':>12} {'ratio':>6}"
     )
     print(header)
     print("-" * len(header))
     for size, params, seconds, rss in rows:
         print(f"{size:>6} {params:>7.1f}M | {seconds['trl']:>10.2f} {seconds['rlhf_ext']:>10.2f} "
-              f"{seconds['rlhf_ext'] / seconds['trl']:>5.2f}x | {rss['trl']:>10.0f} {rss['rlhf_ext']:>11.0f} "
-              f"{rss['rlhf_ext'] / rss['trl']:>5.2f}x")  # fmt: skip
+              f"{seconds['rlhf_ext'] / seconds['trl']:>5.2f}x {seconds['trunk']:>11.2f} "
+              f"{seconds['trunk'] / seconds['trl']:>5.2f}x | {rss['trl']:>10.0f} {rss['rlhf_ext']:>11.0f} "
+              f"{rss['rlhf_ext'] / rss['trl']:>5.2f}x {rss['trunk']:>12.0f} {rss['trunk'] / rss['trl']:>5.2f}x")
+    print("\ntrunk / ours: " + ", ".join(f"{size} time {s['trunk'] / s['rlhf_ext']:.2f}x memory "
+                                        f"{r['trunk'] / r['rlhf_ext']:.2f}x" for size, _, s, r in rows))
     print("\ntargets: time ratio <= 1.0x, memory ratio <= 0.5x")
 
 

@@ -4,7 +4,8 @@ The peak of one training step is the sum of four terms (docs/shared-base.md, "Me
 
     weights             the base once: quantized linear layers at 4 or 8 bits (+ their quantization constants),
                         embeddings / LM head in the compute dtype, norms in float32 on a quantized base;
-                        plus every LoRA adapter the stage holds (PPO: policy, value, frozen reward)
+                        plus every LoRA adapter the stage holds (PPO: policy, value, frozen reward; no value
+                        adapter with value_layout="policy_trunk")
     adapters_optimizer  trainable adapters and heads: parameter + gradient + AdamW's two moments
                         (in the parameter's dtype; one byte each with bitsandbytes' 8-bit AdamW)
     activations         what autograd keeps for backward. Counted, not guessed: one decoder layer of the real
@@ -19,7 +20,8 @@ The peak of one training step is the sum of four terms (docs/shared-base.md, "Me
                         does not count the CUDA context)
 
 Sequences per trainable forward: PPO B x (P + C) twice (policy and value forwards are both alive at
-its one backward); K-way DPO and reward B x K x (P + C). Rollout work (generation with its KV cache,
+its one backward; once with value_layout="policy_trunk", whose value head reads the policy forward's
+last hidden state); K-way DPO and reward B x K x (P + C). Rollout work (generation with its KV cache,
 reference / reward / old-policy forwards without grad) is transient and smaller than the training
 step at these batch sizes, so it is not a term.
 
@@ -222,30 +224,35 @@ def _weights_bytes(counts: Counts, bits: int, compute: torch.dtype, adapters: in
 def estimate(config, stage: str = "ppo", bits: int = 16, lora_r: int = 16, batch_size: int = 2,
              prompt_length: int = 64, completion_length: int = 32, num_completions: int = 4,
              gradient_checkpointing: bool = True, device: str = "cuda", optimizer: str = "adamw_torch",
-             compute_dtype: str | None = None, target_modules=None) -> MemoryEstimate:
+             compute_dtype: str | None = None, target_modules=None,
+             value_layout: str = "own_adapter") -> MemoryEstimate:
     """Predicted peak memory of one training step of `stage` ("ppo", "dpo" or "reward") on a base of `config`.
 
     bits: 32 (float32 base), 16 (bfloat16 base), 8 or 4 (bitsandbytes, computing in `compute_dtype`, by
     default bfloat16 on a GPU and float32 on a CPU). LoRA of rank `lora_r` on every projection (the presets);
     adapters train in float32, or in bfloat16 on a quantized bfloat16 base (QLoRA, as `SharedBase` and TRL do).
     optimizer: TRL's `optim` name; "adamw_bnb_8bit" / "paged_adamw_8bit" keep the moments in one byte each.
+    value_layout: PPO's critic, "own_adapter" (a value adapter and its own forward) or "policy_trunk" (neither).
     """
     if stage not in STAGES:
         raise ValueError(f"stage must be one of {STAGES}, got {stage!r}")
     if bits not in (4, 8, 16, 32):
         raise ValueError(f"bits must be 4, 8, 16 or 32, got {bits!r}")
+    if value_layout not in ("own_adapter", "policy_trunk"):
+        raise ValueError(f"value_layout must be 'own_adapter' or 'policy_trunk', got {value_layout!r}")
     config = load_config(config)
     compute = _compute_dtype(bits, compute_dtype, device)
     adapter = torch.bfloat16 if bits in (4, 8) and compute == torch.bfloat16 else torch.float32
     counts = parameter_counts(config, stage, lora_r, target_modules)
-    adapters_held = {"ppo": 3, "dpo": 1, "reward": 1}[stage]
-    trainable = counts.lora * (2 if stage == "ppo" else 1)
+    value_adapter = stage == "ppo" and value_layout == "own_adapter"
+    adapters_held = {"ppo": 2, "dpo": 1, "reward": 1}[stage] + value_adapter
+    trainable = counts.lora * (1 + value_adapter)
     moment_bytes = 1 if "8bit" in optimizer else _dtype_bytes(adapter)
     adapters_optimizer = trainable * (2 * _dtype_bytes(adapter) + ADAMW_MOMENTS * moment_bytes)
 
     length = prompt_length + completion_length
     sequences = batch_size * (num_completions if stage in ("dpo", "reward") else 1)
-    forwards = 2 if stage == "ppo" else 1  # PPO: policy and value forwards before one backward
+    forwards = 1 + value_adapter  # PPO with a value adapter: policy and value forwards before one backward
     tokens = sequences * length
     per_layer = saved_bytes_per_token_per_layer(config, compute, lora_r, length, target_modules)
     layers = config.num_hidden_layers
@@ -329,11 +336,13 @@ def main(argv=None) -> None:
     parser.add_argument("--num_completions", type=int, default=4, help="K of the ranked lists")
     parser.add_argument("--no_gradient_checkpointing", action="store_true")
     parser.add_argument("--optim", default="adamw_torch", help="TRL/transformers optim name, e.g. adamw_bnb_8bit")
+    parser.add_argument("--value_layout", default="own_adapter", choices=["own_adapter", "policy_trunk"],
+                        help="PPO's critic: its own value adapter, or a value head on the policy's trunk")
     args = parser.parse_args(argv)
     print(table(args.model, bits=args.bits, lora_r=args.lora_r, batch_size=args.batch_size,
                 prompt_length=args.prompt_length, completion_length=args.completion_length,
                 num_completions=args.num_completions, gradient_checkpointing=not args.no_gradient_checkpointing,
-                optimizer=args.optim))
+                optimizer=args.optim, value_layout=args.value_layout))
 
 
 if __name__ == "__main__":

@@ -76,6 +76,23 @@ def test_estimate_of_a_shared_base_counts_its_real_adapters():
     assert sum(p.numel() for p in shared.trainable_parameters()) == 2 * parameter_counts(CONFIG, lora_r=4).lora + 65
 
 
+def test_policy_trunk_layout_drops_the_value_adapter_and_its_forward():
+    def est(**kwargs):
+        args = dict(stage="ppo", bits=32, lora_r=4, batch_size=2, prompt_length=8, completion_length=8, device="cuda")
+        return estimate(CONFIG, **{**args, **kwargs})
+
+    lora = parameter_counts(CONFIG, lora_r=4).lora
+    own, trunk = est(gradient_checkpointing=False), est(gradient_checkpointing=False, value_layout="policy_trunk")
+    assert own.weights - trunk.weights == 4 * lora  # one float32 adapter fewer
+    assert trunk.adapters_optimizer == own.adapters_optimizer // 2  # the policy adapter alone trains
+    assert trunk.activations == own.activations // 2  # one forward's activations instead of two
+    assert trunk.logits == own.logits
+    shared = SharedBase(tiny_causal_lm(seed=0, hidden_size=64, num_layers=3, num_heads=4),
+                        SharedBaseArguments(lora_r=4, value_layout="policy_trunk"))
+    assert sum(p.numel() for p in shared.trainable_parameters()) == lora + 65  # policy adapter + value head
+    assert est(stage="dpo", value_layout="policy_trunk") == est(stage="dpo")
+
+
 def test_command_line_prints_one_row_per_stage(tmp_path, capsys):
     CONFIG.save_pretrained(tmp_path)
     main(["--model", str(tmp_path), "--bits", "16", "--batch_size", "1", "--prompt_length", "8"])

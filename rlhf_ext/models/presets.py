@@ -34,6 +34,9 @@ FAN_IN_FAN_OUT_MODEL_TYPES = {"gpt2"}
 ALL_LINEAR = "all-linear"
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# Where the critic's value head reads its hidden state: the value role's own LoRA adapter, or the policy adapter's
+# trunk (one forward and one backward serve policy and value, as in trlX and LLaMA-Factory).
+VALUE_LAYOUTS = ("own_adapter", "policy_trunk")
 
 
 @dataclass
@@ -86,12 +89,23 @@ class SharedBaseArguments:
         default=None,
         metadata={"help": "Adapter+head folder of the reward model (as the K-way reward trainer saves it). Frozen."},
     )
+    value_layout: str = field(
+        default="own_adapter",
+        metadata={
+            "help": "Critic layout: 'own_adapter' (value LoRA adapter + head, a second forward and backward per PPO "
+            "step) or 'policy_trunk' (value head on the policy adapter's last hidden state: one forward and one "
+            "backward serve both, and the value loss also trains the policy adapter).",
+            "choices": list(VALUE_LAYOUTS),
+        },
+    )
 
     def __post_init__(self):
         if self.load_in_4bit and self.load_in_8bit:
             raise ValueError("load_in_4bit and load_in_8bit are exclusive: pick one.")
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}.")
+        if self.value_layout not in VALUE_LAYOUTS:
+            raise ValueError(f"value_layout must be one of {VALUE_LAYOUTS}, got {self.value_layout!r}.")
 
     @property
     def torch_dtype(self) -> torch.dtype:

@@ -8,6 +8,9 @@ The layout (fixed in docs/architecture.md):
       head.safetensors             # "weight": [1, hidden_size] float32, "bias": [1]   (value, reward)
       head_config.json             # {"hidden_size": H, "base_model_name_or_path": ..., "role": ...}
 
+A value role of the "policy_trunk" layout (its head reads the policy adapter's hidden state) has no adapter of
+its own: its folder holds the two head files, and head_config.json says "value_layout": "policy_trunk".
+
 The K-way reward trainer calls `save_adapter_with_head` for its LoRA reward model, and
 `SharedBase` loads that folder as its reward role.
 """
@@ -60,8 +63,15 @@ def save_adapter(peft_model: PeftModel, adapter_name: str, directory: str | os.P
     return directory
 
 
-def save_head(head: ScalarHead, directory: str | os.PathLike, role: str, base_name_or_path: str | None) -> Path:
-    """Write `head` as head.safetensors + head_config.json in `directory`."""
+def save_head(
+    head: ScalarHead,
+    directory: str | os.PathLike,
+    role: str,
+    base_name_or_path: str | None,
+    value_layout: str = "own_adapter",
+) -> Path:
+    """Write `head` as head.safetensors + head_config.json in `directory` (with the value layout if not the
+    default, so that loading it into the other layout fails with a clear error)."""
     if role not in HEAD_ROLES:
         raise ValueError(f"role must be one of {HEAD_ROLES} for a head, got {role!r}.")
     directory = Path(directory)
@@ -72,6 +82,8 @@ def save_head(head: ScalarHead, directory: str | os.PathLike, role: str, base_na
     }
     save_file(weights, directory / HEAD_WEIGHTS, {"format": "pt"})
     config = {"hidden_size": head.hidden_size, "base_model_name_or_path": base_name_or_path, "role": role}
+    if value_layout != "own_adapter":
+        config["value_layout"] = value_layout
     (directory / HEAD_CONFIG).write_text(json.dumps(config, indent=2) + "\n")
     return directory
 
@@ -131,6 +143,16 @@ def load_head(directory: str | os.PathLike, expected_hidden_size: int | None = N
     head = ScalarHead(hidden_size)
     head.linear.load_state_dict(weights)
     return head
+
+
+def check_value_layout(directory: str | os.PathLike, value_layout: str) -> None:
+    """ValueError unless the value role folder `directory` was saved in `value_layout`."""
+    saved = read_json(Path(directory) / HEAD_CONFIG).get("value_layout", "own_adapter")
+    if saved != value_layout:
+        raise ValueError(
+            f"{directory} holds a value role saved with value_layout={saved!r}, but this base was built with "
+            f"value_layout={value_layout!r}; build it with SharedBaseArguments(value_layout={saved!r})."
+        )
 
 
 def check_adapter_fits(model: nn.Module, directory: str | os.PathLike) -> None:

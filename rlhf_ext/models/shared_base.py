@@ -21,6 +21,9 @@ Usage:
     loss.backward()                                          # ... one backward reaches both adapters
     shared.save_role("policy", "out/policy"); shared.save_role("value", "out/value")
 
+With `SharedBaseArguments(value_layout="policy_trunk")` the value role has no adapter of its own: its head reads
+the policy adapter's last hidden state, so one forward can serve both (`capture_last_hidden_state`).
+
 Switching roles never changes which parameters train: peft's `set_adapter` (and leaving
 `disable_adapter`) sets requires_grad=False on every adapter but the active one, and autograd
 drops the gradient of a leaf whose requires_grad is off at backward time. So "policy forward,
@@ -57,9 +60,11 @@ from .quantization import adapter_dtype_for, disable_cpu_4bit_repacking, is_quan
 from .role_folder import (
     HEAD_ROLES,
     check_adapter_fits,
+    check_value_layout,
     load_head,
     save_adapter,
     save_adapter_with_head,
+    save_head,
 )
 
 ROLES = ("policy", "value", "reward", "reference")
@@ -150,12 +155,18 @@ class SharedBase(nn.Module):
         return get_peft_model(model, lora_config(args, model.config.model_type), adapter_name="policy")
 
     def _add_value_role(self, args: SharedBaseArguments) -> None:
-        """Add the "value" adapter and head, fresh or loaded from `args.value_adapter_path`."""
+        """Add the "value" head, and its adapter unless the head sits on the policy's trunk; fresh or loaded from
+        `args.value_adapter_path`."""
         if args.value_adapter_path:
-            self._load_adapter_and_head("value", args.value_adapter_path, is_trainable=True)
+            check_value_layout(args.value_adapter_path, self.value_layout)
+            if self.value_layout == "policy_trunk":
+                self.heads["value"] = load_head(args.value_adapter_path, self.hidden_size).to(self.device)
+            else:
+                self._load_adapter_and_head("value", args.value_adapter_path, is_trainable=True)
             return
-        config = lora_config(args, self.peft_model.get_base_model().config.model_type)
-        self.peft_model.add_adapter("value", config)
+        if self.value_layout == "own_adapter":
+            config = lora_config(args, self.peft_model.get_base_model().config.model_type)
+            self.peft_model.add_adapter("value", config)
         self.heads["value"] = ScalarHead(self.hidden_size).to(self.device)
 
     def _add_reward_role(self, directory: str | os.PathLike) -> None:
@@ -170,8 +181,18 @@ class SharedBase(nn.Module):
         self.peft_model.load_adapter(str(directory), adapter_name=role, is_trainable=is_trainable)
         self.heads[role] = head.to(self.device)
 
+    @property
+    def value_layout(self) -> str:
+        """"own_adapter" (the value role has its own LoRA adapter) or "policy_trunk" (its head reads the policy's)."""
+        return self.args.value_layout
+
+    @property
+    def value_adapter(self) -> str:
+        """The adapter the value head reads: "value", or "policy" in the policy_trunk layout."""
+        return "policy" if self.value_layout == "policy_trunk" else "value"
+
     def _collect_trainable(self) -> dict[str, dict[str, nn.Parameter]]:
-        """role -> {name: parameter} of what trains: the policy adapter; the value adapter and head."""
+        """role -> {name: parameter} of what trains: the policy adapter; the value adapter (if any) and head."""
         trainable = {
             role: {n: p for n, p in self.peft_model.named_parameters() if is_adapter_parameter(n, role)}
             for role in TRAINABLE_ROLES
@@ -291,9 +312,26 @@ class SharedBase(nn.Module):
             return self.peft_model(input_ids=input_ids, attention_mask=attention_mask).logits
 
     def values(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """Values [B, T] float32: value adapter, last hidden state, value head; with grad if enabled."""
-        with self.role("value"):
+        """Values [B, T] float32: value adapter (the policy's in the policy_trunk layout), last hidden state, value
+        head; with grad if enabled."""
+        with self.role(self.value_adapter):
             return self.heads["value"](self._last_hidden_state(input_ids, attention_mask))
+
+    @contextmanager
+    def capture_last_hidden_state(self) -> Iterator[list[torch.Tensor]]:
+        """Collect the last hidden state [B, T, H] of every forward of the decoder body run inside the block.
+
+        With the policy_trunk layout, the policy forward a trainer already runs (through the LM head) then also
+        gives the values: `shared.heads["value"](captured[0])` is `shared.values(...)` of the same inputs, with the
+        gradient reaching the policy adapter through the one graph, so no second forward and backward are needed.
+        """
+        captured: list[torch.Tensor] = []
+        body = self.peft_model.get_base_model().base_model
+        handle = body.register_forward_hook(lambda module, args, output: captured.append(output.last_hidden_state))
+        try:
+            yield captured
+        finally:
+            handle.remove()
 
     @torch.no_grad()
     def reward_scores(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -339,6 +377,9 @@ class SharedBase(nn.Module):
             raise ValueError("The reference role is the base model itself; there is nothing of its own to save.")
         if role == "policy":
             return save_adapter(self.peft_model, "policy", directory)
+        if role == "value" and self.value_layout == "policy_trunk":
+            # The head reads the policy's adapter, which the policy role saves: the head is all this role owns.
+            return save_head(self.heads["value"], directory, "value", self.base_model_name_or_path, "policy_trunk")
         return save_adapter_with_head(self.peft_model, role, self.heads[role], directory, role)
 
     def load_role(self, role: str, directory: str | os.PathLike) -> None:
@@ -348,10 +389,19 @@ class SharedBase(nn.Module):
         """
         if role not in ("policy", "value", "reward"):
             raise ValueError(f"load_role takes 'policy', 'value' or 'reward', got {role!r}.")
+        if role == "value":
+            check_value_layout(directory, self.value_layout)
+        if role == "value" and self.value_layout == "policy_trunk":
+            self.heads["value"] = load_head(directory, expected_hidden_size=self.hidden_size).to(self.device)
+            self._trainable = self._collect_trainable()
+            return
         check_adapter_fits(self.peft_model, directory)
         head = load_head(directory, expected_hidden_size=self.hidden_size) if role in HEAD_ROLES else None
         if role in self.peft_model.peft_config:
-            self._activate("policy" if role != "policy" else "value")  # peft cannot delete the active adapter
+            # Deleting the active adapter would leave peft to pick the next active one (with a warning).
+            other = next((name for name in self.peft_model.peft_config if name != role), None)
+            if other is not None:
+                self._activate(other)
             self.peft_model.delete_adapter(role)
         self.peft_model.load_adapter(str(directory), adapter_name=role, is_trainable=role in TRAINABLE_ROLES)
         if head is not None:

@@ -482,11 +482,15 @@ class PPOTrainer(GRPOTrainer):
         if self._value_head_pending and mode == "train":
             self._initialise_value_head_bias()
         with torch.no_grad():
-            logprobs = batch.get("old_per_token_logps")
+            logprobs, values = batch.get("old_per_token_logps"), None
             if logprobs is None:
-                logprobs = self._policy_logprobs(prompt_completion_ids, attention_mask, completion_length)
+                logprobs, _, values = self._policy_forward(
+                    self.model, prompt_completion_ids, attention_mask, completion_length,
+                    batch_size=self.args.per_device_train_batch_size,
+                )  # fmt: skip
             ref_logprobs = self._reference_logprobs(prompt_completion_ids, attention_mask, completion_length)
-            values = completion_values(self.value_model, prompt_completion_ids, attention_mask, completion_length)
+            if values is None:
+                values = completion_values(self.value_model, prompt_completion_ids, attention_mask, completion_length)
 
         rollout = self._advantages(scores, scored, logprobs, ref_logprobs, values, mask, batch["completion_ids"])
         loss_mask = mask & scored[:, None]
@@ -503,11 +507,29 @@ class PPOTrainer(GRPOTrainer):
         self.last_rollout = self._rollout_records(batch, rollout["token_rewards"], scored)
         return batch
 
-    def _policy_logprobs(self, input_ids, attention_mask, completion_length):
-        logps, _, _ = self._get_per_token_logps_and_entropies(
-            self.model, input_ids, attention_mask, completion_length, batch_size=self.args.per_device_train_batch_size
-        )
-        return logps
+    @property
+    def values_on_policy_trunk(self) -> bool:
+        """Whether the value head reads the policy adapter's hidden state (`value_layout="policy_trunk"`)."""
+        return self.shared_base is not None and self.shared_base.value_layout == "policy_trunk"
+
+    def _policy_forward(self, model, input_ids, attention_mask, completion_length, batch_size=None, entropy=False):
+        """log pi(a_t | s_t) [B, C], the entropies [B, C] (or None) and, in the policy_trunk layout, V(s_t) [B, C]
+        from the same forward (else None: the critic needs its own).
+
+        The values read the last hidden state the policy's forward leaves on its way to the LM head, through the
+        same graph, so one backward carries both the policy and the value loss into the policy adapter.
+        """
+        if not self.values_on_policy_trunk:
+            logprobs, entropies, _ = self._get_per_token_logps_and_entropies(
+                model, input_ids, attention_mask, completion_length, batch_size=batch_size, compute_entropy=entropy
+            )
+            return logprobs, entropies, None
+        with self.shared_base.capture_last_hidden_state() as hidden:
+            logprobs, entropies, _ = self._get_per_token_logps_and_entropies(
+                model, input_ids, attention_mask, completion_length, batch_size=batch_size, compute_entropy=entropy
+            )
+        values = self.value_model.heads["value"](torch.cat(hidden))  # chunks of `batch_size` rows, in order
+        return logprobs, entropies, values[:, -completion_length - 1 : -1]
 
     def _reference_logprobs(self, input_ids, attention_mask, completion_length):
         """log pi_ref of the sampled tokens [B, C]: the reference model, or the policy with its adapters off."""
@@ -602,10 +624,11 @@ class PPOTrainer(GRPOTrainer):
         input_ids = torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], dim=1)
         attention_mask = torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], dim=1)
         completion_length = inputs["completion_ids"].size(1)
-        logprobs, entropy, _ = self._get_per_token_logps_and_entropies(
-            model, input_ids, attention_mask, completion_length, compute_entropy=True
+        logprobs, entropy, values = self._policy_forward(
+            model, input_ids, attention_mask, completion_length, entropy=True
         )
-        values = completion_values(self.value_model, input_ids, attention_mask, completion_length)
+        if values is None:
+            values = completion_values(self.value_model, input_ids, attention_mask, completion_length)
         normalizer = self._loss_normalizer(inputs)
         warmup = self.in_value_warmup()
         # Critic warm-up: zero advantages and no entropy bonus make the policy term 0 with a gradient of exactly 0
