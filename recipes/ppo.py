@@ -24,6 +24,7 @@ from transformers import AutoTokenizer
 
 from rlhf_ext.callbacks import AdaptiveKLCallback, CompletionsTableCallback
 from rlhf_ext.data import load_dataset_or_file
+from rlhf_ext.distributed import full_parameters
 from rlhf_ext.models import SharedBase, SharedBaseArguments
 from rlhf_ext.recipe_utils import (
     check_local_folder,
@@ -199,12 +200,23 @@ def train_save_policy_push(trainer, shared: SharedBase, tokenizer, training_args
     PPO) and the policy role in <output_dir>/policy, push if asked; returns the trainer."""
     trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
     trainer.save_model(training_args.output_dir)
-    if trainer.accelerator.is_main_process:
-        shared.save_role("policy", os.path.join(training_args.output_dir, "policy"))
-        tokenizer.save_pretrained(os.path.join(training_args.output_dir, "policy"))
+    save_policy_role(trainer, shared, tokenizer, training_args.output_dir)
     if training_args.push_to_hub:
         trainer.push_to_hub(dataset_name=dataset_name)
     return trainer
+
+
+def save_policy_role(trainer, shared: SharedBase, tokenizer, output_dir: str) -> None:
+    """Write the policy role folder (adapter + tokenizer) to <output_dir>/policy from the main process.
+
+    Every process calls it: under DeepSpeed ZeRO-3 the adapter is gathered first (a collective), since each process
+    holds only a slice of it.
+    """
+    with full_parameters(shared.trainable_parameters("policy")):
+        if trainer.accelerator.is_main_process:
+            shared.save_role("policy", os.path.join(output_dir, "policy"))
+            tokenizer.save_pretrained(os.path.join(output_dir, "policy"))
+    trainer.accelerator.wait_for_everyone()
 
 
 def make_parser(subparsers=None):

@@ -28,6 +28,7 @@ from torch.utils.data import DataLoader
 from trl import DPOConfig, DPOTrainer
 
 from ..data import split_into_lists
+from ..distributed import check_engine_supports
 from ..models.quantization import match_trainable_dtype
 from ..ops import dpo_plackett_luce_loss
 from .kway_common import (
@@ -100,6 +101,7 @@ class PlackettLuceDPOTrainer(DPOTrainer):
                          **kwargs)
         # TRL casts the trainable weights of a quantized base to bfloat16 whatever its compute dtype
         match_trainable_dtype(self.model)
+        check_engine_supports(self.model, self.accelerator, type(self).__name__)
 
     # Replaces DPOTrainer._prepare_dataset: ranked records are validated, ordered best first and tokenized into
     # one prompt and K completions, with TRL's tokenization; truncation to max_length happens (and is counted) here.

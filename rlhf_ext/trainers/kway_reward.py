@@ -20,6 +20,7 @@ from accelerate.utils import is_peft_model
 from trl import RewardConfig, RewardTrainer
 
 from ..data import split_into_lists
+from ..distributed import check_engine_supports, full_parameters
 from ..models.quantization import match_trainable_dtype
 from ..ops import plackett_luce_loss
 from .kway_common import (
@@ -75,6 +76,7 @@ class PlackettLuceRewardTrainer(RewardTrainer):
         # TRL casts the trainable weights of a quantized base, the score head's copy included, to bfloat16 whatever
         # its compute dtype; a float32 base would then fail at step 1 (float != BFloat16 in the head)
         match_trainable_dtype(self.model)
+        check_engine_supports(self.model, self.accelerator, type(self).__name__)
 
     # Replaces RewardTrainer._prepare_dataset: ranked records are validated, ordered best first and tokenized
     # into one prompt and K completions (pairwise records become K=2 lists).
@@ -136,10 +138,12 @@ class PlackettLuceRewardTrainer(RewardTrainer):
         )
 
         output_dir = output_dir or self.args.output_dir
-        if self.accelerator.is_main_process:
-            score = unwrapped.get_base_model().score
-            # peft trains the score head of a SEQ_CLS adapter as a copy in `modules_to_save`
-            head = score.modules_to_save["default"] if hasattr(score, "modules_to_save") else score
-            save_adapter_with_head(unwrapped, "default", head, output_dir, role="reward")
-            self.processing_class.save_pretrained(output_dir)
+        trainable = [p for p in unwrapped.parameters() if p.requires_grad]
+        with full_parameters(trainable):  # ZeRO-3: every process gathers the adapter and head it holds 1/N of
+            if self.accelerator.is_main_process:
+                score = unwrapped.get_base_model().score
+                # peft trains the score head of a SEQ_CLS adapter as a copy in `modules_to_save`
+                head = score.modules_to_save["default"] if hasattr(score, "modules_to_save") else score
+                save_adapter_with_head(unwrapped, "default", head, output_dir, role="reward")
+                self.processing_class.save_pretrained(output_dir)
         self.accelerator.wait_for_everyone()

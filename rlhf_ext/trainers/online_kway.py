@@ -54,6 +54,7 @@ from torch import nn
 from transformers import AutoModelForCausalLM, PreTrainedModel
 from trl import GRPOConfig, GRPOTrainer
 
+from ..distributed import check_engine_supports
 from ..models import SharedBase
 from ..ops import dpo_plackett_luce_loss
 from .kway_common import TOP_M_HELP, ranking_stats
@@ -277,6 +278,7 @@ class OnlinePlackettLuceTrainer(GRPOTrainer):
             if self.use_vllm:
                 self.vllm_generation.__class__ = SharedBaseVLLMGeneration  # sync the policy only (see PPOTrainer)
         self.ppo_ref_model = self._prepare_reference(ref_model)
+        check_engine_supports(model, self.accelerator, type(self).__name__, shared_base=self.shared_base is not None)
         self._last_rewards_per_func = None
         self.reward_funcs = [
             checked_reward_function(func, name)

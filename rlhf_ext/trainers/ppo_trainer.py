@@ -43,6 +43,7 @@ from trl.data_utils import apply_chat_template, is_conversational
 from trl.generation.vllm_generation import VLLMGeneration
 from trl.trainer.utils import add_fused_lm_head, disable_dropout_in_model, is_async_callable
 
+from ..distributed import check_engine_supports, fill_full_parameter, parameters_from_state_dict
 from ..models import SharedBase
 from ..ops import (
     gae,
@@ -313,6 +314,7 @@ class PPOTrainer(GRPOTrainer):
                 "or a critic whose `score` is an nn.Linear with a bias."
             )
         # Bad input found now, before the first step, rather than steps into the run with nothing saved.
+        check_engine_supports(model, self.accelerator, type(self).__name__, shared_base=self.shared_base is not None)
         self.reward_funcs = [
             checked_reward_function(func, name)
             for func, name in zip(self.reward_funcs, self.reward_func_names, strict=True)
@@ -581,9 +583,8 @@ class PPOTrainer(GRPOTrainer):
         scores, scored = self._global_scores()
         if not scored.any():
             return
-        bias = value_head_bias(self.value_model)
-        with torch.no_grad():
-            bias.fill_(scores[scored].mean().item())
+        # under DeepSpeed the optimizer's master copy is written too, else its next step would restore the old bias
+        fill_full_parameter(value_head_bias(self.value_model), scores[scored].mean().item())
         self._value_head_pending = False
 
     def _has_eos(self, completion_ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -750,7 +751,9 @@ class PPOTrainer(GRPOTrainer):
         with self._saving_only_the_policy_adapter():
             super()._save(output_dir, state_dict=policy_state)
         if self.args.should_save:
-            save_value_model(self.value_model, os.path.join(output_dir, VALUE_DIR))
+            # ZeRO-3: the live critic holds 1/N of each weight; save the whole values the Trainer gathered instead
+            with parameters_from_state_dict(self.accelerator.unwrap_model(self.model), state_dict):
+                save_value_model(self.value_model, os.path.join(output_dir, VALUE_DIR))
 
     @contextmanager
     def _saving_only_the_policy_adapter(self):
