@@ -257,6 +257,50 @@ def test_resume_from_checkpoint_equals_straight_run(tmp_path, reward_folder, lef
     assert {p.requires_grad for p in resumed.trainable_parameters()} == {True}
 
 
+@pytest.mark.parametrize("stop_after", [4, 6], ids=["at_the_epoch_end", "inside_the_second_epoch"])
+def test_resume_after_the_first_epoch_equals_straight_run(tmp_path, reward_folder, left_tokenizer, stop_after):
+    # 8 prompts, 4 per rollout, 2 PPO epochs: one pass over the prompts every 4 steps, so 8 steps are 2 epochs and a
+    # resumed run must draw the second epoch's order, not replay the first's.
+    def run(output_dir, resume=None, stop=None):
+        shared = make_shared(reward_folder)
+        args = ppo_args(
+            tmp_path, output_dir=str(output_dir), max_steps=8, num_ppo_epochs=2, learning_rate=3e-3,
+            save_strategy="steps", save_steps=2,
+        )  # fmt: skip
+        trainer = PPOTrainer(
+            shared, reward_funcs=fraction_of_a, args=args, train_dataset=prompts(8), processing_class=left_tokenizer,
+            callbacks=[StopAfter(stop)] if stop else None,
+        )  # fmt: skip
+        trainer.train(resume_from_checkpoint=resume)
+        return shared, trainer
+
+    straight, trainer = run(tmp_path / "straight")
+    assert trainer.state.epoch == 2.0
+    run(tmp_path / "split", stop=stop_after)
+    resumed, _ = run(tmp_path / "split", resume=str(tmp_path / "split" / f"checkpoint-{stop_after}"))
+    expected, got = final_weights(straight), final_weights(resumed)
+    for name in expected:
+        torch.testing.assert_close(got[name], expected[name], atol=1e-6, rtol=1e-5, msg=name)
+
+
+def test_each_epoch_shuffle_is_a_function_of_seed_and_epoch(tmp_path, reward_folder, left_tokenizer):
+    trainer = PPOTrainer(
+        make_shared(reward_folder), reward_funcs=fraction_of_a, args=ppo_args(tmp_path), train_dataset=prompts(16),
+        processing_class=left_tokenizer,
+    )  # fmt: skip
+
+    def order(sampler, epoch):
+        sampler.set_epoch(epoch)
+        return list(sampler)
+
+    running = trainer._get_train_sampler()
+    epochs = [order(running, e) for e in range(3)]
+    assert len({tuple(o) for o in epochs}) == 3  # a new order every epoch
+    fresh = trainer._get_train_sampler()  # a resumed run's sampler, built anew
+    assert order(fresh, 2) == epochs[2] and order(fresh, 1) == epochs[1]
+    assert sorted(epochs[0]) == sorted(range(16))
+
+
 def test_saved_checkpoint_holds_policy_adapter_and_value_role(tmp_path, reward_folder, left_tokenizer):
     shared = make_shared(reward_folder)
     trainer = PPOTrainer(shared, args=ppo_args(tmp_path), train_dataset=prompts(), processing_class=left_tokenizer)

@@ -29,6 +29,10 @@ SIGNATURES = [
     (GRPOTrainer, "_generate_and_score_completions", ["self", "inputs"]),
     (GRPOTrainer, "_compute_loss", ["self", "model", "inputs"]),
     (Trainer, "_save", ["self", "output_dir", "state_dict"]),
+    # (also OnlinePlackettLuceTrainer) re-classes the RepeatSampler it returns (rlhf_ext/trainers/sampling.py)
+    (GRPOTrainer, "_get_train_sampler", ["self", "dataset"]),
+    (trl_utils.RepeatSampler, "__init__", ["self", "data_source", "mini_repeat_count", "batch_size", "repeat_count",
+                                           "shuffle", "seed"]),
     (Trainer, "_load_from_checkpoint", ["self", "resume_from_checkpoint", "model"]),
     # ... and calls
     (GRPOTrainer, "_get_per_token_logps_and_entropies",

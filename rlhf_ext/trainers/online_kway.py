@@ -59,6 +59,7 @@ from ..models import SharedBase
 from ..ops import dpo_plackett_luce_loss
 from .kway_common import TOP_M_HELP, ranking_stats
 from .ppo_trainer import PPOTrainer, SharedBaseReward, SharedBaseVLLMGeneration, checked_reward_function
+from .sampling import epoch_seeded
 
 # Fields of the regrouped batch that the loss reads and the regrouping builds; everything else GRPO returns
 # per completion is regrouped alongside.
@@ -286,6 +287,10 @@ class OnlinePlackettLuceTrainer(GRPOTrainer):
         ]
 
     # ---------------------------------------------------------------- rollout: rewards, reference, ranking
+
+    def _get_train_sampler(self, dataset=None):
+        # Extends GRPOTrainer._get_train_sampler: each epoch's shuffle seeded by the epoch, so resuming is exact.
+        return epoch_seeded(super()._get_train_sampler(dataset))
 
     def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
         # Extends GRPOTrainer._calculate_rewards: keep the gathered [N_global, n_funcs] rewards, which super() turns

@@ -54,6 +54,7 @@ from ..ops import (
     token_rewards,
 )
 from .ppo_config import PPOConfig
+from .sampling import epoch_seeded
 
 logger = logging.getLogger(__name__)
 
@@ -366,6 +367,11 @@ class PPOTrainer(GRPOTrainer):
         if built_here and self.args.value_learning_rate is not None:
             split_param_groups(optimizer, self.critic_parameters(), lr=self.args.value_learning_rate)
         return optimizer
+
+    def _get_train_sampler(self, dataset=None):
+        # Extends GRPOTrainer._get_train_sampler: the same RepeatSampler, with each epoch's shuffle seeded by the
+        # epoch, so a run resumed after its first epoch sees the prompts an uninterrupted run sees.
+        return epoch_seeded(super()._get_train_sampler(dataset))
 
     # ---------------------------------------------------------------- critic warm-up (VAPO, VC-PPO)
 
