@@ -26,8 +26,10 @@ def reward_folder(tmp_path):
     return str(save_adapter_with_head(donor.peft_model, "value", donor.heads["value"], tmp_path / "reward", "reward"))
 
 
-def make_shared(reward_folder) -> SharedBase:
-    return SharedBase(tiny_causal_lm(seed=0), SharedBaseArguments(reward_adapter_path=reward_folder, **LORA))
+def make_shared(reward_folder, **overrides) -> SharedBase:
+    return SharedBase(
+        tiny_causal_lm(seed=0), SharedBaseArguments(reward_adapter_path=reward_folder, **LORA, **overrides)
+    )
 
 
 def ppo_args(tmp_path, **overrides) -> PPOConfig:
@@ -231,56 +233,71 @@ def final_weights(shared: SharedBase) -> dict:
     return weights
 
 
-@pytest.mark.parametrize("gradient_checkpointing", [True, False])  # True: TRL's default
-def test_resume_from_checkpoint_equals_straight_run(tmp_path, reward_folder, left_tokenizer, gradient_checkpointing):
-    def run(output_dir, resume=None, stop_after=None):
-        shared = make_shared(reward_folder)
-        args = ppo_args(
-            tmp_path, output_dir=str(output_dir), max_steps=4, num_ppo_epochs=2, learning_rate=3e-3,
-            save_strategy="steps", save_steps=2, gradient_checkpointing=gradient_checkpointing,
-        )
-        callbacks = [StopAfter(stop_after)] if stop_after else None
-        trainer = PPOTrainer(
-            shared, args=args, train_dataset=prompts(16), processing_class=left_tokenizer, callbacks=callbacks
-        )
+def straight_and_resumed(tmp_path, build, stop_after: int, **overrides) -> tuple[SharedBase, SharedBase]:
+    """The shared bases after an uninterrupted run and after one stopped at step `stop_after` and resumed from its
+    checkpoint in a fresh trainer on fresh weights (as a new process would); `build(args, callbacks)` makes a
+    (shared, trainer) pair."""
+
+    def run(output_dir, resume=None, stop=None):
+        args = ppo_args(tmp_path, output_dir=str(output_dir), save_strategy="steps", save_steps=2, **overrides)
+        shared, trainer = build(args, [StopAfter(stop)] if stop else None)
         trainer.train(resume_from_checkpoint=resume)
         return shared
 
     straight = run(tmp_path / "straight")
-    run(tmp_path / "split", stop_after=2)
-    # a fresh process starts from fresh weights: resuming must restore adapters, heads, optimizer and scheduler
-    resumed = run(tmp_path / "split", resume=str(tmp_path / "split" / "checkpoint-2"))
-    expected, got = final_weights(straight), final_weights(resumed)
+    run(tmp_path / "split", stop=stop_after)
+    return straight, run(tmp_path / "split", resume=str(tmp_path / "split" / f"checkpoint-{stop_after}"))
+
+
+def assert_same_trained_weights(expected: SharedBase, got: SharedBase) -> None:
+    expected, got = final_weights(expected), final_weights(got)
     assert expected.keys() == got.keys()
     for name in expected:
         torch.testing.assert_close(got[name], expected[name], atol=1e-6, rtol=1e-5, msg=name)
+
+
+@pytest.mark.parametrize("value_layout", ["own_adapter", "policy_trunk"])
+@pytest.mark.parametrize("gradient_checkpointing", [True, False])  # True: TRL's default
+def test_resume_from_checkpoint_equals_straight_run(
+    tmp_path, reward_folder, left_tokenizer, gradient_checkpointing, value_layout
+):
+    def build(args, callbacks):
+        shared = make_shared(reward_folder, value_layout=value_layout)
+        trainer = PPOTrainer(
+            shared, args=args, train_dataset=prompts(16), processing_class=left_tokenizer, callbacks=callbacks
+        )
+        return shared, trainer
+
+    # resuming must restore adapters, heads, optimizer and scheduler
+    straight, resumed = straight_and_resumed(
+        tmp_path, build, stop_after=2, max_steps=4, num_ppo_epochs=2, learning_rate=3e-3,
+        gradient_checkpointing=gradient_checkpointing,
+    )  # fmt: skip
+    assert_same_trained_weights(straight, resumed)
     assert {p.requires_grad for p in resumed.trainable_parameters()} == {True}
+    value_files = {p.name for p in (tmp_path / "split" / "checkpoint-2" / "value").iterdir()}
+    assert ("adapter_model.safetensors" in value_files) == (value_layout == "own_adapter")
 
 
 @pytest.mark.parametrize("stop_after", [4, 6], ids=["at_the_epoch_end", "inside_the_second_epoch"])
 def test_resume_after_the_first_epoch_equals_straight_run(tmp_path, reward_folder, left_tokenizer, stop_after):
     # 8 prompts, 4 per rollout, 2 PPO epochs: one pass over the prompts every 4 steps, so 8 steps are 2 epochs and a
     # resumed run must draw the second epoch's order, not replay the first's.
-    def run(output_dir, resume=None, stop=None):
-        shared = make_shared(reward_folder)
-        args = ppo_args(
-            tmp_path, output_dir=str(output_dir), max_steps=8, num_ppo_epochs=2, learning_rate=3e-3,
-            save_strategy="steps", save_steps=2,
-        )  # fmt: skip
-        trainer = PPOTrainer(
-            shared, reward_funcs=fraction_of_a, args=args, train_dataset=prompts(8), processing_class=left_tokenizer,
-            callbacks=[StopAfter(stop)] if stop else None,
-        )  # fmt: skip
-        trainer.train(resume_from_checkpoint=resume)
-        return shared, trainer
+    trainers = []
 
-    straight, trainer = run(tmp_path / "straight")
-    assert trainer.state.epoch == 2.0
-    run(tmp_path / "split", stop=stop_after)
-    resumed, _ = run(tmp_path / "split", resume=str(tmp_path / "split" / f"checkpoint-{stop_after}"))
-    expected, got = final_weights(straight), final_weights(resumed)
-    for name in expected:
-        torch.testing.assert_close(got[name], expected[name], atol=1e-6, rtol=1e-5, msg=name)
+    def build(args, callbacks):
+        shared = make_shared(reward_folder)
+        trainers.append(PPOTrainer(
+            shared, reward_funcs=fraction_of_a, args=args, train_dataset=prompts(8), processing_class=left_tokenizer,
+            callbacks=callbacks,
+        ))  # fmt: skip
+        return shared, trainers[-1]
+
+    straight, resumed = straight_and_resumed(
+        tmp_path, build, stop_after=stop_after, max_steps=8, num_ppo_epochs=2, learning_rate=3e-3
+    )
+    assert trainers[0].state.epoch == 2.0
+    assert_same_trained_weights(straight, resumed)
 
 
 def test_each_epoch_shuffle_is_a_function_of_seed_and_epoch(tmp_path, reward_folder, left_tokenizer):

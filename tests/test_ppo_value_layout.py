@@ -3,14 +3,13 @@ policy adapter's last hidden state, so one forward and one backward serve policy
 
 Checked against independent computations: the values are the head applied to the hidden state the policy's own
 forward gives; PPO's loss and every gradient equal those of separate policy and value forwards; a training step runs
-the decoder once instead of twice; checkpoints hold the head alone and resume exactly.
+the decoder once instead of twice; the value role folder holds the head alone. (Resume: tests/test_ppo_trainer.py.)
 """
 
 import pytest
 import torch
 from test_ppo_trainer import (
     LORA,
-    final_weights,
     independent_policy_terms,
     ppo_args,
     prompts,
@@ -19,7 +18,7 @@ from test_ppo_trainer import (
 
 from rlhf_ext.models import SharedBase, SharedBaseArguments, save_adapter_with_head
 from rlhf_ext.ops import ppo_loss
-from rlhf_ext.testing import StopAfter, fraction_of_a, randomize_lora, tiny_causal_lm
+from rlhf_ext.testing import fraction_of_a, randomize_lora, tiny_causal_lm
 from rlhf_ext.trainers.ppo_trainer import PPOTrainer
 
 CHECKPOINTING = pytest.mark.parametrize("gradient_checkpointing", [True, False], ids=["trl_default_gc", "no_gc"])
@@ -183,32 +182,3 @@ def test_policy_trunk_warmup_trains_only_the_value_head(tmp_path, reward_folder,
     trainer.train()
     assert all(torch.equal(p, policy[id(p)]) for p in shared.trainable_parameters("policy"))
     assert not torch.equal(shared.heads["value"].linear.weight, head)
-
-
-@CHECKPOINTING
-def test_policy_trunk_resume_from_checkpoint_equals_straight_run(
-    tmp_path, reward_folder, left_tokenizer, gradient_checkpointing
-):
-    def run(output_dir, resume=None, stop_after=None):
-        shared = trunk_shared(reward_folder)
-        args = ppo_args(
-            tmp_path, output_dir=str(output_dir), max_steps=4, num_ppo_epochs=2, learning_rate=3e-3,
-            save_strategy="steps", save_steps=2, gradient_checkpointing=gradient_checkpointing,
-        )  # fmt: skip
-        callbacks = [StopAfter(stop_after)] if stop_after else None
-        trainer = PPOTrainer(
-            shared, args=args, train_dataset=prompts(16), processing_class=left_tokenizer, callbacks=callbacks
-        )
-        trainer.train(resume_from_checkpoint=resume)
-        return shared
-
-    straight = run(tmp_path / "straight")
-    run(tmp_path / "split", stop_after=2)
-    checkpoint = tmp_path / "split" / "checkpoint-2"
-    assert {p.name for p in (checkpoint / "value").iterdir()} == {"head.safetensors", "head_config.json"}
-    resumed = run(tmp_path / "split", resume=str(checkpoint))
-    expected, got = final_weights(straight), final_weights(resumed)
-    assert expected.keys() == got.keys()
-    for name in expected:
-        torch.testing.assert_close(got[name], expected[name], atol=1e-6, rtol=1e-5, msg=name)
-
