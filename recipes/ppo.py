@@ -24,7 +24,7 @@ from transformers import AutoTokenizer
 
 from rlhf_ext.callbacks import AdaptiveKLCallback, CompletionsTableCallback
 from rlhf_ext.data import load_dataset_or_file
-from rlhf_ext.distributed import full_parameters
+from rlhf_ext.distributed import whole_weights_on_main_process
 from rlhf_ext.models import SharedBase, SharedBaseArguments
 from rlhf_ext.recipe_utils import (
     check_local_folder,
@@ -209,10 +209,10 @@ def train_save_policy_push(trainer, shared: SharedBase, tokenizer, training_args
 def save_policy_role(trainer, shared: SharedBase, tokenizer, output_dir: str) -> None:
     """Write the policy role folder (adapter + tokenizer) to <output_dir>/policy from the main process.
 
-    Every process calls it: under DeepSpeed ZeRO-3 the adapter is gathered first (a collective), since each process
-    holds only a slice of it.
+    Every process calls it: under ZeRO-3 (or FSDP) the weights are gathered first (a collective), since each process
+    holds only a slice of them.
     """
-    with full_parameters(shared.trainable_parameters("policy")):
+    with whole_weights_on_main_process(trainer.accelerator, trainer.model):
         if trainer.accelerator.is_main_process:
             shared.save_role("policy", os.path.join(output_dir, "policy"))
             tokenizer.save_pretrained(os.path.join(output_dir, "policy"))

@@ -96,6 +96,25 @@ def parameters_from_state_dict(module: nn.Module, state_dict: Mapping[str, torch
             owner._parameters[attr] = param
 
 
+@contextmanager
+def whole_weights_on_main_process(accelerator, model: nn.Module) -> Iterator[None]:
+    """Inside the block the main process's `model` (unwrapped) reads whole weights, under any engine.
+
+    A collective: every process must enter it. ZeRO-3 gathers the trainable parameters (`full_parameters`); FSDP
+    gathers a full state dict (`accelerator.get_state_dict`) and swaps it in on the main process
+    (`parameters_from_state_dict`); DDP and ZeRO-1/2 weights are whole already. For final saves that write role
+    folders from live modules (the reward trainer's adapter + head folder, the PPO recipe's policy folder).
+    """
+    unwrapped = accelerator.unwrap_model(model)
+    if engine_name(accelerator) == "fsdp":
+        state = accelerator.get_state_dict(model)
+        with parameters_from_state_dict(unwrapped, state if accelerator.is_main_process else {}):
+            yield
+        return
+    with full_parameters([p for p in unwrapped.parameters() if p.requires_grad]):
+        yield
+
+
 def fill_full_parameter(param: nn.Parameter, value: float) -> None:
     """Fill every element of `param` with `value` so that it survives the next optimizer step under any engine.
 

@@ -14,6 +14,7 @@ from rlhf_ext.distributed import (
     fill_full_parameter,
     full_parameters,
     parameters_from_state_dict,
+    whole_weights_on_main_process,
 )
 from rlhf_ext.models import SharedBase, SharedBaseArguments, load_base_model, load_head
 from rlhf_ext.testing import save_tiny_model, tiny_causal_lm
@@ -93,3 +94,26 @@ def test_parameters_from_state_dict_lets_save_role_write_the_gathered_values(tmp
     for name, param in loaded.peft_model.named_parameters():
         if ".lora_" in name and ".value." in name:
             torch.testing.assert_close(param.detach(), state[f"peft_model.{name}"], rtol=0, atol=0)
+
+
+def test_whole_weights_on_main_process_swaps_in_the_full_state_dict_under_fsdp(tmp_path):
+    """Under FSDP each parameter is a DTensor shard (here: a fake one, empty with a `full_tensor`); the final saves
+    read the full state dict accelerate gathers, and the shards come back afterwards."""
+    shared = SharedBase(tiny_causal_lm(seed=0), ARGS)
+    state = {name: torch.randn(p.shape) for name, p in shared.named_parameters()}
+    sharded = {}
+    for name, param in shared.named_parameters():
+        if name.startswith("heads.value") or (".lora_" in name and ".value." in name):
+            param.data = torch.empty(0)
+            param.full_tensor = lambda: (_ for _ in ()).throw(AssertionError("gathered on the main process alone"))
+            sharded[name] = param
+    fsdp = SimpleNamespace(
+        distributed_type=DistributedType.FSDP, state=SimpleNamespace(deepspeed_plugin=None), is_main_process=True,
+        unwrap_model=lambda model: model, get_state_dict=lambda model: state,
+    )  # fmt: skip
+    with whole_weights_on_main_process(fsdp, shared):
+        shared.save_role("value", tmp_path / "value")
+    assert all(dict(shared.named_parameters())[n] is p and p.numel() == 0 for n, p in sharded.items())
+    torch.testing.assert_close(
+        load_head(tmp_path / "value").linear.weight, state["heads.value.linear.weight"], rtol=0, atol=0
+    )

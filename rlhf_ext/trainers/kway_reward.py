@@ -20,7 +20,7 @@ from accelerate.utils import is_peft_model
 from trl import RewardConfig, RewardTrainer
 
 from ..data import split_into_lists
-from ..distributed import check_engine_supports, full_parameters
+from ..distributed import check_engine_supports, whole_weights_on_main_process
 from ..models.quantization import match_trainable_dtype
 from ..ops import plackett_luce_loss
 from .kway_common import (
@@ -138,8 +138,8 @@ class PlackettLuceRewardTrainer(RewardTrainer):
         )
 
         output_dir = output_dir or self.args.output_dir
-        trainable = [p for p in unwrapped.parameters() if p.requires_grad]
-        with full_parameters(trainable):  # ZeRO-3: every process gathers the adapter and head it holds 1/N of
+        # ZeRO-3 and FSDP: every process takes part in gathering the adapter and head it holds 1/N of
+        with whole_weights_on_main_process(self.accelerator, self.model):
             if self.accelerator.is_main_process:
                 score = unwrapped.get_base_model().score
                 # peft trains the score head of a SEQ_CLS adapter as a copy in `modules_to_save`
