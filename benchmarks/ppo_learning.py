@@ -1,6 +1,6 @@
 """Learning curves of PPO: TRL 1.12's PPOTrainer versus rlhf_ext's, on the same models, prompts and settings.
 
-    python benchmarks/ppo_learning.py                                  # 4 variants x 3 seeds: table, JSON, PNG
+    python benchmarks/ppo_learning.py                                  # 5 variants x 3 seeds: table, JSON, PNG
     python benchmarks/ppo_learning.py --seeds 0 --updates 4            # a quick look
     python benchmarks/ppo_learning.py --variants trl separate          # a subset
 
@@ -16,6 +16,7 @@ hyperparameters, for three seeds (the seed drives sampling and prompt order):
                   adapters (r=16), reference = adapters off, the same reward model
     shared_trunk  (d) as (c) with `SharedBaseArguments(value_layout="policy_trunk")`: the value head on the policy
                   adapter's last hidden state
+    shared_lora_lr10  (c') as (c) with 10x the learning rate (LoRA usually wants a larger one than full fine-tuning)
 
 The task, built in a temp dir before the runs (seconds): a character-level tiny Llama (`rlhf_ext.testing`) trained
 briefly on random letter strings that end with EOS (the initial policy); a tiny `LlamaForSequenceClassification`
@@ -67,6 +68,7 @@ class Variant:
     trainer: str  # "trl" or "rlhf_ext"
     shared: dict | None = None
     color: str = "black"
+    lr_scale: float = 1.0  # learning rate = lr_scale * --learning_rate (1: the same hyperparameters as TRL)
 
 
 VARIANTS = {
@@ -77,16 +79,18 @@ VARIANTS = {
         "(d) rlhf_ext, shared base, value head on policy trunk", "rlhf_ext", shared={"value_layout": "policy_trunk"},
         color="tab:red",
     ),
+    "shared_lora_lr10": Variant("(c') as (c), 10x learning rate", "rlhf_ext", shared={}, color="tab:purple",
+                                lr_scale=10.0),
 }  # fmt: skip
-DEFAULT_VARIANTS = ["trl", "separate", "shared_lora", "shared_trunk"]
+DEFAULT_VARIANTS = ["trl", "separate", "shared_lora", "shared_trunk", "shared_lora_lr10"]
 
 
 @dataclass
 class Settings:
     """Everything a worker needs; the PPO hyperparameters are the same for every variant."""
 
-    batch_size: int = 32  # prompts (= completions) per rollout
-    updates: int = 15
+    batch_size: int = 64  # prompts (= completions) per rollout
+    updates: int = 20
     response_length: int = 16
     prompt_length: int = 8
     num_ppo_epochs: int = 4
@@ -181,7 +185,7 @@ def prepare(directory: Path, s: Settings, num_prompts: int) -> dict:
 
     policy = LlamaForCausalLM(config)
     t0 = time.perf_counter()
-    summary["sft_final_loss"] = _train(policy, (sft_batch() for _ in range(s.extra.get("sft_steps", 100))), 3e-3,
+    summary["sft_final_loss"] = _train(policy, (sft_batch() for _ in range(s.extra.get("sft_steps", 300))), 3e-3,
                                        lm_loss)  # fmt: skip
     summary["sft_seconds"] = time.perf_counter() - t0
     policy.save_pretrained(directory / "policy")
@@ -211,7 +215,7 @@ def prepare(directory: Path, s: Settings, num_prompts: int) -> dict:
     torch.manual_seed(2)
     reward = LlamaForSequenceClassification(tiny_llama_config(hidden_size=64, num_layers=2, num_labels=1))
     t0 = time.perf_counter()
-    _train(reward, (rm_batch() for _ in range(s.extra.get("rm_steps", 200))), 3e-3, rm_loss)
+    _train(reward, (rm_batch() for _ in range(s.extra.get("rm_steps", 150))), 3e-3, rm_loss)
     summary["rm_seconds"] = time.perf_counter() - t0
     with torch.no_grad():
         input_ids, mask, target = rm_batch(512)
@@ -420,6 +424,7 @@ def worker(variant_name: str, directory: Path, seed: int) -> None:
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     s = Settings(**json.loads((directory / "settings.json").read_text()))
     variant = VARIANTS[variant_name]
+    s.learning_rate *= variant.lr_scale
     t0 = time.perf_counter()
     if variant.trainer == "trl":
         out = run_trl(directory, s, seed)
@@ -467,6 +472,20 @@ def overlaps(summary: dict, variant: str, reference: str, metric: str = "reward"
     """Per update: whether the two variants' min-max bands over seeds overlap."""
     pairs = zip(summary[variant][metric], summary[reference][metric])
     return [lo_v <= hi_r and lo_r <= hi_v for (_, lo_v, hi_v), (_, lo_r, hi_r) in pairs]
+
+
+def seed_average_gap(runs: list[dict], variant: str, reference: str, metric: str = "reward") -> dict:
+    """The gap in each seed's average over updates (the seeds are the independent units): difference of the
+    means of `variant` and `reference`, its standard error (Welch) and their ratio."""
+
+    def averages(name):
+        return [statistics.fmean(r[metric]) for r in runs if r["variant"] == name]
+
+    a, b = averages(reference), averages(variant)
+    diff = statistics.fmean(b) - statistics.fmean(a)
+    se = math.sqrt((statistics.variance(a) / len(a) if len(a) > 1 else 0.0)
+                   + (statistics.variance(b) / len(b) if len(b) > 1 else 0.0))  # fmt: skip
+    return {"reference": a, "variant": b, "difference": diff, "standard_error": se, "t": diff / se if se else math.nan}
 
 
 def format_table(summary: dict, variants: list[str], every: int = 1) -> str:
@@ -623,14 +642,16 @@ def main() -> None:
             inside = within(summary, v, "trl")
             overlap = overlaps(summary, v, "trl")
             final_ok = summary[v]["reward"][-1][0] >= summary["trl"]["reward"][-1][1]
+            gap = seed_average_gap(runs, v, "trl")
             checks[v] = {"mean_inside_trl_band": inside, "bands_overlap": overlap,
-                         "final_mean_reward_reaches_trl_min": final_ok}  # fmt: skip
+                         "final_mean_reward_reaches_trl_min": final_ok, "seed_average_gap": gap}  # fmt: skip
             outside = [i + 1 for i, ok in enumerate(inside) if not ok]
             print(f"\n{v}: mean reward inside TRL's seed band at {sum(inside)}/{len(inside)} updates"
                   f"{' (outside at ' + str(outside) + ')' if outside else ''}; bands overlap at "
                   f"{sum(overlap)}/{len(overlap)}; final mean {summary[v]['reward'][-1][0]:.3f} vs TRL "
                   f"{summary['trl']['reward'][-1][0]:.3f} [{summary['trl']['reward'][-1][1]:.3f},"
-                  f"{summary['trl']['reward'][-1][2]:.3f}]")  # fmt: skip
+                  f"{summary['trl']['reward'][-1][2]:.3f}]; reward averaged over updates, per seed: "
+                  f"{gap['difference']:+.3f} +- {gap['standard_error']:.3f} vs TRL (t = {gap['t']:.1f})")  # fmt: skip
     args.output.parent.mkdir(parents=True, exist_ok=True)
     command = "python benchmarks/ppo_learning.py " + " ".join(sys.argv[1:])
     git = subprocess.run(["git", "-C", str(REPO), "describe", "--always", "--dirty"], capture_output=True, text=True)

@@ -6,6 +6,7 @@ import math
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 from transformers import LlamaForSequenceClassification
 
@@ -89,3 +90,12 @@ def test_every_variant_has_a_trainer_and_the_default_set_starts_with_trl():
     m = load_ppo_learning()
     assert m.DEFAULT_VARIANTS[0] == "trl"
     assert all(m.VARIANTS[v].trainer in ("trl", "rlhf_ext") for v in m.VARIANTS)
+
+
+def test_seed_average_gap_compares_per_seed_averages():
+    m = load_ppo_learning()
+    runs = [run("trl", 0, [0.0, 0.2]), run("trl", 1, [0.2, 0.4]), run("separate", 0, [0.2, 0.4]),
+            run("separate", 1, [0.4, 0.6])]  # fmt: skip
+    gap = m.seed_average_gap(runs, "separate", "trl")
+    assert gap["reference"] == pytest.approx([0.1, 0.3]) and gap["variant"] == pytest.approx([0.3, 0.5])
+    assert abs(gap["difference"] - 0.2) < 1e-9 and abs(gap["standard_error"] - math.sqrt(0.02)) < 1e-9
