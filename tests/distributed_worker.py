@@ -30,7 +30,10 @@ from transformers import set_seed
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from rlhf_ext.distributed import full_parameters  # noqa: E402
+if os.environ.get("RLHF_EXT_FSDP_ON_CPU") == "1":
+    import fsdp_cpu_shim  # noqa: E402, F401  (test-only: accelerate's FSDP2 path on CPU processes)
+
+from rlhf_ext.distributed import full_parameters, full_tensor  # noqa: E402
 from rlhf_ext.testing import StopAfter, tiny_tokenizer  # noqa: E402
 
 MARKER = "RLHF_EXT_OK"
@@ -67,8 +70,8 @@ def parse_args() -> argparse.Namespace:
 
 
 def under_engine() -> bool:
-    """Whether accelerate launched this process with DeepSpeed (it sets ACCELERATE_USE_DEEPSPEED)."""
-    return os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
+    """Whether accelerate launched this process with DeepSpeed or FSDP (it sets ACCELERATE_USE_DEEPSPEED/FSDP)."""
+    return any(os.environ.get(f"ACCELERATE_USE_{name}", "false").lower() == "true" for name in ("DEEPSPEED", "FSDP"))
 
 
 def common_args(cli: argparse.Namespace) -> dict:
@@ -79,9 +82,10 @@ def common_args(cli: argparse.Namespace) -> dict:
     if cli.global_batch % world:
         raise ValueError(f"--global_batch {cli.global_batch} is not divisible by {world} processes")
     engine = under_engine()
+    deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
     return dict(
         output_dir=cli.output_dir, per_device_train_batch_size=cli.global_batch // world, max_steps=cli.max_steps,
-        learning_rate=1e-2, lr_scheduler_type="constant", report_to="none", bf16=False, use_cpu=not engine,
+        learning_rate=1e-2, lr_scheduler_type="constant", report_to="none", bf16=False, use_cpu=not deepspeed,
         ddp_backend="gloo" if engine or world > 1 else None, disable_tqdm=True, seed=0, data_seed=0,
         gradient_checkpointing=cli.gradient_checkpointing, logging_steps=1,
         save_strategy="steps" if cli.save_steps else "no", save_steps=cli.save_steps or 500,
@@ -160,8 +164,14 @@ def trainable_weights(trainer) -> dict[str, torch.Tensor]:
     """Every trainable weight of the trainer's model, whole, by name (a collective under ZeRO-3)."""
     model = trainer.accelerator.unwrap_model(trainer.model)
     params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    with full_parameters([p for _, p in params]):
-        return {name: param.detach().float().cpu().clone() for name, param in params}
+    with full_parameters([p for _, p in params]):  # ZeRO-3; an FSDP2 DTensor is gathered by full_tensor
+        return {name: full_tensor(param).float().cpu().clone() for name, param in params}
+
+
+def trainer_is_sharded(trainer) -> bool:
+    """Whether the trainer's parameters are really partitioned (ZeRO-3) or DTensor shards (FSDP2)."""
+    params = trainer.accelerator.unwrap_model(trainer.model).parameters()
+    return any(hasattr(p, "ds_id") or hasattr(p, "full_tensor") for p in params)
 
 
 def report(trainer, weights: dict[str, torch.Tensor], output_dir: str) -> None:
@@ -179,6 +189,8 @@ def report(trainer, weights: dict[str, torch.Tensor], output_dir: str) -> None:
             "processes": world,
             "engine": trainer.accelerator.distributed_type.value,
             "zero_stage": getattr(trainer.accelerator.state.deepspeed_plugin, "zero_stage", None),
+            "fsdp_version": getattr(getattr(trainer.accelerator.state, "fsdp_plugin", None), "fsdp_version", None),
+            "sharded": trainer_is_sharded(trainer),
             "global_step": trainer.state.global_step,
             "checksums": gathered,
         }

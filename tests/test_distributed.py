@@ -1,6 +1,6 @@
-"""The trainers under sharding engines, on 2 CPU processes: DeepSpeed ZeRO-2 and ZeRO-3 through `accelerate launch`
-with the shipped configs (recipes/accelerate_configs/), and FSDP2 by `fully_shard` under torchrun (accelerate turns
-FSDP on only for GPUs).
+"""The trainers under sharding engines, on 2 CPU processes: DeepSpeed ZeRO-2 and ZeRO-3 and FSDP2 through
+`accelerate launch` with the shipped configs (recipes/accelerate_configs/; FSDP through a test-only shim, since
+accelerate turns FSDP on only for GPUs), and the shared base under `fully_shard` directly, under torchrun.
 
 Each 2-process run is checked against an independent expectation: the same training in one process with no engine,
 on the same global batch. After N optimizer steps the trained weights must be identical on both processes and equal,
@@ -64,11 +64,15 @@ def assets(tmp_path_factory) -> dict[str, str]:
     return {"base": base, "reward_base": str(root / "reward_base"), "reward_adapter": str(root / "reward")}
 
 
-def run_logged(command: list[str], what: str) -> dict:
+def run_command(command: list[str], extra_env: dict | None = None) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO), **(extra_env or {})}
+    return subprocess.run(command, capture_output=True, text=True, env=env, timeout=LAUNCH_TIMEOUT, cwd=REPO)
+
+
+def run_logged(command: list[str], what: str, extra_env: dict | None = None) -> dict:
     """Run `command`; the parsed JSON of its success line. Fails with the output's tail if the line is missing."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)}
     start = time.monotonic()
-    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=LAUNCH_TIMEOUT, cwd=REPO)
+    result = run_command(command, extra_env)
     lines = [line for line in result.stdout.splitlines() if line.startswith(MARKER)]
     output = f"{result.stdout[-2000:]}\n{result.stderr[-6000:]}"
     assert lines, f"{what}: no success line (exit code {result.returncode}):\n{output}"
@@ -85,14 +89,22 @@ def worker_args(trainer: str, assets: dict, output_dir: Path, *extra: str) -> li
     ]  # fmt: skip
 
 
-def launch(config: str, trainer: str, assets: dict, output_dir: Path, *extra: str) -> dict:
-    """The worker on 2 CPU processes under a shipped accelerate config (DeepSpeed on CPU: mixed precision off)."""
-    command = [
+# accelerate runs FSDP only on GPU-like devices; the test-only shim tests/fsdp_cpu_shim.py lets it run on CPU processes
+FSDP_ON_CPU = {"RLHF_EXT_FSDP_ON_CPU": "1"}
+
+
+def launch_command(config: str, trainer: str, assets: dict, output_dir: Path, *extra: str) -> list[str]:
+    """The worker on 2 CPU processes under a shipped accelerate config (on CPU: mixed precision off)."""
+    return [
         sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(CONFIGS / f"{config}.yaml"),
         "--num_processes", "2", "--mixed_precision", "no", str(WORKER),
         *worker_args(trainer, assets, output_dir, *extra),
     ]  # fmt: skip
-    return run_logged(command, f"{config} {trainer}")
+
+
+def launch(config: str, trainer: str, assets: dict, output_dir: Path, *extra: str) -> dict:
+    extra_env = FSDP_ON_CPU if config.startswith("fsdp") else None
+    return run_logged(launch_command(config, trainer, assets, output_dir, *extra), f"{config} {trainer}", extra_env)
 
 
 def single_process(trainer: str, assets: dict, output_dir: Path, *extra: str) -> dict:
@@ -167,7 +179,11 @@ def assert_saved_folders_load_without_engine(trainer: str, assets: dict, out: Pa
 
 def check_engine_run(config: str, trainer: str, assets, reference, tmp_path) -> None:
     summary = launch(config, trainer, assets, tmp_path)
-    assert summary["engine"] == "DEEPSPEED" and summary["zero_stage"] == int(config[-1])
+    if config.startswith("fsdp"):
+        assert summary["engine"] == "FSDP" and summary["fsdp_version"] == 2 and summary["sharded"]
+    else:
+        assert summary["engine"] == "DEEPSPEED" and summary["zero_stage"] == int(config[-1])
+        assert summary["sharded"] == (config == "deepspeed_zero3")  # ZeRO-2 keeps whole weights
     assert summary["global_step"] == 3
     assert_ranks_identical(summary)
     weights = load_file(tmp_path / "weights.safetensors")
@@ -185,6 +201,23 @@ def test_zero3_matches_one_process(trainer, assets, reference, tmp_path):
 )
 def test_zero2_matches_one_process(trainer, assets, reference, tmp_path):
     check_engine_run("deepspeed_zero2", trainer, assets, reference, tmp_path)
+
+
+@pytest.mark.parametrize("trainer", ["dpo", "reward"])
+def test_accelerate_fsdp2_matches_one_process(trainer, assets, reference, tmp_path):
+    """recipes/accelerate_configs/fsdp2.yaml: accelerate's own FSDP2 path (fully_shard on the decoder layers and the
+    root, FULL_STATE_DICT saves), on CPU through the test-only shim."""
+    check_engine_run("fsdp2", trainer, assets, reference, tmp_path)
+
+
+@pytest.mark.slow
+def test_accelerate_fsdp2_refuses_ppo_on_the_shared_base_before_training(assets, tmp_path):
+    """Without the refusal this run trains and ends 3.2 away from the one-process run (the value head's bias) and
+    ~0.03 on the adapters: the shared base's value and reward roles run outside FSDP's root forward."""
+    result = run_command(launch_command("fsdp2", "ppo", assets, tmp_path), FSDP_ON_CPU)
+    assert result.returncode != 0 and MARKER not in result.stdout
+    assert "PPOTrainer on a SharedBase does not run under accelerate's FSDP" in result.stderr
+    assert "'loss'" not in result.stdout  # refused before the first step
 
 
 def test_zero3_checkpoint_resumes_exactly(assets, tmp_path):
