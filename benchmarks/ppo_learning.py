@@ -1,6 +1,6 @@
 """Learning curves of PPO: TRL 1.12's PPOTrainer versus rlhf_ext's, on the same models, prompts and settings.
 
-    python benchmarks/ppo_learning.py                                  # 5 variants x 3 seeds: table, JSON, PNG
+    python benchmarks/ppo_learning.py                                  # 6 variants x 3 seeds: table, JSON, PNG
     python benchmarks/ppo_learning.py --seeds 0 --updates 4            # a quick look
     python benchmarks/ppo_learning.py --variants trl separate          # a subset
 
@@ -17,6 +17,8 @@ hyperparameters, for three seeds (the seed drives sampling and prompt order):
     shared_trunk  (d) as (c) with `SharedBaseArguments(value_layout="policy_trunk")`: the value head on the policy
                   adapter's last hidden state
     shared_lora_lr10  (c') as (c) with 10x the learning rate (LoRA usually wants a larger one than full fine-tuning)
+    separate_frozen_io  (b') as (b) with the embeddings and the LM head frozen, the parameters LoRA leaves alone
+                  (a diagnostic for the gap of (c))
 
 The task, built in a temp dir before the runs (seconds): a character-level tiny Llama (`rlhf_ext.testing`) trained
 briefly on random letter strings that end with EOS (the initial policy); a tiny `LlamaForSequenceClassification`
@@ -69,6 +71,7 @@ class Variant:
     shared: dict | None = None
     color: str = "black"
     lr_scale: float = 1.0  # learning rate = lr_scale * --learning_rate (1: the same hyperparameters as TRL)
+    frozen: tuple = ()  # separate models: policy parameters (name prefixes) kept frozen, for diagnostics
 
 
 VARIANTS = {
@@ -79,10 +82,12 @@ VARIANTS = {
         "(d) rlhf_ext, shared base, value head on policy trunk", "rlhf_ext", shared={"value_layout": "policy_trunk"},
         color="tab:red",
     ),
+    "separate_frozen_io": Variant("(b') as (b), embeddings and LM head frozen (as LoRA leaves them)", "rlhf_ext",
+                                  color="tab:brown", frozen=("model.embed_tokens.", "lm_head.")),
     "shared_lora_lr10": Variant("(c') as (c), 10x learning rate", "rlhf_ext", shared={}, color="tab:purple",
                                 lr_scale=10.0),
 }  # fmt: skip
-DEFAULT_VARIANTS = ["trl", "separate", "shared_lora", "shared_trunk", "shared_lora_lr10"]
+DEFAULT_VARIANTS = ["trl", "separate", "shared_lora", "shared_trunk", "shared_lora_lr10", "separate_frozen_io"]
 
 
 @dataclass
@@ -389,6 +394,9 @@ def run_rlhf_ext(directory: Path, s: Settings, seed: int, variant: Variant) -> d
                          tokenizer)  # fmt: skip
     if variant.shared is None:
         model = AutoModelForCausalLM.from_pretrained(directory / "policy")
+        for name, param in model.named_parameters():
+            if name.startswith(variant.frozen):
+                param.requires_grad_(False)
         value_model = AutoModelForSequenceClassification.from_pretrained(directory / "value", num_labels=1)
     else:
         from rlhf_ext.models import SharedBase, SharedBaseArguments
