@@ -118,10 +118,10 @@ def build_ppo(cli, args):
 
     config = PPOConfig(
         **args, steps_per_generation=1, num_ppo_epochs=2, num_generations=1, max_completion_length=6,
-        max_prompt_length=16, top_k=1, kl_coef=0.05, whiten_advantages=False, value_head_init="first_rollout_mean",
+        max_prompt_length=16, top_k=1, kl_coef=0.05, value_head_init="first_rollout_mean",
     )  # fmt: skip
-    # top_k=1: greedy sampling, the same completions whatever each process's RNG. whiten_advantages=False: whitening
-    # uses each process's own batch statistics (as TRL's PPO did), which a one-process run cannot reproduce.
+    # top_k=1: greedy sampling, the same completions whatever each process's RNG. Advantages are whitened (the
+    # default) with the statistics of both processes' completions (whiten_across_processes), as one process would.
     # first_rollout_mean: the value head's bias is written after the engine has started (its master copy too).
     shared_args = SharedBaseArguments(
         lora_r=4, lora_alpha=8, lora_dropout=0.0, lora_target_modules=["q_proj", "v_proj"],

@@ -132,6 +132,14 @@ class PPOConfig(GRPOConfig):
         default=True,
         metadata={"help": "Whiten the advantages (over the real tokens of the batch) after GAE, as TRL's PPO did."},
     )
+    whiten_across_processes: bool = field(
+        default=True,
+        metadata={
+            "help": "With several processes, whiten rewards and advantages with the statistics of the whole "
+            "generation batch (all processes), so N processes compute what one would on the same batch. False: each "
+            "process's own share, as TRL's PPO did."
+        },
+    )
     missing_eos_penalty: float | None = field(
         default=None,
         metadata={

@@ -611,17 +611,23 @@ class PPOTrainer(GRPOTrainer):
             has_eos=self._has_eos(completion_ids, mask),
         )
         learn_mask = mask & scored[:, None]
+        across_processes = args.whiten_across_processes and self.accelerator.num_processes > 1
+        reduce = self._sum_over_processes if across_processes else None
         per_token = rewards.rewards
         if args.whiten_rewards:
             # No mean shift: it would move reward from the last token onto every token (TRL's PPO did the same).
-            per_token = masked_whiten(per_token, learn_mask, shift_mean=False) * learn_mask
+            per_token = masked_whiten(per_token, learn_mask, shift_mean=False, reduce=reduce) * learn_mask
         if args.advantage_estimator == "gae":
             advantages, returns = gae(per_token, values, mask, gamma=args.gamma, lam=args.lam)
         else:
             advantages, returns = rewards_to_go(per_token, mask, gamma=args.gamma, baseline=values * mask)
-        if args.whiten_advantages and learn_mask.any():
-            advantages = masked_whiten(advantages, learn_mask) * learn_mask
+        # Over processes every process joins the collective (it may hold no real token); locally there must be one.
+        if args.whiten_advantages and (reduce is not None or learn_mask.any()):
+            advantages = masked_whiten(advantages, learn_mask, reduce=reduce) * learn_mask
         return {"advantages": advantages, "returns": returns, "token_rewards": rewards}
+
+    def _sum_over_processes(self, x: torch.Tensor) -> torch.Tensor:
+        return self.accelerator.reduce(x, reduction="sum")
 
     # ---------------------------------------------------------------- update (seed 2.10 and 4, step 6)
 
