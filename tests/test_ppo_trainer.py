@@ -516,8 +516,29 @@ def test_trainer_logs_trl_ppo_metric_names(tmp_path, reward_folder, left_tokeniz
         "objective/kl", "objective/entropy", "objective/scores", "objective/rlhf_reward",
         "objective/non_score_reward", "policy/approxkl_avg", "policy/clipfrac_avg", "policy/entropy_avg",
         "loss/policy_avg", "loss/value_avg", "val/clipfrac_avg", "val/ratio", "val/explained_variance",
+        "val/explained_variance_mc",
     }  # fmt: skip
     assert names <= set(trainer.state.log_history[0])
+
+
+def test_monte_carlo_explained_variance_is_the_lambda_one_explained_variance(tmp_path, reward_folder, left_tokenizer):
+    # The first rollout does not depend on lam (same seed, no update yet), and with lam = 1 GAE's returns are the
+    # Monte-Carlo returns: so val/explained_variance_mc at lam 0.5 must equal val/explained_variance at lam 1.
+    def first_rollout_metrics(lam):
+        shared = make_shared(reward_folder)
+        randomize_lora(shared.peft_model, "value", seed=7)  # a critic whose values are not ~0, so both EVs differ
+        trainer = PPOTrainer(
+            shared, reward_funcs=fraction_of_a, args=ppo_args(tmp_path, lam=lam, kl_coef=0.1), train_dataset=prompts(),
+            processing_class=left_tokenizer,
+        )  # fmt: skip
+        rollout(trainer)
+        return {name: values[-1] for name, values in trainer._metrics["train"].items()}
+
+    half, one = first_rollout_metrics(0.5), first_rollout_metrics(1.0)
+    assert half["objective/scores"] == one["objective/scores"]  # the same rollout
+    assert half["val/explained_variance_mc"] == pytest.approx(one["val/explained_variance"], rel=1e-5, abs=1e-6)
+    assert one["val/explained_variance_mc"] == pytest.approx(one["val/explained_variance"], rel=1e-5, abs=1e-6)
+    assert abs(half["val/explained_variance"] - half["val/explained_variance_mc"]) > 1e-3
 
 
 def test_reward_role_scores_prompt_completion_and_eos(reward_folder, left_tokenizer):

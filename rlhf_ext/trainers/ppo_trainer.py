@@ -617,6 +617,7 @@ class PPOTrainer(GRPOTrainer):
         if args.whiten_rewards:
             # No mean shift: it would move reward from the last token onto every token (TRL's PPO did the same).
             per_token = masked_whiten(per_token, learn_mask, shift_mean=False, reduce=reduce) * learn_mask
+        _, monte_carlo_returns = rewards_to_go(per_token, mask, gamma=args.gamma)
         if args.advantage_estimator == "gae":
             advantages, returns = gae(per_token, values, mask, gamma=args.gamma, lam=args.lam)
         else:
@@ -624,7 +625,12 @@ class PPOTrainer(GRPOTrainer):
         # Over processes every process joins the collective (it may hold no real token); locally there must be one.
         if args.whiten_advantages and (reduce is not None or learn_mask.any()):
             advantages = masked_whiten(advantages, learn_mask, reduce=reduce) * learn_mask
-        return {"advantages": advantages, "returns": returns, "token_rewards": rewards}
+        return {
+            "advantages": advantages,
+            "returns": returns,
+            "monte_carlo_returns": monte_carlo_returns,
+            "token_rewards": rewards,
+        }
 
     def _sum_over_processes(self, x: torch.Tensor) -> torch.Tensor:
         return self.accelerator.reduce(x, reduction="sum")
@@ -705,8 +711,12 @@ class PPOTrainer(GRPOTrainer):
             kept = gather(values_per_completion.float())[scored_all]
             if len(kept):
                 metrics[name].append(kept.mean().item())
-        metrics["val/explained_variance"].append(
-            self._explained_variance(rollout["returns"], values, mask & scored[:, None])
+        learn_mask = mask & scored[:, None]
+        metrics["val/explained_variance"].append(self._explained_variance(rollout["returns"], values, learn_mask))
+        # With lam < 1 the GAE returns are partly the critic's own values, which flatters it; the Monte-Carlo
+        # returns (discounted reward-to-go) are what the values should predict.
+        metrics["val/explained_variance_mc"].append(
+            self._explained_variance(rollout["monte_carlo_returns"], values, learn_mask)
         )
 
     def _explained_variance(self, returns, values, mask) -> float:
