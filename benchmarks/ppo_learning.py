@@ -20,7 +20,7 @@ hyperparameters, for three seeds (the seed drives sampling and prompt order):
     separate_frozen_io  (b') as (b) with the embeddings and the LM head frozen, the parameters LoRA leaves alone
                   (a diagnostic for the gap of (c))
 
-The task, built in a temp dir before the runs (seconds): a character-level tiny Llama (`rlhf_ext.testing`) trained
+The task, built in a temp dir before the runs (1-4 minutes): a character-level tiny Llama (`rlhf_ext.testing`) trained
 briefly on random letter strings that end with EOS (the initial policy); a tiny `LlamaForSequenceClassification`
 trained to score the share of vowels in the text (the reward model, frozen); the value model is the policy's
 backbone with a fresh one-label `score` head (TRL 1.12's convention). Both trainers score a completion with the
