@@ -12,10 +12,10 @@ RSS (ru_maxrss) is its own:
              adapter's last hidden state, so one forward and one backward per minibatch serve policy and value
 
 One update = one rollout of `batch_size` prompts (generation, reference log-probs, values, reward) followed by
-`num_ppo_epochs` optimizer steps on it. The first update is warm-up and not timed. Models are built from config
-with random weights (no download) in SmolLM2-135M's shape and a smaller one of the same family, with the tiny
-character-level vocabulary of `rlhf_ext.testing` (101 tokens), so the layer stacks are deeper than SmolLM2's to
-keep the parameter counts at ~70M and ~135M.
+`num_ppo_epochs` optimizer steps on it. The first update is warm-up and not timed; the table gives the median of the
+others. Models are built from config with random weights (no download) in SmolLM2-135M's shape and a smaller one
+of the same family, with the tiny character-level vocabulary of `rlhf_ext.testing` (101 tokens), so the layer
+stacks are deeper than SmolLM2's to keep the parameter counts at ~70M and ~135M.
 
     python benchmarks/ppo_vs_trl.py                         # both sizes, prints the table
     python benchmarks/ppo_vs_trl.py --sizes 70m --updates 4
@@ -268,7 +268,7 @@ def main() -> None:
             params = parameter_count(directory)
             results = {name: run_worker(trl_python if name == "trl" else Path(sys.executable), name, directory, args)
                        for name in WORKERS}  # fmt: skip
-        seconds = {name: statistics.mean(r["seconds_per_update"][1:]) for name, r in results.items()}
+        seconds = {name: statistics.median(r["seconds_per_update"][1:]) for name, r in results.items()}
         rss = {name: r["peak_rss_mb"] for name, r in results.items()}
         rows.append((size, params, seconds, rss))
         print(f"{size} done: {seconds} {rss}", file=sys.stderr, flush=True)
