@@ -286,7 +286,10 @@ def eval_stage(cfg: DemoConfig, out: Path, base: StageResult, policies: dict[str
 def make_plots(out: Path, policies: dict[str, dict]) -> dict[str, str]:
     """Every plot this run can draw, as {title: path relative to out}."""
     plots = {"Final comparison on held-out prompts": plot_comparison(policies, out / "plots" / "comparison.png")}
-    curves = (("ppo", "PPO: reward, KL, critic and clipping", plot_ppo_curves), ("dpo", "K-way DPO: loss and accuracy", plot_dpo_curves))
+    curves = (
+        ("ppo", "PPO: reward, KL, critic and clipping", plot_ppo_curves),
+        ("dpo", "K-way DPO: loss and accuracy", plot_dpo_curves),
+    )
     for name, title, plot in curves:
         log_history = json.loads((out / name / "log_history.json").read_text())
         plots[title] = plot(log_history, out / "plots" / f"{name}.png")
