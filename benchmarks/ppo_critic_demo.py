@@ -14,9 +14,9 @@ prompt and generation batch; the base is sampled once), so the numbers are compa
     python benchmarks/ppo_critic_demo.py --list                                      # the settings
 
 Besides the trainer's `val/explained_variance` (1 - Var(R - V) / Var(R) over the rollout's tokens, R the GAE
-returns: with lambda < 1 they contain the critic's own values), each rollout also logs
-`val/explained_variance_mc`, the same against the Monte-Carlo returns (the KL-penalised reward-to-go), which
-measures how well the critic predicts the outcome whatever lambda is (equal to the first at lambda 1).
+returns: with lambda < 1 they contain the critic's own values), the trainer logs `val/explained_variance_mc`,
+the same against the Monte-Carlo returns (the KL-penalised reward-to-go), which measures how well the critic
+predicts the outcome whatever lambda is (equal to the first at lambda 1).
 
 Writes `<output_dir>/<setting>/` (policy adapter, `log_history.json`, `metrics.json`), `<output_dir>/results.json`
 (every setting: overrides, per-rollout and per-step curves, held-out metrics, seconds) and
@@ -29,21 +29,19 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import gc
-import importlib.util
 import json
 import logging
 import math
-import sys
 import time
 from pathlib import Path
 
 import yaml
+from online_kway_demo import load_demo_module  # noqa: E402 (a sibling script: benchmarks/ is on sys.path)
 
 from rlhf_ext.demo.evaluation import BASE, PolicySamples, policy_metrics, sample_policy
 from rlhf_ext.demo.generation import load_model_and_tokenizer
 from rlhf_ext.demo.prompts import as_conversation, demo_split
 from rlhf_ext.demo.smollm2 import smollm2_path
-from rlhf_ext.ops.advantages import rewards_to_go
 
 ROOT = Path(__file__).resolve().parents[1]
 logger = logging.getLogger("ppo_critic_demo")
@@ -66,32 +64,6 @@ SETTINGS: dict[str, dict] = {
 
 ROLLOUT_KEYS = ("val/explained_variance", "val/explained_variance_mc", "objective/scores", "objective/kl")
 STEP_KEYS = ("policy/clipfrac_avg", "val/clipfrac_avg", "loss/value_avg")
-
-
-def load_demo_module():
-    """recipes/demo.py as a module (recipes/ is a folder of scripts): its DemoConfig, run_recipe, load_recipe."""
-    name = "rlhf_ext_recipe_demo"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, ROOT / "recipes" / "demo.py")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[name]
-
-
-def with_monte_carlo_ev(trainer_class):
-    """`trainer_class` that also logs `val/explained_variance_mc`: the critic's old values against the Monte-Carlo
-    returns of the rollout's per-token (KL-penalised) rewards, over the same tokens as the trainer's own EV."""
-
-    class MonteCarloEV(trainer_class):
-        def _log_rollout(self, rollout, scored, logprobs, values, mask, mode):
-            super()._log_rollout(rollout, scored, logprobs, values, mask, mode)
-            _, returns = rewards_to_go(rollout["token_rewards"].rewards, mask, gamma=self.args.gamma)
-            ev = self._explained_variance(returns, values, mask & scored[:, None])
-            self._metrics[mode]["val/explained_variance_mc"].append(ev)
-
-    MonteCarloEV.__name__ = trainer_class.__name__
-    return MonteCarloEV
 
 
 def series(log_history: list[dict], key: str) -> list[tuple[int, float]]:
@@ -238,8 +210,6 @@ def main() -> None:
 
     import torch
 
-    from rlhf_ext.trainers.ppo_trainer import PPOTrainer
-
     if args.threads:
         torch.set_num_threads(args.threads)
 
@@ -248,7 +218,6 @@ def main() -> None:
     cfg = demo.DemoConfig(
         **{k: v for k, v in config.items() if k in {f.name for f in dataclasses.fields(demo.DemoConfig)}}
     )
-    demo.load_recipe("ppo").PPOTrainer = with_monte_carlo_ev(PPOTrainer)  # the recipe builds its trainer from it
     demo_dir, out = Path(args.demo_dir), Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     base_path = smollm2_path(cfg.model_cache_dir)
