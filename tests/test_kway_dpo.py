@@ -155,6 +155,25 @@ def test_lora_reference_is_the_base_with_the_adapter_off(model_path, tmp_path):
     assert expected != pytest.approx(all_zero_rewards, abs=1e-3)
 
 
+@pytest.mark.parametrize(("peft_kwargs", "refused"), [
+    (dict(target_modules=["q_proj", "lm_head"]), True),  # TRL refuses it: its fused LM head would skip the LoRA
+    (dict(target_modules=["q_proj"], modules_to_save=["lm_head"]), False),  # a trained copy of the head itself
+])  # fmt: skip
+def test_an_adapter_on_the_lm_head_is_refused(model_path, tmp_path, peft_kwargs, refused):
+    def build():
+        return PlackettLuceDPOTrainer(
+            model=model_path, args=PlackettLuceDPOConfig(**common_args(tmp_path)),
+            peft_config=LoraConfig(r=4, lora_alpha=8, task_type="CAUSAL_LM", **peft_kwargs),
+            train_dataset=Dataset.from_list(LISTS), processing_class=tiny_tokenizer(),
+        )  # fmt: skip
+
+    if refused:
+        with pytest.raises(ValueError, match="PEFT adapter to `lm_head` is not supported"):
+            build()
+    else:
+        build()
+
+
 class _AdapterOff:
     """A peft model called with its adapters disabled: the base model."""
 

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 from datasets import Dataset
+from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForSequenceClassification
 
 from rlhf_ext.models import SharedBase, SharedBaseArguments, save_adapter_with_head
@@ -337,6 +338,20 @@ def test_saved_checkpoint_holds_policy_adapter_and_value_role(tmp_path, reward_f
 
 
 # ----------------------------------------------------------------------------- bad input
+
+
+def test_an_adapter_on_the_lm_head_is_refused(tmp_path, reward_folder, left_tokenizer):
+    # TRL refuses it before training (its fused LM head reads lm_head.weight, skipping a LoRA there)
+    shared = make_shared(reward_folder, lora_target_modules=["q_proj", "lm_head"])
+    with pytest.raises(ValueError, match="PEFT adapter to `lm_head` is not supported"):
+        PPOTrainer(shared, args=ppo_args(tmp_path), train_dataset=prompts(), processing_class=left_tokenizer)
+    policy = get_peft_model(tiny_causal_lm(seed=0), LoraConfig(r=4, target_modules=["q_proj", "lm_head"]))
+    with pytest.raises(ValueError, match="PEFT adapter to `lm_head` is not supported"):
+        PPOTrainer(
+            policy, reward_funcs=fraction_of_a, args=ppo_args(tmp_path), train_dataset=prompts(),
+            processing_class=left_tokenizer,
+            value_model=AutoModelForSequenceClassification.from_config(tiny_llama_config(num_labels=1)),
+        )  # fmt: skip
 
 
 def test_empty_dataset_is_rejected(tmp_path, reward_folder, left_tokenizer):
