@@ -280,8 +280,13 @@ def test_resume_from_checkpoint_equals_straight_run(
     assert ("adapter_model.safetensors" in value_files) == (value_layout == "own_adapter")
 
 
-@pytest.mark.parametrize("stop_after", [4, 6], ids=["at_the_epoch_end", "inside_the_second_epoch"])
-def test_resume_after_the_first_epoch_equals_straight_run(tmp_path, reward_folder, left_tokenizer, stop_after):
+@pytest.mark.parametrize(
+    ("stop_after", "gradient_checkpointing"), [(4, False), (6, True)],  # True: TRL's default
+    ids=["at_the_epoch_end", "inside_the_second_epoch_trl_default_gc"],
+)  # fmt: skip
+def test_resume_after_the_first_epoch_equals_straight_run(
+    tmp_path, reward_folder, left_tokenizer, stop_after, gradient_checkpointing
+):
     # 8 prompts, 4 per rollout, 2 PPO epochs: one pass over the prompts every 4 steps, so 8 steps are 2 epochs and a
     # resumed run must draw the second epoch's order, not replay the first's.
     trainers = []
@@ -295,8 +300,9 @@ def test_resume_after_the_first_epoch_equals_straight_run(tmp_path, reward_folde
         return shared, trainers[-1]
 
     straight, resumed = straight_and_resumed(
-        tmp_path, build, stop_after=stop_after, max_steps=8, num_ppo_epochs=2, learning_rate=3e-3
-    )
+        tmp_path, build, stop_after=stop_after, max_steps=8, num_ppo_epochs=2, learning_rate=3e-3,
+        gradient_checkpointing=gradient_checkpointing,
+    )  # fmt: skip
     assert trainers[0].state.epoch == 2.0
     assert_same_trained_weights(straight, resumed)
 

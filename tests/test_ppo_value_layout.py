@@ -164,19 +164,29 @@ def test_policy_trunk_loss_and_gradients_equal_separate_policy_and_value_forward
         torch.testing.assert_close(grad, params[name].grad, atol=1e-6, rtol=1e-4, msg=name)
 
 
+@CHECKPOINTING
 @pytest.mark.parametrize(("value_layout", "forwards"), [("policy_trunk", 1), ("own_adapter", 2)])
 def test_a_training_step_runs_the_decoder_once_with_the_policy_trunk(
-    tmp_path, reward_folder, left_tokenizer, value_layout, forwards
+    tmp_path, reward_folder, left_tokenizer, value_layout, forwards, gradient_checkpointing
 ):
-    trainer, shared = layout_trainer(tmp_path, reward_folder, left_tokenizer, value_layout)
+    trainer, shared = layout_trainer(
+        tmp_path, reward_folder, left_tokenizer, value_layout, gradient_checkpointing=gradient_checkpointing
+    )
     batch = rollout(trainer)
+    trainer.model.train()
     count = body_forward_counter(shared)
     trainer._compute_loss(trainer.model, batch).backward()
     assert count[0] == forwards
 
 
-def test_policy_trunk_warmup_trains_only_the_value_head(tmp_path, reward_folder, left_tokenizer):
-    trainer, shared = layout_trainer(tmp_path, reward_folder, left_tokenizer, "policy_trunk", value_warmup_steps=1)
+@CHECKPOINTING
+def test_policy_trunk_warmup_trains_only_the_value_head(
+    tmp_path, reward_folder, left_tokenizer, gradient_checkpointing
+):
+    trainer, shared = layout_trainer(
+        tmp_path, reward_folder, left_tokenizer, "policy_trunk", value_warmup_steps=1,
+        gradient_checkpointing=gradient_checkpointing,
+    )  # fmt: skip
     policy = {id(p): p.detach().clone() for p in shared.trainable_parameters("policy")}
     head = shared.heads["value"].linear.weight.detach().clone()
     trainer.train()
