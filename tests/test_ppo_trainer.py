@@ -176,35 +176,36 @@ def left_tokenizer_decode(trainer, batch) -> list[str]:
     return trainer.processing_class.batch_decode(batch["completion_ids"], skip_special_tokens=True)
 
 
-def test_loss_optimised_equals_ppo_loss_on_the_same_tensors(trainer_and_batch):
-    trainer, shared, batch = trainer_and_batch
+def assert_loss_and_gradients_are_ppo_loss(trainer: PPOTrainer, shared: SharedBase, batch: dict) -> dict:
+    """Assert that the loss `trainer._compute_loss` optimises, and every gradient it gives, equal `ppo_loss` on policy
+    and value terms computed straight from the SharedBase (`independent_policy_terms`); returns those gradients."""
     args = trainer.args
     loss = trainer._compute_loss(trainer.model, batch)
     trainer.model.zero_grad()
     loss.backward()
-    got_grads = {n: p.grad.clone() for n, p in shared.named_parameters() if p.grad is not None}
+    params = dict(shared.named_parameters())
+    got = {n: p.grad.clone() for n, p in params.items() if p.grad is not None}
 
     shared.zero_grad()
     logprobs, entropy, values = independent_policy_terms(shared, batch)
     expected = ppo_loss(
-        logprobs,
-        batch["old_per_token_logps"],
-        batch["advantages"],
-        batch["completion_mask"].bool(),
-        values=values,
-        old_values=batch["old_values"],
-        returns=batch["returns"],
-        entropy=entropy,
-        clip_range=args.cliprange,
-        clip_range_value=args.cliprange_value,
-        vf_coef=args.vf_coef,
+        logprobs, batch["old_per_token_logps"], batch["advantages"], batch["completion_mask"].bool(),
+        values=values, old_values=batch["old_values"], returns=batch["returns"], entropy=entropy,
+        clip_range=args.cliprange, clip_range_value=args.cliprange_value, vf_coef=args.vf_coef,
         ent_coef=args.ent_coef,
-    )
+    )  # fmt: skip
     expected.loss.backward()
     torch.testing.assert_close(loss, expected.loss, atol=1e-6, rtol=1e-5)
-    assert got_grads and any(".value." in n for n in got_grads) and any(".policy." in n for n in got_grads)
-    for name, grad in got_grads.items():
-        torch.testing.assert_close(grad, dict(shared.named_parameters())[name].grad, atol=1e-6, rtol=1e-4)
+    assert got and any(".lora_B.policy." in n for n in got), "the policy adapter got no gradient"
+    for name, grad in got.items():
+        torch.testing.assert_close(grad, params[name].grad, atol=1e-6, rtol=1e-4, msg=name)
+    return got
+
+
+def test_loss_optimised_equals_ppo_loss_on_the_same_tensors(trainer_and_batch):
+    trainer, shared, batch = trainer_and_batch
+    grads = assert_loss_and_gradients_are_ppo_loss(trainer, shared, batch)
+    assert any(".lora_B.value." in n for n in grads), "the value adapter got no gradient"
 
 
 def test_padding_contributes_nothing(trainer_and_batch):
