@@ -1,20 +1,18 @@
 """benchmarks/gpu_check.py at its tiny CPU size: a row per step, and imports the GPU machine can satisfy."""
 
-import importlib.util
 import json
 import re
 import subprocess
 import sys
 from pathlib import Path
 
+from scripts import load_script
+
 REPO = Path(__file__).resolve().parents[1]
 
 
 def load_gpu_check():
-    spec = importlib.util.spec_from_file_location("gpu_check", REPO / "benchmarks" / "gpu_check.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("benchmarks/gpu_check.py", "gpu_check")
 
 
 def test_dry_run_prints_a_row_per_step(tmp_path, capsys):

@@ -1,13 +1,12 @@
 """benchmarks/ppo_learning.py's pure helpers: seed spreads, the band checks, the table, explained variance, and the
 scoring of token ids that both trainers share (no training here)."""
 
-import importlib.util
 import math
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from scripts import load_script
 from transformers import LlamaForSequenceClassification
 
 from rlhf_ext.testing import tiny_llama_config
@@ -16,11 +15,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def load_ppo_learning():
-    spec = importlib.util.spec_from_file_location("ppo_learning", REPO / "benchmarks" / "ppo_learning.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules.setdefault("ppo_learning", module)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("benchmarks/ppo_learning.py", "ppo_learning")
 
 
 def run(variant, seed, reward, kl=None, ev=None):

@@ -1,11 +1,10 @@
 """The CI variant of the demo: every stage of recipes/demo.py on a tiny random model, and a cached rerun."""
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import pytest
+from scripts import load_script
 from trl import TrlParser
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -14,11 +13,7 @@ STAGES = ("sample", "reward", "ppo", "dpo", "eval")
 
 @pytest.fixture(scope="module")
 def demo():
-    spec = importlib.util.spec_from_file_location("rlhf_ext_recipe_demo", ROOT / "recipes" / "demo.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_script("recipes/demo.py", "rlhf_ext_recipe_demo")
 
 
 @pytest.fixture(scope="module")

@@ -1,7 +1,6 @@
 """OnlinePlackettLuceTrainer on tiny models: the ranking, the loss it optimises (K-way and K=2), what trains,
 learning, checkpoints and resume, gradient checkpointing, bad rewards, metrics, and the recipe."""
 
-import importlib.util
 import json
 import math
 import os
@@ -14,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from datasets import Dataset
 from safetensors.torch import load_file
+from scripts import load_recipe
 
 from rlhf_ext.models import SharedBase, SharedBaseArguments, save_adapter_with_head
 from rlhf_ext.ops import dpo_plackett_luce_loss
@@ -361,14 +361,6 @@ def test_trainer_logs_the_offline_metric_names_reward_and_kl(tmp_path, reward_fo
 
 
 # ----------------------------------------------------------------------------- the recipe
-
-
-def load_recipe(name: str):
-    spec = importlib.util.spec_from_file_location(f"recipe_{name}", ROOT / "recipes" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses with string annotations look their module up there
-    spec.loader.exec_module(module)
-    return module
 
 
 def recipe_argv(tmp_path: Path, reward_folder: str, output_dir: Path, *extra: str) -> list[str]:

@@ -1,6 +1,5 @@
 """recipes/dpo.py and recipes/reward.py, run in-process through their YAML configs with a tiny model."""
 
-import importlib.util
 import json
 import math
 import os
@@ -13,19 +12,13 @@ import pytest
 import torch
 from datasets import Dataset, DatasetDict
 from safetensors.torch import load_file
+from scripts import load_recipe
 
 from rlhf_ext.data import load_dataset_or_file
 from rlhf_ext.models import load_head
 from rlhf_ext.testing import save_tiny_model
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def load_recipe(name: str):
-    spec = importlib.util.spec_from_file_location(f"recipe_{name}", ROOT / "recipes" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture(scope="module")

@@ -1,28 +1,19 @@
 """recipes/ppo.py in-process with a tiny model: what it writes, seeding, --help, and clear errors for bad input."""
 
-import importlib.util
 import json
 import re
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
+from scripts import load_recipe
 
 from rlhf_ext.models import SharedBase, SharedBaseArguments, save_adapter_with_head
 from rlhf_ext.testing import save_tiny_model, tiny_causal_lm
 
 ROOT = Path(__file__).resolve().parents[1]
 PROMPTS = ["abc", "hello", "xy", "qrs"]
-
-
-def load_recipe(name: str):
-    spec = importlib.util.spec_from_file_location(f"recipe_{name}", ROOT / "recipes" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses with string annotations look their module up there
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture(scope="module")
