@@ -12,15 +12,73 @@ The GRPO fields that PPO reinterprets:
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 
 from trl import GRPOConfig
+
+from .config_checks import (
+    COMMON_RULES,
+    COUNT,
+    NON_NEGATIVE,
+    NON_NEGATIVE_COUNT,
+    OPEN_CLOSED_UNIT,
+    POSITIVE,
+    UNIT_INTERVAL,
+    check_fields,
+    check_finite_weights,
+    warn_if_warmup_outlasts_run,
+)
 
 KL_ESTIMATORS = ("k1", "k2", "k3")
 ADVANTAGE_ESTIMATORS = ("gae", "reinforce")
 LOSS_AGGREGATIONS = ("token", "sequence")
 LONG_PROMPT_POLICIES = ("error", "drop")
 VALUE_HEAD_INITS = ("zero", "first_rollout_mean")
+logger = logging.getLogger(__name__)
+
+# The numeric fields PPO reads, and what each may hold (`config_checks`).
+PPO_RULES = {
+    **COMMON_RULES,
+    "kl_coef": NON_NEGATIVE,
+    "cliprange": POSITIVE,
+    "cliprange_value": POSITIVE.or_none(),
+    "vf_coef": NON_NEGATIVE,
+    "ent_coef": NON_NEGATIVE,
+    "gamma": UNIT_INTERVAL,
+    "lam": UNIT_INTERVAL,
+    "missing_eos_penalty": NON_NEGATIVE.or_none(),
+    "num_ppo_epochs": COUNT,
+    "value_warmup_steps": NON_NEGATIVE_COUNT,
+    "value_learning_rate": NON_NEGATIVE.or_none(),
+    "max_prompt_length": COUNT.or_none(),
+    "max_completion_length": COUNT.or_none(),
+    "temperature": POSITIVE,
+    "top_p": OPEN_CLOSED_UNIT,
+}
+PPO_RULES_WHY = {
+    "kl_coef": "A negative coefficient rewards moving away from the reference policy; 0 turns the penalty off.",
+    "cliprange": "The policy ratio is clipped to [1 - cliprange, 1 + cliprange]; 0 or less would stop every update.",
+    "cliprange_value": "V is kept within old V +- cliprange_value; 0 or less would freeze the critic. None turns "
+    "value clipping off.",
+    "vf_coef": "A negative weight makes the critic maximise its error; 0 leaves the critic untrained.",
+    "ent_coef": "The entropy bonus is subtracted from the loss; a negative value would reward collapsing onto single "
+    "tokens. 0 turns it off.",
+    "gamma": "A discount factor outside [0, 1] makes returns grow or flip sign with the completion length.",
+    "lam": "GAE's lambda interpolates between TD (0) and Monte-Carlo (1) advantages; outside [0, 1] it has no meaning.",
+    "missing_eos_penalty": "It is subtracted from the score of truncated completions; a negative value would reward "
+    "truncation. None turns it off.",
+    "temperature": "Log-probs are computed from logits / temperature.",
+}
+# GRPO options that PPO's loss never reads, with their GRPO defaults and what to set instead: a run that sets one
+# would silently train without it.
+GRPO_OPTIONS_PPO_IGNORES = {
+    "entropy_coef": (0.0, "set ent_coef (PPO's entropy bonus)"),
+    "use_adaptive_entropy": (False, "PPO's entropy bonus is ent_coef, fixed"),
+    "top_entropy_quantile": (1.0, "PPO's loss uses every completion token"),
+    "epsilon_high": (None, "PPO clips symmetrically with cliprange"),
+    "delta": (None, "PPO clips with cliprange only"),
+}
 
 
 class _OneCompletionPerPrompt(int):
@@ -211,17 +269,30 @@ class PPOConfig(GRPOConfig):
             self.num_generations = 1
 
     def _check_ppo_fields(self):
+        """ValueError naming the field for a setting PPO cannot train with (ranges: `PPO_RULES`), before GRPO's
+        own checks; a warning for a warm-up that outlasts the run."""
         if self.beta != 0.0:
             raise ValueError(
                 f"PPOConfig.beta must be 0 (got {self.beta}): PPO penalises KL in the per-token reward. Set `kl_coef`."
             )
-        if self.num_ppo_epochs < 1:
-            raise ValueError(f"num_ppo_epochs must be >= 1, got {self.num_ppo_epochs}.")
+        check_fields(self, PPO_RULES, PPO_RULES_WHY)
+        check_finite_weights(self)
         if self.num_iterations not in (1, self.num_ppo_epochs):
             raise ValueError(
                 f"Set num_ppo_epochs ({self.num_ppo_epochs}), not GRPO's num_iterations ({self.num_iterations}): "
                 "PPOConfig derives num_iterations from num_ppo_epochs."
             )
+        if self.epsilon not in (0.2, self.cliprange):  # 0.2: GRPO's default
+            raise ValueError(
+                f"Set cliprange ({self.cliprange}), not GRPO's epsilon ({self.epsilon}): PPOConfig derives epsilon "
+                "from cliprange."
+            )
+        for name, (default, instead) in GRPO_OPTIONS_PPO_IGNORES.items():
+            if getattr(self, name) != default:
+                raise ValueError(
+                    f"PPOConfig.{name}={getattr(self, name)!r} is a GRPO option that PPO does not use ({instead}); "
+                    f"leave it at {default!r}."
+                )
         choices = {
             "kl_estimator": KL_ESTIMATORS,
             "advantage_estimator": ADVANTAGE_ESTIMATORS,
@@ -232,18 +303,18 @@ class PPOConfig(GRPOConfig):
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}.")
-        if self.kl_coef < 0:
-            raise ValueError(f"kl_coef must be >= 0, got {self.kl_coef}.")
-        if not 0.0 <= self.gamma <= 1.0 or not 0.0 <= self.lam <= 1.0:
-            raise ValueError(f"gamma and lam must lie in [0, 1], got gamma={self.gamma}, lam={self.lam}.")
         if self.mask_truncated_completions:
             raise ValueError(
                 "mask_truncated_completions is not supported by PPO: it leaves completions without a token to carry "
                 "their score. Use missing_eos_penalty to penalise completions that end without EOS."
             )
-        if self.cliprange <= 0:
-            raise ValueError(f"cliprange must be > 0, got {self.cliprange}.")
-        if self.value_warmup_steps < 0:
-            raise ValueError(f"value_warmup_steps must be >= 0, got {self.value_warmup_steps}.")
-        if self.value_learning_rate is not None and self.value_learning_rate < 0:
-            raise ValueError(f"value_learning_rate must be >= 0 or None, got {self.value_learning_rate}.")
+        self._warn_about_short_runs()
+
+    def _warn_about_short_runs(self):
+        """Warnings (not errors: the run still trains) for a warm-up, LR or critic, as long as the run itself."""
+        warn_if_warmup_outlasts_run(self)
+        if 0 < self.max_steps <= self.value_warmup_steps:
+            logger.warning(
+                "PPOConfig: value_warmup_steps=%d is not shorter than max_steps=%d, so only the critic trains and the "
+                "policy never gets an update.", self.value_warmup_steps, self.max_steps,
+            )  # fmt: skip
