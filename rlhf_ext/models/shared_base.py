@@ -66,6 +66,7 @@ from .role_folder import (
     save_adapter_with_head,
     save_head,
 )
+from .scoring import gather_last_token
 
 ROLES = ("policy", "value", "reward", "reference")
 TRAINABLE_ROLES = ("policy", "value")
@@ -91,12 +92,6 @@ def load_base_model(args: SharedBaseArguments, trust_remote_code: bool = False) 
         trust_remote_code=trust_remote_code,
         attn_implementation=args.attn_implementation,
     )
-
-
-def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
-    """Index of the last real token of each row; attention_mask [B, T] (left or right padded) -> [B] long."""
-    positions = torch.arange(attention_mask.shape[1], device=attention_mask.device)
-    return (attention_mask.long() * positions).argmax(dim=-1)
 
 
 def is_adapter_parameter(name: str, adapter_name: str) -> bool:
@@ -335,14 +330,11 @@ class SharedBase(nn.Module):
 
     @torch.no_grad()
     def reward_scores(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """Reward-model scores [B] float32 at each sequence's last real token (frozen, no grad)."""
+        """Reward-model scores [B] float32 at each sequence's last real token (frozen, no grad): the rule of
+        `rlhf_ext.models.scoring`, the one the K-way reward trainer trains the head at."""
         with self.role("reward"):
             hidden = self._last_hidden_state(input_ids, attention_mask)
-        if attention_mask is None:
-            last = torch.full((hidden.shape[0],), hidden.shape[1] - 1, device=hidden.device)
-        else:
-            last = last_token_index(attention_mask)
-        return self.heads["reward"](hidden[torch.arange(hidden.shape[0], device=hidden.device), last])
+        return self.heads["reward"](gather_last_token(hidden, attention_mask))
 
     @torch.no_grad()
     def reference_logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:

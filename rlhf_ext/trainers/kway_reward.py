@@ -22,7 +22,9 @@ from trl import RewardConfig, RewardTrainer
 from ..data import split_into_lists
 from ..distributed import check_engine_supports, whole_weights_on_main_process
 from ..models.quantization import match_trainable_dtype
+from ..models.scoring import mark_last_real_token_scoring, sequence_classifier_scores
 from ..ops import plackett_luce_loss
+from .config_checks import NON_NEGATIVE, check_fields
 from .kway_common import (
     RankedDataArguments,
     gather_lists,
@@ -43,6 +45,14 @@ class PlackettLuceRewardConfig(RankedDataArguments, RewardConfig):
     `max_length` truncates (keep_start) instead of filtering as TRL's RewardTrainer does, so a long completion
     does not cost the whole list; the number of truncated completions is logged.
     """
+
+    def __post_init__(self):
+        super().__post_init__()
+        check_fields(
+            self, {"center_rewards_coefficient": NON_NEGATIVE.or_none()},
+            {"center_rewards_coefficient": "It weights a penalty on the squared sum of each list's rewards; a negative "
+             "weight would reward pushing the rewards away from 0. None turns it off."},
+        )  # fmt: skip
 
 
 class PlackettLuceRewardTrainer(RewardTrainer):
@@ -94,15 +104,18 @@ class PlackettLuceRewardTrainer(RewardTrainer):
     # batch holds K_b completions per list.
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         mode = "train" if self.model.training else "eval"
-        outputs = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], use_cache=False)
-        rewards, mask = split_into_lists(outputs.logits.squeeze(-1), inputs["num_completions"])
+        # Read at the last real token (`rlhf_ext.models.scoring`), not by transformers' pad-based pooling: with pad =
+        # EOS that pooling skips the EOS, and the PPO reward role, which reads by the attention mask, would score
+        # another token than the one trained here.
+        scores = sequence_classifier_scores(model, inputs["input_ids"], inputs["attention_mask"])
+        rewards, mask = split_into_lists(scores.squeeze(-1), inputs["num_completions"])
         depth = ranking_depth(inputs["num_ranked"], self.args.top_m)
         loss = plackett_luce_loss(rewards, mask, top_m=depth).mean()
         if self.args.center_rewards_coefficient is not None:
             # TRL's centring term mean((r_c + r_r)^2), summed over the K items of each list
             loss = loss + self.args.center_rewards_coefficient * (rewards * mask).sum(dim=1).pow(2).mean()
         self._log_metrics(mode, rewards, mask, depth, inputs["attention_mask"])
-        return (loss, outputs) if return_outputs else loss
+        return (loss, {"logits": scores}) if return_outputs else loss
 
     def _log_metrics(self, mode: str, rewards, mask, depth, attention_mask) -> None:
         """TRL's reward metric names (accuracy, margin, min/mean/max_reward, num_tokens) plus top1_accuracy."""
@@ -131,6 +144,8 @@ class PlackettLuceRewardTrainer(RewardTrainer):
         Checkpoints (`_internal_call`) keep peft's layout so `resume_from_checkpoint` restores the score head.
         """
         unwrapped = self.accelerator.unwrap_model(self.model)
+        if not is_peft_model(unwrapped):
+            mark_last_real_token_scoring(unwrapped)  # so PPO reads a saved full reward model where it was trained
         if _internal_call or not is_peft_model(unwrapped):
             return super().save_model(output_dir, _internal_call)
         from ..models import (

@@ -57,13 +57,38 @@ from trl import GRPOConfig, GRPOTrainer
 from ..distributed import check_engine_supports
 from ..models import SharedBase
 from ..ops import dpo_plackett_luce_loss
+from .config_checks import (
+    COMMON_RULES,
+    COUNT,
+    DPO_BETA_WHY,
+    OPEN_CLOSED_UNIT,
+    POSITIVE,
+    check_fields,
+    check_finite_weights,
+    warn_if_warmup_outlasts_run,
+)
 from .kway_common import TOP_M_HELP, ranking_stats
-from .ppo_trainer import PPOTrainer, SharedBaseReward, SharedBaseVLLMGeneration, checked_reward_function
+from .ppo_trainer import (
+    PPOTrainer,
+    SharedBaseReward,
+    SharedBaseVLLMGeneration,
+    checked_reward_function,
+    scored_as_trained,
+)
 from .sampling import epoch_seeded
 
 # Fields of the regrouped batch that the loss reads and the regrouping builds; everything else GRPO returns
 # per completion is regrouped alongside.
 GROUP_FIELDS = ("ref_logps", "item_mask", "depth")
+# The numeric fields the online trainer reads (`config_checks`).
+ONLINE_RULES = {
+    **COMMON_RULES,
+    "dpo_beta": POSITIVE,
+    "top_m": COUNT.or_none(),
+    "max_completion_length": COUNT.or_none(),
+    "temperature": POSITIVE,
+    "top_p": OPEN_CLOSED_UNIT,
+}
 
 
 @dataclass
@@ -104,10 +129,9 @@ class OnlinePlackettLuceConfig(GRPOConfig):
                 f"OnlinePlackettLuceConfig.beta must be 0 (got {self.beta}): it is GRPO's KL coefficient; the "
                 "implicit reward's beta is `dpo_beta`."
             )
-        if self.dpo_beta <= 0:
-            raise ValueError(f"dpo_beta must be > 0, got {self.dpo_beta}")
-        if self.top_m is not None and self.top_m < 1:
-            raise ValueError(f"top_m must be >= 1 or None, got {self.top_m}")
+        check_fields(self, ONLINE_RULES, {"dpo_beta": DPO_BETA_WHY})
+        check_finite_weights(self)
+        warn_if_warmup_outlasts_run(self)
         check_whole_groups(self.per_device_train_batch_size, self.num_generations, "per_device_train_batch_size")
         if str(getattr(self.eval_strategy, "value", self.eval_strategy)) != "no":
             check_whole_groups(
@@ -282,8 +306,10 @@ class OnlinePlackettLuceTrainer(GRPOTrainer):
         check_engine_supports(model, self.accelerator, type(self).__name__, shared_base=self.shared_base is not None)
         self._last_rewards_per_func = None
         self.reward_funcs = [
-            checked_reward_function(func, name)
-            for func, name in zip(self.reward_funcs, self.reward_func_names, strict=True)
+            checked_reward_function(scored_as_trained(func, tokenizer, self.chat_template_kwargs), name)
+            for func, tokenizer, name in zip(
+                self.reward_funcs, self.reward_processing_classes, self.reward_func_names, strict=True
+            )
         ]
 
     # ---------------------------------------------------------------- rollout: rewards, reference, ranking

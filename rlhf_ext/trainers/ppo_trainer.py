@@ -45,6 +45,7 @@ from trl.trainer.utils import add_fused_lm_head, disable_dropout_in_model, is_as
 
 from ..distributed import check_engine_supports, fill_full_parameter, parameters_from_state_dict
 from ..models import SharedBase
+from ..models.scoring import reads_last_real_token, right_padded, sequence_classifier_scores
 from ..ops import (
     gae,
     masked_mean,
@@ -119,12 +120,32 @@ class SharedBaseCritic(nn.Module):
         self.shared.load_role("value", path)
 
 
+def reward_texts(prompts: list, completions: list, tokenizer, chat_template_kwargs: dict) -> list[str]:
+    """The text a reward model scores: the chat template over prompt + completion messages, or prompt + completion +
+    EOS for plain text, as the K-way reward trainer's tokenization (`rlhf_ext.data.prepare`, like TRL's) built the
+    sequences it trained on."""
+    if is_conversational({"prompt": prompts[0]}):
+        return [
+            apply_chat_template({"messages": p + c}, tokenizer, **chat_template_kwargs)["text"]
+            for p, c in zip(prompts, completions, strict=True)
+        ]
+    return [p + c + tokenizer.eos_token for p, c in zip(prompts, completions, strict=True)]
+
+
+def tokenized_for_scoring(texts: list[str], tokenizer, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(input_ids, attention_mask) of `texts`, right-padded by hand: a tokenizer without a pad token (GPT-2, Llama 3)
+    cannot pad, and the padding id does not matter since scores are read by the mask."""
+    sequences = tokenizer(text=texts, add_special_tokens=False)["input_ids"]
+    input_ids, attention_mask = right_padded(sequences, tokenizer.pad_token_id)
+    return input_ids.to(device), attention_mask.to(device)
+
+
 class SharedBaseReward:
     """The reward role of a `SharedBase` as a TRL reward function: the score of prompt + completion text [N].
 
-    Like TRL's reward-model path, the text is re-tokenized (with the chat template for conversations), right-padded,
-    and scored at its last real token. A plain-text completion gets the EOS token appended, as the reward trainer's
-    tokenization (`rlhf_ext.data.prepare`, like TRL's) appended it to the completions the reward role learned from.
+    Like TRL's reward-model path, the text is re-tokenized (with the chat template for conversations); it is scored
+    at its last real token (`rlhf_ext.models.scoring`), the token the K-way reward trainer trains at. A plain-text
+    completion gets the EOS token appended, as the reward trainer's tokenization appended it.
     """
 
     __name__ = "reward_role"
@@ -135,17 +156,40 @@ class SharedBaseReward:
         self.chat_template_kwargs = chat_template_kwargs or {}
 
     def __call__(self, prompts: list, completions: list, **kwargs) -> list[float]:
-        if is_conversational({"prompt": prompts[0]}):
-            texts = [
-                apply_chat_template({"messages": p + c}, self.tokenizer, **self.chat_template_kwargs)["text"]
-                for p, c in zip(prompts, completions, strict=True)
-            ]
-        else:
-            texts = [p + c + self.tokenizer.eos_token for p, c in zip(prompts, completions, strict=True)]
-        batch = self.tokenizer(
-            text=texts, return_tensors="pt", padding=True, padding_side="right", add_special_tokens=False
-        ).to(self.shared.device)
-        return self.shared.reward_scores(batch["input_ids"], batch["attention_mask"]).tolist()
+        texts = reward_texts(prompts, completions, self.tokenizer, self.chat_template_kwargs)
+        input_ids, attention_mask = tokenized_for_scoring(texts, self.tokenizer, self.shared.device)
+        return self.shared.reward_scores(input_ids, attention_mask).tolist()
+
+
+class TrainedRewardModel:
+    """A full sequence-classification reward model saved by the K-way reward trainer, as a TRL reward function.
+
+    TRL would score it by transformers' pad-based pooling on prompt + completion without the EOS; this scores it as
+    it was trained: the text of `reward_texts`, read at its last real token.
+    """
+
+    def __init__(self, model: nn.Module, tokenizer, chat_template_kwargs: dict | None = None):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.chat_template_kwargs = chat_template_kwargs or {}
+        self.__name__ = getattr(getattr(model, "config", None), "_name_or_path", "") or "reward_model"
+
+    @torch.inference_mode()
+    def __call__(self, prompts: list, completions: list, **kwargs) -> list[float]:
+        texts = reward_texts(prompts, completions, self.tokenizer, self.chat_template_kwargs)
+        device = next(self.model.parameters()).device
+        input_ids, attention_mask = tokenized_for_scoring(texts, self.tokenizer, device)
+        return sequence_classifier_scores(self.model, input_ids, attention_mask)[:, 0].float().tolist()
+
+
+def scored_as_trained(func, tokenizer, chat_template_kwargs: dict | None):
+    """`func`, or a `TrainedRewardModel` around it when it is a reward model the K-way reward trainer saved.
+
+    A reward model from elsewhere is left to TRL, which scores it as TRL's GRPOTrainer does.
+    """
+    if isinstance(func, nn.Module) and reads_last_real_token(func):
+        return TrainedRewardModel(func, tokenizer, chat_template_kwargs)
+    return func
 
 
 def merged_adapter_weights(peft_model: PeftModel, adapter: str) -> Iterator[tuple[str, torch.Tensor]]:
@@ -317,8 +361,10 @@ class PPOTrainer(GRPOTrainer):
         # Bad input found now, before the first step, rather than steps into the run with nothing saved.
         check_engine_supports(model, self.accelerator, type(self).__name__, shared_base=self.shared_base is not None)
         self.reward_funcs = [
-            checked_reward_function(func, name)
-            for func, name in zip(self.reward_funcs, self.reward_func_names, strict=True)
+            checked_reward_function(scored_as_trained(func, tokenizer, self.chat_template_kwargs), name)
+            for func, tokenizer, name in zip(
+                self.reward_funcs, self.reward_processing_classes, self.reward_func_names, strict=True
+            )
         ]
         self.train_dataset = self._checked_prompts(self.train_dataset, "train")
         if isinstance(self.eval_dataset, Mapping):

@@ -1,0 +1,148 @@
+"""One scoring rule everywhere: the token at which the K-way reward trainer trains its head is the token the PPO /
+online K-way reward role reads, for every pad setup (no pad token, pad = EOS, a distinct pad) and record kind.
+
+The independent expectation is worked by hand: each sequence alone (no padding at all), through the trained model's
+decoder body, its last hidden state at the final position, times the trained head.
+"""
+
+import math
+
+import pytest
+import torch
+from datasets import Dataset
+from peft import LoraConfig
+
+from rlhf_ext.data.prepare import tokenize_ranked
+from rlhf_ext.models import SharedBase, SharedBaseArguments
+from rlhf_ext.models.scoring import LAST_REAL_TOKEN, SCORE_TOKEN_FIELD, sequence_classifier_scores
+from rlhf_ext.testing import tiny_tokenizer
+from rlhf_ext.trainers import PlackettLuceRewardConfig, PlackettLuceRewardTrainer, SharedBaseReward
+
+PLAIN = [
+    {"prompt": "q1 ", "completions": ["aa", "b", "ccc"]},
+    {"prompt": "q2 ", "completions": ["dd", "e", "ffff"]},
+]
+CHAT = [
+    {
+        "prompt": [{"role": "user", "content": r["prompt"]}],
+        "completions": [[{"role": "assistant", "content": c}] for c in r["completions"]],
+    }
+    for r in PLAIN
+]
+PAD_SETUPS = ("distinct", "eos", "none")
+
+
+def tokenizer_with(pad: str):
+    """The tiny tokenizer with a distinct pad token, pad = EOS, or no pad token (as GPT-2 and Llama 3 ship)."""
+    tok = tiny_tokenizer()
+    if pad == "eos":
+        tok.pad_token = tok.eos_token
+    elif pad == "none":
+        tok.pad_token = None
+    return tok
+
+
+def train_reward(model_path, tmp_path, records, pad: str, peft: bool):
+    args = PlackettLuceRewardConfig(
+        output_dir=str(tmp_path / "run"), per_device_train_batch_size=2, report_to="none", bf16=False, use_cpu=True,
+        gradient_checkpointing=False, disable_tqdm=True, max_steps=3, learning_rate=3e-2, seed=0,
+    )
+    peft_config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], task_type="SEQ_CLS")
+    trainer = PlackettLuceRewardTrainer(
+        model=model_path, args=args, train_dataset=Dataset.from_list(records), processing_class=tokenizer_with(pad),
+        peft_config=peft_config if peft else None,
+    )
+    trainer.train()
+    return trainer
+
+
+def hand_scores(trainer, records) -> list[float]:
+    """Each prompt + completion tokenized as the trainer tokenizes it, run alone, head at its final token."""
+    model = trainer.model
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    head = base.score
+    scores = []
+    with torch.no_grad():
+        for record in records:
+            tokens = tokenize_ranked(record, tokenizer_with("distinct"))
+            for completion_ids in tokens["completion_ids"]:
+                ids = torch.tensor([tokens["prompt_ids"] + completion_ids])
+                hidden = base.model(input_ids=ids).last_hidden_state
+                scores.append(head(hidden[:, -1]).item())
+    return scores
+
+
+def kway_loss_by_hand(scores: list[float], records) -> float:
+    """Mean over lists of -log P(order) for completions listed best first (sequential choice)."""
+    losses, start = [], 0
+    for record in records:
+        s = scores[start:start + len(record["completions"])]
+        start += len(s)
+        losses.append(-sum(math.log(math.exp(s[k]) / sum(math.exp(v) for v in s[k:])) for k in range(len(s) - 1)))
+    return sum(losses) / len(losses)
+
+
+@pytest.mark.parametrize("records", [PLAIN, CHAT], ids=["plain", "chat"])
+@pytest.mark.parametrize("pad", PAD_SETUPS)
+def test_reward_role_scores_what_the_reward_trainer_trained(model_path, tmp_path, records, pad):
+    trainer = train_reward(model_path, tmp_path, records, pad, peft=True)
+    expected = hand_scores(trainer, records)
+
+    # the trainer's loss is the K-way loss of exactly these scores: the head was trained at that token
+    batch = trainer.data_collator([trainer.train_dataset[i] for i in range(len(records))])
+    with torch.no_grad():
+        loss = trainer.compute_loss(trainer.model, batch).item()
+    assert loss == pytest.approx(kway_loss_by_hand(expected, records), abs=1e-5)
+
+    trainer.save_model(str(tmp_path / "reward"))
+    shared = SharedBase.from_pretrained(model_path, SharedBaseArguments(reward_adapter_path=str(tmp_path / "reward")))
+    reward = SharedBaseReward(shared, tokenizer_with(pad))
+    prompts = [r["prompt"] for r in records for _ in r["completions"]]
+    completions = [c for r in records for c in r["completions"]]
+    assert reward(prompts, completions) == pytest.approx(expected, abs=1e-5)
+
+
+@pytest.mark.parametrize("pad", ["eos", "none"])
+def test_full_reward_model_is_marked_and_scored_at_its_last_real_token(model_path, tmp_path, pad):
+    trainer = train_reward(model_path, tmp_path, PLAIN, pad, peft=False)
+    trainer.save_model(str(tmp_path / "rm"))
+    from transformers import AutoModelForSequenceClassification
+
+    reloaded = AutoModelForSequenceClassification.from_pretrained(tmp_path / "rm")
+    assert getattr(reloaded.config, SCORE_TOKEN_FIELD) == LAST_REAL_TOKEN
+    expected = hand_scores(trainer, PLAIN)
+    tok = tokenizer_with("distinct")
+    rows = [tokenize_ranked(r, tok) for r in PLAIN]
+    sequences = [row["prompt_ids"] + ids for row in rows for ids in row["completion_ids"]]
+    width = max(map(len, sequences))
+    ids = torch.tensor([s + [tok.eos_token_id] * (width - len(s)) for s in sequences])  # padded with the EOS id
+    mask = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in sequences])
+    with torch.no_grad():
+        got = sequence_classifier_scores(reloaded, ids, mask)[:, 0].tolist()
+    assert got == pytest.approx(expected, abs=1e-5)
+
+
+@pytest.mark.parametrize("trainer_name", ["ppo", "online"])
+def test_ppo_scores_a_saved_full_reward_model_as_it_was_trained(model_path, tmp_path, trainer_name):
+    from rlhf_ext.trainers import OnlinePlackettLuceConfig, OnlinePlackettLuceTrainer, PPOConfig, PPOTrainer
+
+    rm_trainer = train_reward(model_path, tmp_path, PLAIN, "eos", peft=False)
+    rm_trainer.save_model(str(tmp_path / "rm"))
+    expected = hand_scores(rm_trainer, PLAIN)
+    shared = SharedBase.from_pretrained(model_path, SharedBaseArguments(lora_r=4, lora_alpha=8))
+    config_class, trainer_class = {
+        "ppo": (PPOConfig, PPOTrainer), "online": (OnlinePlackettLuceConfig, OnlinePlackettLuceTrainer),
+    }[trainer_name]
+    args = config_class(
+        output_dir=str(tmp_path / "ppo"), per_device_train_batch_size=4, num_generations=2, max_completion_length=4,
+        report_to=[], use_cpu=True, bf16=False, gradient_checkpointing=False, disable_tqdm=True,
+    )
+    tok = tokenizer_with("none")
+    tok.padding_side = "left"
+    trainer = trainer_class(
+        shared, reward_funcs=str(tmp_path / "rm"), args=args, processing_class=tok,
+        train_dataset=Dataset.from_list([{"prompt": r["prompt"]} for r in PLAIN]),
+    )
+    prompts = [r["prompt"] for r in PLAIN for _ in r["completions"]]
+    completions = [c for r in PLAIN for c in r["completions"]]
+    assert trainer.reward_funcs[0](prompts=prompts, completions=completions) == pytest.approx(expected, abs=1e-5)
