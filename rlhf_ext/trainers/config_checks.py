@@ -54,6 +54,12 @@ COUNT = Rule(">= 1", lambda v: v >= 1, integer=True)
 NON_NEGATIVE_COUNT = Rule(">= 0", lambda v: v >= 0, integer=True)
 ZERO = Rule("0", lambda v: v == 0)
 
+DPO_BETA_WHY = (
+    "The implicit reward is beta * (log pi - log pi_ref): a negative beta trains the reverse ranking while "
+    "rewards/accuracies (computed with the same sign) still climbs, and beta = 0 makes every implicit reward 0, so "
+    "nothing trains. Typical values: 0.01 to 0.5."
+)
+
 # The fields of TrainingArguments and TRL's configs that every trainer here relies on.
 COMMON_RULES = {"learning_rate": NON_NEGATIVE}
 

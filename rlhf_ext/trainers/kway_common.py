@@ -14,6 +14,7 @@ from trl.trainer.utils import get_config_model_id, global_then_local_main_first
 from ..data import TIE_POLICIES, DataCollatorForRankedPreference, prepare_ranked_dataset
 from ..data.prepare import check_not_empty
 from ..data.ranked import check_field_mapping
+from .config_checks import COMMON_RULES, COUNT, check_fields, warn_if_warmup_outlasts_run
 
 TIE_POLICY_HELP = (
     "How tied 'scores' are handled. 'truncate': keep the ranking only up to the first tie (the loss is the exact "
@@ -57,8 +58,8 @@ class RankedDataArguments:
 
     def __post_init__(self):
         super().__post_init__()
-        if self.top_m is not None and self.top_m < 1:
-            raise ValueError(f"top_m must be >= 1 or None, got {self.top_m}")
+        check_fields(self, {**COMMON_RULES, "top_m": COUNT.or_none(), "max_length": COUNT.or_none()})
+        warn_if_warmup_outlasts_run(self)
         if self.tie_policy not in TIE_POLICIES:
             raise ValueError(f"tie_policy must be one of {TIE_POLICIES}, got {self.tie_policy!r}")
         check_field_mapping(self.prompt_key, self.completion_text_key, self.completion_score_key)

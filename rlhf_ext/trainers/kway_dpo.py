@@ -31,6 +31,7 @@ from ..data import split_into_lists
 from ..distributed import check_engine_supports
 from ..models.quantization import match_trainable_dtype
 from ..ops import dpo_plackett_luce_loss
+from .config_checks import COUNT, DPO_BETA_WHY, POSITIVE, UNIT_INTERVAL, check_fields
 from .kway_common import (
     RankedDataArguments,
     best_and_rest_mean,
@@ -43,6 +44,15 @@ from .kway_common import (
 )
 
 _MODEL_KEYS = ("input_ids", "attention_mask")
+
+# DPOConfig's numeric fields the K-way trainer reads (`config_checks`), and why a value outside the range is wrong.
+DPO_RULES = {
+    "beta": POSITIVE,
+    "ref_model_mixup_alpha": UNIT_INTERVAL,
+    "ref_model_sync_steps": COUNT,
+    "precompute_ref_batch_size": COUNT.or_none(),
+}
+DPO_RULES_WHY = {"beta": DPO_BETA_WHY}
 
 
 @dataclass
@@ -62,7 +72,10 @@ class PlackettLuceDPOConfig(RankedDataArguments, DPOConfig):
 
     def __post_init__(self):
         super().__post_init__()
+        check_fields(self, DPO_RULES, DPO_RULES_WHY)
         unsupported = {
+            "label_smoothing": (self.label_smoothing, 0.0),
+            "loss_weights": (self.loss_weights, None),
             "loss_type": (self.loss_type, ["sigmoid"]),
             "ld_alpha": (self.ld_alpha, None),
             "use_weighting": (self.use_weighting, False),
