@@ -1,8 +1,10 @@
-"""Load a dataset (preferences or prompts) by Hub name or from a local json / jsonl / parquet file.
+"""Load a dataset (preferences or prompts) by Hub name or from a local json / jsonl / csv / parquet file.
 
 A local JSON file is checked before `datasets` reads it, so a malformed line is reported with its file and line
 number (the `datasets` builder only says "An error occurred while generating the dataset") and an empty file
-with a clear error (the builder raises a bare StopIteration).
+with a clear error (the builder raises a bare StopIteration). Text files must be UTF-8 without a byte-order mark
+(the JSON reader refuses a BOM, the CSV reader glues it to the first column's name); other encodings are named
+with the fix. An existing file with another suffix is refused (`datasets` would say it "couldn't find" it).
 """
 
 from __future__ import annotations
@@ -14,7 +16,9 @@ from pathlib import Path
 from datasets import DatasetDict, load_dataset
 
 # file suffix -> the `datasets` builder that reads it
-LOCAL_FORMATS = {".json": "json", ".jsonl": "json", ".parquet": "parquet"}
+LOCAL_FORMATS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
+# byte-order marks a text editor may write at the start of a file, and the encoding each announces
+_BYTE_ORDER_MARKS = ((b"\xef\xbb\xbf", "UTF-8"), (b"\xff\xfe", "UTF-16"), (b"\xfe\xff", "UTF-16"))
 
 
 def load_dataset_or_file(name_or_path: str, config: str | None = None) -> DatasetDict:
@@ -24,7 +28,7 @@ def load_dataset_or_file(name_or_path: str, config: str | None = None) -> Datase
     naming the file and line for malformed or empty JSON files.
     """
     if not name_or_path:
-        raise ValueError("Set --dataset_name to a Hub dataset or a local .json / .jsonl / .parquet file.")
+        raise ValueError("Set --dataset_name to a Hub dataset or a local .json / .jsonl / .csv / .parquet file.")
     path = Path(name_or_path).expanduser()
     suffix = path.suffix.lower()
     if suffix in LOCAL_FORMATS:
@@ -33,6 +37,11 @@ def load_dataset_or_file(name_or_path: str, config: str | None = None) -> Datase
         if count_file_records(path) == 0:
             raise ValueError(f"dataset file {name_or_path} holds no records (it is empty)")
         return load_dataset(LOCAL_FORMATS[suffix], data_files={"train": str(path)})
+    if path.is_file():
+        raise ValueError(
+            f"dataset file {name_or_path}: unsupported suffix {suffix or '(none)'!r}; use a .jsonl (JSON Lines, one "
+            "record per line), .json, .csv or .parquet file"
+        )
     if looks_like_local_path(name_or_path) and not path.exists():
         raise FileNotFoundError(f"dataset folder {name_or_path} does not exist (no such folder)")
     return load_dataset(name_or_path, name=config)
@@ -51,12 +60,51 @@ def looks_like_local_path(name_or_path: str) -> bool:
 
 
 def count_file_records(path: Path) -> int:
-    """The number of records in a local .json / .jsonl / .parquet file (JSON checked record by record)."""
-    if LOCAL_FORMATS[path.suffix.lower()] == "parquet":
+    """The number of records in a local .json / .jsonl / .csv / .parquet file (JSON checked record by record)."""
+    kind = LOCAL_FORMATS[path.suffix.lower()]
+    if kind == "parquet":
         import pyarrow.parquet as pq
 
         return pq.ParquetFile(path).metadata.num_rows
+    check_utf8(path)
+    if kind == "csv":
+        return _count_csv_records(path)
     return count_json_records(path)
+
+
+def check_utf8(path: Path) -> None:
+    """ValueError naming the file (and line) unless it is UTF-8 text without a byte-order mark."""
+    with path.open("rb") as f:
+        start = f.read(4)
+        for mark, encoding in _BYTE_ORDER_MARKS:
+            if start.startswith(mark):
+                fix = "without BOM (an editor's plain 'UTF-8', not 'UTF-8 with BOM')" if encoding == "UTF-8" else ""
+                raise ValueError(
+                    f"{path}: starts with a {encoding} byte-order mark, which the readers do not accept; save it as "
+                    f"UTF-8 {fix or f'(e.g. iconv -f {encoding} -t UTF-8)'}"
+                )
+        f.seek(0)
+        for line_number, line in enumerate(f, start=1):
+            try:
+                line.decode("utf-8")
+            except UnicodeDecodeError as err:
+                raise ValueError(
+                    f"{path}: not UTF-8 text at line {line_number} (byte {err.start} of the line is "
+                    f"{line[err.start:err.start + 1]!r}); save the file as UTF-8"
+                ) from err
+
+
+def _count_csv_records(path: Path) -> int:
+    """Rows of a CSV file below its header (0 for an empty file)."""
+    import pyarrow as pa
+    import pyarrow.csv as pa_csv
+
+    try:
+        return pa_csv.read_csv(path).num_rows
+    except pa.ArrowInvalid as err:
+        if "Empty CSV file" in str(err):
+            return 0
+        raise ValueError(f"{path}: not a valid CSV file ({err})") from err
 
 
 def count_json_records(path: Path) -> int:

@@ -19,6 +19,7 @@ import json
 import logging
 from typing import Any
 
+import pyarrow as pa
 import pyarrow.compute as pc
 from datasets import Dataset
 from transformers import PreTrainedTokenizerBase
@@ -30,6 +31,8 @@ logger = logging.getLogger(__name__)
 
 TOKENIZED_COLUMNS = ("prompt_ids", "completion_ids", "num_ranked")
 _INPUT_COLUMNS = ("prompt", "completions", "chosen", "rejected", "ranking", "scores")
+# What an earlier preparation (maybe with another tokenizer) left: dropped when the text is there to re-tokenize.
+_DERIVED_COLUMNS = (*TOKENIZED_COLUMNS, "num_truncated", "ref_logps")
 
 
 def _is_conversational(example: dict[str, Any]) -> bool:
@@ -63,6 +66,64 @@ def tokenize_ranked(example: dict[str, Any], tokenizer: PreTrainedTokenizerBase)
         full_ids = [_tokenize(tokenizer, prompt + completion)["input_ids"] for completion in completions]
     prompt_len = min(common_prefix_length(prompt_ids, ids) for ids in full_ids)
     return {"prompt_ids": prompt_ids[:prompt_len], "completion_ids": [ids[prompt_len:] for ids in full_ids]}
+
+
+def _tokenize_record(example: dict[str, Any], index: int, tokenizer: PreTrainedTokenizerBase) -> dict[str, list]:
+    """`tokenize_ranked`, after checking that the tokenizer has what the record needs: an EOS token to end
+    plain-text completions, a chat template for messages. Either missing would crash inside the tokenizer (or,
+    for EOS, as `None + str`) without saying which record or setting."""
+    if _is_conversational(example):
+        if getattr(tokenizer, "chat_template", None) is None:
+            raise ValueError(
+                f"record {index}: the record is a list of chat messages, but the tokenizer has no chat template; set "
+                "tokenizer.chat_template (or use the model's chat/instruct tokenizer), or give plain-text records"
+            )
+    elif tokenizer.eos_token is None:
+        raise ValueError(
+            f"record {index}: plain-text completions get the tokenizer's eos_token appended (as TRL does, so the "
+            "model learns where an answer ends), but this tokenizer has none; set tokenizer.eos_token to the token "
+            "that ends your model's answers"
+        )
+    return tokenize_ranked(example, tokenizer)
+
+
+def has_text_records(column_names: list[str], prompt_key: str = "prompt") -> bool:
+    """Whether a dataset holds the text of its lists (completions, or a chosen/rejected pair) beside a prompt."""
+    columns = set(column_names)
+    return "completions" in columns or {"chosen", "rejected"} <= columns
+
+
+def check_token_ids(dataset: Dataset, vocab_size: int, name: str) -> None:
+    """Every `prompt_ids` / `completion_ids` id lies in [0, vocab_size); else a ValueError naming the record, field
+    and id. Ids made by another tokenizer would otherwise index past the embedding (a crash at some step) or, when
+    in range, train on other tokens than the text meant."""
+    table = dataset.with_format("arrow")
+    for column, depth in (("prompt_ids", 1), ("completion_ids", 2)):
+        values = table[column]
+        for _ in range(depth):
+            if not pa.types.is_list(values.type) and not pa.types.is_large_list(values.type):
+                raise ValueError(f"{name} dataset, field {column!r}: must hold lists of token ids, got {values.type}")
+            values = pc.list_flatten(values)
+        if not pa.types.is_integer(values.type):
+            raise ValueError(f"{name} dataset, field {column!r}: token ids must be integers, got {values.type}")
+        bounds = pc.min_max(values).as_py()
+        if bounds["min"] is not None and (bounds["min"] < 0 or bounds["max"] >= vocab_size):
+            raise _bad_token_id_error(dataset, column, vocab_size, name)
+
+
+def _bad_token_id_error(dataset: Dataset, column: str, vocab_size: int, name: str) -> ValueError:
+    """The error for the first id outside [0, vocab_size) in `column` (found record by record, only on failure)."""
+    for index, row in enumerate(dataset[column]):
+        sequences = [("", row)] if column == "prompt_ids" else [(f"[{k}]", ids) for k, ids in enumerate(row)]
+        for suffix, ids in sequences:
+            bad = next((i for i in ids if not 0 <= i < vocab_size), None)
+            if bad is not None:
+                return ValueError(
+                    f"{name} dataset, record {index}, field {column!r}{suffix}: token id {bad} is outside the "
+                    f"tokenizer's vocabulary [0, {vocab_size}); the ids were made by another tokenizer? Give the text "
+                    "('prompt' and 'completions') to tokenize here, or tokenize with this model's tokenizer"
+                )
+    return ValueError(f"{name} dataset, field {column!r}: a token id is outside [0, {vocab_size})")
 
 
 def truncate_ranked(example: dict[str, Any], max_length: int) -> dict[str, Any]:
@@ -106,6 +167,30 @@ def _log_ties(dataset: Dataset, name: str) -> None:
         )
 
 
+def _drop_derived_columns(dataset: Dataset, name: str) -> Dataset:
+    """`dataset` without the token-id columns an earlier preparation left beside the text (logged): the text is
+    re-tokenized with this tokenizer, which the old ids may not come from."""
+    stale = [c for c in _DERIVED_COLUMNS if c in dataset.column_names]
+    if not stale:
+        return dataset
+    logger.warning(
+        "%s dataset: has text columns and token-id columns %s; re-tokenizing from the text with this tokenizer and "
+        "ignoring those columns (they may come from another tokenizer)", name, stale,
+    )
+    return dataset.remove_columns(stale)
+
+
+def _log_duplicates(dataset: Dataset, name: str) -> None:
+    """Log the copies of completions (equal text, equal score) that validation dropped from their lists."""
+    counts = dataset["num_duplicates"]
+    dropped = sum(counts)
+    if dropped:
+        logger.warning(
+            "%s dataset: dropped %d duplicated completion(s) (the same text with the same score) from %d of %d lists",
+            name, dropped, sum(n > 0 for n in counts), len(dataset),
+        )
+
+
 def _drop_lists_without_room(dataset: Dataset, max_length: int, num_proc: int | None, name: str) -> Dataset:
     """Drop the lists whose prompt alone fills `max_length` (logged); raise if no list is left."""
     num_lists = len(dataset)
@@ -143,26 +228,35 @@ def prepare_ranked_dataset(
     Records whose prompt alone fills `max_length` are dropped (no completion token would be left, as in TRL's
     DPOTrainer); completions longer than the room left are truncated. Both counts go to the log, and so do the
     lists whose tied scores leave part (or all) of their ranking unknown. Already tokenized datasets (with
-    `prompt_ids` and `completion_ids`) are returned unchanged. Raises a ValueError for a bad record (naming its
-    index and field), an empty dataset, or one with no list left after dropping.
+    `prompt_ids` and `completion_ids` and no text) are returned unchanged once every id is checked to lie in the
+    tokenizer's vocabulary; a dataset with both text and ids is re-tokenized from the text (logged), since its ids
+    may come from another tokenizer. Copies of a completion with equal scores are dropped (logged). Raises a
+    ValueError for a bad record (naming its index and field), an empty dataset, or one with no list left after
+    dropping.
     """
     if not isinstance(dataset, Dataset):
         raise TypeError(f"K-way trainers need a map-style `datasets.Dataset`, got {type(dataset).__name__}")
     check_not_empty(dataset, name)
-    if {"prompt_ids", "completion_ids"} <= set(dataset.column_names):
+    if not has_text_records(dataset.column_names, prompt_key) and {"prompt_ids", "completion_ids"} <= set(
+        dataset.column_names
+    ):
+        check_token_ids(dataset, len(tokenizer), name)
         return dataset
+    dataset = _drop_derived_columns(dataset, name)
     check_field_mapping(prompt_key, completion_text_key, completion_score_key)
     replaced = [c for c in dict.fromkeys((*_INPUT_COLUMNS, prompt_key)) if c in dataset.column_names]
     mapping = {"prompt_key": prompt_key, "completion_text_key": completion_text_key,
                "completion_score_key": completion_score_key}
     dataset = dataset.map(
-        normalize_record, with_indices=True, fn_kwargs={"tie_policy": tie_policy, **mapping}, num_proc=num_proc,
-        remove_columns=replaced, desc=f"Validating {name} dataset",
+        normalize_record, with_indices=True, num_proc=num_proc, remove_columns=replaced,
+        fn_kwargs={"tie_policy": tie_policy, "count_duplicates": True, **mapping}, desc=f"Validating {name} dataset",
     )
+    _log_duplicates(dataset, name)
+    dataset = dataset.remove_columns("num_duplicates")
     _log_ties(dataset, name)
     dataset = dataset.map(
-        tokenize_ranked, fn_kwargs={"tokenizer": tokenizer}, remove_columns=["prompt", "completions"],
-        num_proc=num_proc, desc=f"Tokenizing {name} dataset",
+        _tokenize_record, with_indices=True, fn_kwargs={"tokenizer": tokenizer},
+        remove_columns=["prompt", "completions"], num_proc=num_proc, desc=f"Tokenizing {name} dataset",
     )
     if max_length is None:
         return dataset

@@ -27,6 +27,7 @@ otherwise be read as a list of characters, and a dict completion would only fail
 
 from __future__ import annotations
 
+import json
 import math
 from typing import Any
 
@@ -43,6 +44,13 @@ TIE_POLICIES = ("truncate", "error")
 # "overall_score"); the error for an unmapped dict completion suggests the first one present.
 _TEXT_KEY_GUESSES = ("response", "text", "content", "completion", "output", "answer")
 _SCORE_KEY_GUESSES = ("overall_score", "score", "rating", "reward")
+
+# Roles chat templates know. Any other role is a message the template renders wrongly or drops (ShareGPT's
+# "human"/"gpt" become a literal "human:" turn in some templates and an exception in others).
+KNOWN_ROLES = ("system", "developer", "user", "assistant", "tool", "ipython", "function")
+# Roles of other chat formats, and the role to use instead.
+_ROLE_FIXES = {"human": "user", "gpt": "assistant", "bot": "assistant", "model": "assistant", "ai": "assistant",
+               "chatgpt": "assistant", "prompter": "user"}
 
 TEXT, MESSAGES = "plain text", "a list of messages"
 
@@ -64,9 +72,14 @@ def _is_real_number(value: Any) -> bool:
 
 
 def _check_message(message: Any, where: str) -> None:
-    """A chat message is a dict with a string 'role' and a string 'content' (None only beside 'tool_calls')."""
+    """A chat message is a dict with a known string 'role' and a string 'content' (None only beside 'tool_calls')."""
     if not isinstance(message, dict) or not isinstance(message.get("role"), str):
         raise ValueError(f"{where}: a message must be a dict with a 'role' and a 'content', got {_describe(message)}")
+    role = message["role"]
+    if role not in KNOWN_ROLES:
+        fix = _ROLE_FIXES.get(role.strip().lower(), role.strip().lower())
+        hint = f"; use {fix!r}" if fix in KNOWN_ROLES else ""
+        raise ValueError(f"{where}['role']: unknown role {role!r} (chat templates know {list(KNOWN_ROLES)}){hint}")
     content = message.get("content")
     if not isinstance(content, str) and not (content is None and message.get("tool_calls")):
         raise ValueError(f"{where}['content']: must be a string, got {_describe(content)}")
@@ -103,6 +116,12 @@ def check_text_or_messages(value: Any, where: str, what: str) -> str:
     elif isinstance(value, list) and all(isinstance(message, dict) for message in value):
         for i, message in enumerate(value):
             _check_message(message, f"{where}[{i}]")
+        if what == "completion" and value and value[0]["role"] != "assistant":
+            # a completion is the model's reply; a 'user' message here would train the model to write the user's turn
+            raise ValueError(
+                f"{where}[0]['role']: a completion must start with an 'assistant' message (the model's reply), got "
+                f"{value[0]['role']!r}; put the conversation before the reply in the prompt"
+            )
         kind = MESSAGES
     else:
         hint = f"; {_dict_completion_hint(value)}" if isinstance(value, dict) and what == "completion" else ""
@@ -181,7 +200,13 @@ def _ranked_fields(
         )
     completions = example["completions"]
     if not isinstance(completions, (list, tuple)):
-        raise ValueError(f"{_where(index, 'completions')}: must be a list of completions, got {_describe(completions)}")
+        hint = ""
+        if isinstance(completions, str) and completions.strip().startswith("["):
+            hint = ("; it looks like a list written as text (a CSV cell?): store the dataset as JSON Lines or "
+                    "Parquet, where a list stays a list")
+        raise ValueError(
+            f"{_where(index, 'completions')}: must be a list of completions, got {_describe(completions)}{hint}"
+        )
     if len(completions) < 2:
         raise ValueError(f"{_where(index, 'completions')}: needs at least 2 completions, got {len(completions)}")
     if text_key is not None:
@@ -246,6 +271,75 @@ def _order_by_scores(completions: list, scores: list, where: str, tie_policy: st
     return [completions[k] for k in order], num_ranked
 
 
+def _completion_key(completion: Any) -> str:
+    """A completion as one string, so that identical texts (or identical message lists) compare equal."""
+    return completion if isinstance(completion, str) else json.dumps(completion, sort_keys=True, default=str)
+
+
+def _duplicate_groups(completions: list) -> list[list[int]]:
+    """Positions of the completions that occur more than once in a list, one group per repeated completion."""
+    positions: dict[str, list[int]] = {}
+    for k, completion in enumerate(completions):
+        positions.setdefault(_completion_key(completion), []).append(k)
+    return [group for group in positions.values() if len(group) > 1]
+
+
+def _drop_equal_duplicates(
+    completions: list, scores: list | None, index: int, order_source: str | None
+) -> tuple[list, list | None, int]:
+    """(completions, scores, copies dropped): copies of a completion that carry the same score are dropped (they
+    only add a tie that can cut the ranking short); copies ranked differently contradict each other and raise.
+
+    `order_source` names what orders a list without scores ("'ranking'", the list order, or None for a pair).
+    """
+    groups = _duplicate_groups(completions)
+    if not groups:
+        return completions, scores, 0
+    group = groups[0]
+    text = _describe(completions[group[0]])
+    if order_source is None:
+        raise ValueError(
+            f"record {index}, fields 'chosen'/'rejected': the same completion ({text}) is both chosen and rejected; "
+            "a pair needs two different completions"
+        )
+    where = _where(index, "completions")
+    if scores is None:
+        raise ValueError(
+            f"{where}: completions {group[0]} and {group[1]} are the same ({text}), but {order_source} ranks one above "
+            "the other; remove the copy (or give 'scores', equal for the copies)"
+        )
+    for group in groups:
+        if len({scores[k] for k in group}) > 1:
+            same = _describe(completions[group[0]])
+            raise ValueError(
+                f"{where}: completions {' and '.join(map(str, group))} are the same ({same}) "
+                f"with different scores {[scores[k] for k in group]}, a contradiction; keep one copy with its score"
+            )
+    copies = {k for group in groups for k in group[1:]}
+    keep = [k for k in range(len(completions)) if k not in copies]
+    if len(keep) < 2:
+        raise ValueError(f"{where}: fewer than 2 distinct completions once the copies of {text} are dropped")
+    return [completions[k] for k in keep], [scores[k] for k in keep], len(copies)
+
+
+def _check_auxiliary(example: dict[str, Any], index: int) -> None:
+    """The per-record chat-template options TRL reads: 'tools' (a list, or its JSON text) and
+    'chat_template_kwargs' (a dict). Checked here, where the record is known, not inside the tokenizer."""
+    tools = example.get("tools")
+    if isinstance(tools, str):
+        try:
+            tools = json.loads(tools)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{_where(index, 'tools')}: not valid JSON ({err.msg}): {tools[:80]!r}") from err
+    if tools is not None and not isinstance(tools, list):
+        raise ValueError(f"{_where(index, 'tools')}: must be a list of tool schemas (or its JSON text), got "
+                         f"{_describe(tools)}")
+    kwargs = example.get("chat_template_kwargs")
+    if kwargs is not None and not isinstance(kwargs, dict):
+        raise ValueError(f"{_where(index, 'chat_template_kwargs')}: must be a dict of chat-template options, got "
+                         f"{_describe(kwargs)}")
+
+
 def check_field_mapping(prompt_key: str, completion_text_key: str | None, completion_score_key: str | None) -> None:
     """The mapping options are consistent: a prompt key, and a score key only beside a text key."""
     if not isinstance(prompt_key, str) or not prompt_key:
@@ -265,6 +359,7 @@ def normalize_record(
     prompt_key: str = "prompt",
     completion_text_key: str | None = None,
     completion_score_key: str | None = None,
+    count_duplicates: bool = False,
 ) -> dict[str, Any]:
     """Validate one record and return it as `{"prompt", "completions" (best first), "num_ranked"}`.
 
@@ -276,13 +371,20 @@ def normalize_record(
     an empty or whitespace-only prompt or completion, a text prompt with message completions (or the reverse),
     a ranking/scores list whose length differs from the completions, a ranking that is not a permutation of
     ints 0..K-1, a score that is not a finite number, more than one source of order, and (with
-    `tie_policy="error"`) tied scores.
+    `tie_policy="error"`) tied scores; a chat message with a role templates do not know, or a completion that does
+    not start with an 'assistant' message; the same completion twice with different scores or places (chosen equal
+    to rejected, too); a 'tools' field that is not a list (or its JSON) and a 'chat_template_kwargs' that is not a dict.
+
+    Copies of a completion with equal scores are dropped; with `count_duplicates` the record also gets
+    `num_duplicates`, the number dropped (for the log).
     """
     if tie_policy not in TIE_POLICIES:
         raise ValueError(f"tie_policy must be one of {TIE_POLICIES}, got {tie_policy!r}")
     check_field_mapping(prompt_key, completion_text_key, completion_score_key)
     mapped_scores = None
-    if example.get("completions") is None:
+    _check_auxiliary(example, index)
+    pairwise = example.get("completions") is None
+    if pairwise:
         if example.get("chosen") is None or example.get("rejected") is None:
             raise ValueError(
                 f"record {index}: needs a 'completions' field (ranked format) or 'chosen' and 'rejected' fields "
@@ -304,14 +406,21 @@ def normalize_record(
     if len(sources) > 1:
         raise ValueError(f"record {index}: give one order, not {' and '.join(sources)}")
 
-    num_ranked = len(completions) - 1
     if ranking is not None:
         ranking = _check_ranking(ranking, index, len(completions))
-        completions = [completions[k] for k in sorted(range(len(ranking)), key=lambda k: ranking[k])]
     elif scores is not None:
         scores = _check_scores_field(scores, index, len(completions))
-        completions, num_ranked = _order_by_scores(completions, scores, _where(index, "scores"), tie_policy)
-    elif mapped_scores is not None:
-        where = f"{_where(index, 'completions')}[*][{completion_score_key!r}]"
-        completions, num_ranked = _order_by_scores(completions, mapped_scores, where, tie_policy)
-    return {"prompt": prompt, "completions": completions, "num_ranked": num_ranked}
+    order_source = None if pairwise else "'ranking'" if ranking is not None else "the list order (best first)"
+    completions, scores, num_duplicates = _drop_equal_duplicates(
+        completions, scores if mapped_scores is None else mapped_scores, index, order_source
+    )
+    num_ranked = len(completions) - 1
+    if ranking is not None:
+        completions = [completions[k] for k in sorted(range(len(ranking)), key=lambda k: ranking[k])]
+    elif scores is not None:
+        where = _where(index, "scores") if mapped_scores is None else (
+            f"{_where(index, 'completions')}[*][{completion_score_key!r}]"
+        )
+        completions, num_ranked = _order_by_scores(completions, scores, where, tie_policy)
+    record = {"prompt": prompt, "completions": completions, "num_ranked": num_ranked}
+    return {**record, "num_duplicates": num_duplicates} if count_duplicates else record
