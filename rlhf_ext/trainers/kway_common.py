@@ -15,6 +15,7 @@ from ..data import TIE_POLICIES, DataCollatorForRankedPreference, prepare_ranked
 from ..data.prepare import check_not_empty
 from ..data.ranked import check_field_mapping
 from .config_checks import COMMON_RULES, COUNT, check_fields, warn_if_warmup_outlasts_run
+from .hub_token import NoStoredHubToken
 
 TIE_POLICY_HELP = (
     "How tied 'scores' are handled. 'truncate': keep the ranking only up to the first tie (the loss is the exact "
@@ -28,7 +29,7 @@ TOP_M_HELP = (
 
 
 @dataclass
-class RankedDataArguments:
+class RankedDataArguments(NoStoredHubToken):
     """The fields both K-way configs add to TRL's: how much of each ranking is modelled, and how records are read.
 
     A mixin: list it before the TRL config (`class C(RankedDataArguments, DPOConfig)`), so TRL's fields keep their

@@ -67,6 +67,7 @@ from .config_checks import (
     check_finite_weights,
     warn_if_warmup_outlasts_run,
 )
+from .hub_token import NoStoredHubToken
 from .kway_common import TOP_M_HELP, ranking_stats
 from .ppo_trainer import (
     PPOTrainer,
@@ -92,7 +93,7 @@ ONLINE_RULES = {
 
 
 @dataclass
-class OnlinePlackettLuceConfig(GRPOConfig):
+class OnlinePlackettLuceConfig(NoStoredHubToken, GRPOConfig):
     r"""GRPOConfig for online K-way DPO: K = `num_generations` completions per prompt, ranked by their reward.
 
     Adds `dpo_beta` (DPO's beta, the inverse temperature of the implicit reward), `top_m` and

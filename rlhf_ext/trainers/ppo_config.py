@@ -29,6 +29,7 @@ from .config_checks import (
     check_finite_weights,
     warn_if_warmup_outlasts_run,
 )
+from .hub_token import NoStoredHubToken
 
 KL_ESTIMATORS = ("k1", "k2", "k3")
 ADVANTAGE_ESTIMATORS = ("gae", "reinforce")
@@ -94,7 +95,7 @@ class _OneCompletionPerPrompt(int):
 
 
 @dataclass
-class PPOConfig(GRPOConfig):
+class PPOConfig(NoStoredHubToken, GRPOConfig):
     r"""Configuration for [`PPOTrainer`]: PPO with a learned critic, GAE and a per-token KL-penalised reward.
 
     Defaults follow TRL's last PPOConfig (trl 1.12): `learning_rate=3e-6`, `kl_coef=0.05`, `gamma=1`, `lam=0.95`,
