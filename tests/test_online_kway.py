@@ -300,17 +300,15 @@ def test_gradient_checkpointing_makes_the_same_update(tmp_path, reward_folder, l
 # ----------------------------------------------------------------------------- bad rewards, config, metrics
 
 
-def test_nan_rewards_are_skipped_counted_and_not_learned_from(tmp_path, reward_folder, left_tokenizer):
+def test_a_batch_with_only_nan_rewards_fails_instead_of_training_nothing(tmp_path, reward_folder, left_tokenizer):
     shared = make_shared(reward_folder)
     before = snapshot(shared.peft_model.named_parameters())
     trainer = OnlinePlackettLuceTrainer(
         shared, reward_funcs=lambda completions, **kw: [math.nan] * len(completions), args=config(tmp_path),
         train_dataset=prompts(), processing_class=left_tokenizer,
     )  # fmt: skip
-    trainer.train()
-    log = trainer.state.log_history[0]
-    assert log["objective/skipped_completions"] == 8
-    assert log["loss"] == 0.0
+    with pytest.raises(ValueError, match="none of the 8 completions of this generation batch got a reward"):
+        trainer.train()
     assert not changed(before, shared.peft_model.named_parameters())
 
 

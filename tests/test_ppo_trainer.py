@@ -497,7 +497,8 @@ def test_reward_function_with_wrong_count_is_rejected(tmp_path, reward_folder, l
         trainer.train()
 
 
-def test_nan_rewards_are_skipped_and_logged_not_learned_from(tmp_path, reward_folder, left_tokenizer):
+def test_a_batch_with_only_nan_rewards_fails_instead_of_training_nothing(tmp_path, reward_folder, left_tokenizer):
+    # issue 18 item 5: every step of such a run would be a no-op, so it must not "succeed"
     shared = make_shared(reward_folder)
     before = snapshot(shared.peft_model.named_parameters())
     trainer = PPOTrainer(
@@ -507,10 +508,8 @@ def test_nan_rewards_are_skipped_and_logged_not_learned_from(tmp_path, reward_fo
         train_dataset=prompts(),
         processing_class=left_tokenizer,
     )
-    trainer.train()
-    log = trainer.state.log_history[0]
-    assert log["objective/skipped_completions"] == 4
-    assert math.isfinite(log["loss"])
+    with pytest.raises(ValueError, match="none of the 4 completions of this generation batch got a reward"):
+        trainer.train()
     assert not changed(before, shared.peft_model.named_parameters())
 
 

@@ -34,6 +34,7 @@ SIGNATURES = [
     (trl_utils.RepeatSampler, "__init__", ["self", "data_source", "mini_repeat_count", "batch_size", "repeat_count",
                                            "shuffle", "seed"]),
     (Trainer, "_load_from_checkpoint", ["self", "resume_from_checkpoint", "model"]),
+    (Trainer, "_get_grad_norm", ["self", "model", "grad_norm"]),  # a non-finite norm stops the run (issue 18)
     # ... and calls
     (GRPOTrainer, "_get_per_token_logps_and_entropies",
      ["self", "model", "input_ids", "attention_mask", "logits_to_keep", "batch_size", "compute_entropy"]),

@@ -73,6 +73,7 @@ from .ppo_trainer import (
     PPOTrainer,
     SharedBaseReward,
     SharedBaseVLLMGeneration,
+    check_reward_batch,
     checked_reward_function,
     scored_as_trained,
 )
@@ -324,6 +325,7 @@ class OnlinePlackettLuceTrainer(GRPOTrainer):
         # into group-relative advantages and drops; the ranking needs each completion's raw weighted reward. (Not
         # borrowed from PPOTrainer like the methods above: its zero-argument super() is bound to PPOTrainer.)
         rewards_per_func = super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)
+        check_reward_batch(rewards_per_func, self.reward_func_names, self.reward_weights)  # no inf, not all missing
         self._last_rewards_per_func = rewards_per_func
         return rewards_per_func
 

@@ -24,6 +24,7 @@ from __future__ import annotations
 import copy
 import functools
 import logging
+import math
 import numbers
 import os
 import textwrap
@@ -443,7 +444,11 @@ class PPOTrainer(GRPOTrainer):
         # Extends GRPOTrainer._calculate_rewards: keep the gathered [N_global, n_funcs] rewards, which super() turns
         # into group-relative advantages and then drops; PPO needs the raw weighted score of every completion.
         rewards_per_func = super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)
+        check_reward_batch(rewards_per_func, self.reward_func_names, self.reward_weights)
         self._last_rewards_per_func = rewards_per_func
+        finite = rewards_per_func.isfinite().all(dim=1)
+        scores = (rewards_per_func[finite] * self.reward_weights.to(rewards_per_func.device)).sum(dim=1)
+        self._reward_magnitude = scores.abs().max().item()  # named if the loss overflows (`_check_finite`)
         return rewards_per_func
 
     def _tokenize_prompts(self, prompts: list):
@@ -716,7 +721,36 @@ class PPOTrainer(GRPOTrainer):
             normalizer=normalizer,
         )
         self._log_update(out, entropy, logprobs, inputs, normalizer)
+        losses = torch.stack([out.loss, out.policy_loss, out.value_loss]).detach()
+        self._check_finite("the PPO loss", "loss, policy loss, value loss", losses)
         return out.loss
+
+    def _check_finite(self, what: str, labels: str, values: torch.Tensor) -> None:
+        """FloatingPointError, on every process alike, if `values` (gathered) hold an inf or NaN: naming the step and
+        the largest |score| of the generation batch, the usual cause.
+
+        Why stop: Trainer logs a non-finite loss as the mean of the earlier ones (0 at the first step) and clipping
+        an inf gradient norm zeroes the update, so the run would go on "succeeding" without learning. The value loss
+        squares returns - values, so scores above ~1e19 overflow float32 and bfloat16 even when each is finite;
+        refusing a fixed |score| threshold instead would also refuse large rewards that train fine.
+        """
+        values = self.accelerator.gather(values.float().reshape(-1))
+        if torch.isfinite(values).all():
+            return
+        raise FloatingPointError(
+            f"step {self.state.global_step + 1}: {what} is not finite ({labels}: {values.tolist()}); the rewards of "
+            f"this generation batch have |score| up to {getattr(self, '_reward_magnitude', float('nan')):.3g}. If that "
+            "is large, scale the reward to order 1 (divide by its typical size, or clip it); otherwise lower the "
+            "learning rate."
+        )
+
+    def _get_grad_norm(self, model, grad_norm=None):
+        # Extends Trainer._get_grad_norm: an inf or NaN gradient norm stops the run (`_check_finite`), unless fp16's
+        # loss scaler is on, which expects overflows and skips those steps itself.
+        grad_norm = super()._get_grad_norm(model, grad_norm=grad_norm)
+        if grad_norm is not None and not self.args.fp16 and not math.isfinite(float(grad_norm)):
+            self._check_finite("the gradient norm", "norm", torch.tensor([float(grad_norm)]))
+        return grad_norm
 
     def _loss_normalizer(self, inputs) -> torch.Tensor:
         """Tokens (or sequences) one process stands for in one optimizer step, across all processes.
@@ -971,6 +1005,51 @@ def check_rewards(rewards, name: str):
                 f"{advice}."
             )
     return rewards
+
+
+def check_reward_batch(rewards_per_func: torch.Tensor, names: list[str], weights: torch.Tensor) -> None:
+    """Refuse rewards that would make training silently stop learning; warn when some completions go unscored.
+
+    `rewards_per_func` [N, F] is the generation batch of all processes (TRL turns None into NaN), so every process
+    raises alike. NaN / None means "no reward for this completion": it is skipped (its tokens leave the loss). But
+    - +-inf is refused: skipped like NaN it would never push the policy away from a "forbidden" completion, and kept
+      it would make the returns, advantages and value loss inf or NaN; a large finite penalty does what was meant;
+    - a batch where no completion has a reward is refused: every step would be a no-op and the run would "succeed";
+    - a weighted sum sum_f w_f r_f that overflows to +-inf is refused for the same reason as an inf reward.
+    A completion is skipped when any function gives it no reward (a partial sum would be a different reward).
+    """
+    infinite = torch.isinf(rewards_per_func)
+    if infinite.any():
+        row, col = infinite.nonzero()[0].tolist()
+        raise ValueError(
+            f"Reward function {names[col]!r} returned {rewards_per_func[row, col].item()} for completion {row} of the "
+            "generation batch (0-based, all processes in order). Infinite rewards are not allowed: skipped, the policy "
+            "would never be pushed away from such a completion, and kept, they make the returns and losses inf or "
+            "NaN. Return a large finite penalty instead (e.g. -10 times your usual reward scale), or None to skip it."
+        )
+    missing = torch.isnan(rewards_per_func)
+    skipped, total = missing.any(dim=1), len(rewards_per_func)
+    counts = missing.sum(dim=0).tolist()
+    if skipped.all():
+        per_func = ", ".join(f"{name!r}: {n} of {total}" for name, n in zip(names, counts, strict=True))
+        raise ValueError(
+            f"none of the {total} completions of this generation batch got a reward (NaN or None from a reward "
+            f"function; completions without a reward, per function: {per_func}). Every step would be a no-op. Check "
+            "the reward functions (an API that fails, a parser that never matches)."
+        )
+    if skipped.any():
+        logger.warning(
+            "%d of %d completions got no reward (NaN or None) and are skipped; per reward function: %s",
+            int(skipped.sum()), total, ", ".join(f"{name!r}: {n}" for name, n in zip(names, counts, strict=True)),
+        )  # fmt: skip
+    scores = (rewards_per_func * weights.to(rewards_per_func.device)).sum(dim=1)
+    overflow = torch.isinf(scores)
+    if overflow.any():
+        row = overflow.nonzero()[0].item()
+        raise ValueError(
+            f"The weighted sum of the rewards of completion {row} overflows to {scores[row].item()} "
+            f"(rewards {rewards_per_func[row].tolist()}, weights {weights.tolist()}); scale the rewards to order 1."
+        )
 
 
 def _is_scalar_reward(reward) -> bool:
