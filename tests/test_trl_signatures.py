@@ -40,6 +40,7 @@ SIGNATURES = [
      ["self", "model", "input_ids", "attention_mask", "logits_to_keep", "batch_size", "compute_entropy"]),
     (trl_utils, "add_fused_lm_head", ["model", "temperature", "cast_lm_head_to_fp32"]),
     (trl_utils, "disable_dropout_in_model", ["model"]),
+    (trl_utils, "create_model_from_path", ["model_id", "architecture"]),  # the policy from a path (load_policy)
     (trl_utils, "is_async_callable", ["func"]),
     # OnlinePlackettLuceTrainer (rlhf_ext/trainers/online_kway.py) reshapes the buffered batch to [groups, K, ...]
     # so that GRPOTrainer's shuffle and micro-batch split, which act on the first dimension, move whole groups
@@ -58,6 +59,11 @@ SIGNATURES = [
     (RewardTrainer, "_set_signature_columns_if_needed", ["self"]),
     (RewardTrainer, "compute_loss", ["self", "model", "inputs", "return_outputs", "num_items_in_batch"]),
     (RewardTrainer, "save_model", ["self", "output_dir", "_internal_call"]),
+    # FaultTolerantMixin (rlhf_ext/trainers/fault_tolerance.py), in all four trainers, overrides
+    (Trainer, "train", ["self", "resume_from_checkpoint", "trial"]),
+    (Trainer, "_save_checkpoint", ["self", "model", "trial"]),
+    (Trainer, "_get_output_dir", ["self", "trial"]),
+    (Trainer, "_push_from_checkpoint", ["self", "checkpoint_folder"]),
     # exact gradient checkpointing (rlhf_ext/models/checkpointing.py) wraps
     (PreTrainedModel, "_set_gradient_checkpointing", ["self", "enable", "gradient_checkpointing_func"]),
 ]
