@@ -32,6 +32,7 @@ from ..distributed import check_engine_supports
 from ..models.quantization import match_trainable_dtype
 from ..ops import dpo_plackett_luce_loss
 from .config_checks import COUNT, DPO_BETA_WHY, POSITIVE, UNIT_INTERVAL, check_fields
+from .fault_tolerance import FaultTolerantMixin
 from .kway_common import (
     RankedDataArguments,
     best_and_rest_mean,
@@ -90,7 +91,7 @@ class PlackettLuceDPOConfig(RankedDataArguments, DPOConfig):
                 )
 
 
-class PlackettLuceDPOTrainer(DPOTrainer):
+class PlackettLuceDPOTrainer(FaultTolerantMixin, DPOTrainer):
     """TRL's DPOTrainer with the K-way Plackett-Luce loss on ranked lists (TRL's pairwise data is K=2).
 
     Reference log-probs come, as in DPOTrainer, from `ref_model`, or from the base with the LoRA adapter

@@ -25,6 +25,7 @@ from ..models.quantization import match_trainable_dtype
 from ..models.scoring import mark_last_real_token_scoring, sequence_classifier_scores
 from ..ops import plackett_luce_loss
 from .config_checks import NON_NEGATIVE, check_fields
+from .fault_tolerance import FaultTolerantMixin
 from .kway_common import (
     RankedDataArguments,
     gather_lists,
@@ -55,7 +56,7 @@ class PlackettLuceRewardConfig(RankedDataArguments, RewardConfig):
         )  # fmt: skip
 
 
-class PlackettLuceRewardTrainer(RewardTrainer):
+class PlackettLuceRewardTrainer(FaultTolerantMixin, RewardTrainer):
     """TRL's RewardTrainer with the K-way Plackett-Luce loss on ranked lists (and TRL's pairwise data as K=2).
 
     Takes what RewardTrainer takes (`model` as a path or a sequence-classification model with num_labels=1,

@@ -68,6 +68,7 @@ from .config_checks import (
     warn_if_warmup_outlasts_run,
 )
 from .hub_token import NoStoredHubToken
+from .fault_tolerance import FaultTolerantMixin
 from .kway_common import TOP_M_HELP, ranking_stats
 from .ppo_trainer import (
     PPOTrainer,
@@ -223,7 +224,7 @@ def freeze_value_role(shared: SharedBase) -> None:
 # ---------------------------------------------------------------- the trainer
 
 
-class OnlinePlackettLuceTrainer(GRPOTrainer):
+class OnlinePlackettLuceTrainer(FaultTolerantMixin, GRPOTrainer):
     r"""Online K-way DPO: sample K completions per prompt, rank them by reward, minimise the Plackett-Luce DPO loss.
 
     Args:

@@ -55,6 +55,7 @@ from ..ops import (
     rewards_to_go,
     token_rewards,
 )
+from .fault_tolerance import FaultTolerantMixin
 from .ppo_config import PPOConfig
 from .sampling import epoch_seeded
 
@@ -259,7 +260,7 @@ class SharedBaseVLLMGeneration(VLLMGeneration):
                 yield self._fix_param_name_to_vllm(name), tensor
 
 
-class PPOTrainer(GRPOTrainer):
+class PPOTrainer(FaultTolerantMixin, GRPOTrainer):
     r"""PPO with a value function, GAE and a KL-penalised per-token reward, on top of TRL's GRPOTrainer.
 
     Args:
