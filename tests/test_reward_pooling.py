@@ -146,3 +146,23 @@ def test_ppo_scores_a_saved_full_reward_model_as_it_was_trained(model_path, tmp_
     prompts = [r["prompt"] for r in PLAIN for _ in r["completions"]]
     completions = [c for r in PLAIN for c in r["completions"]]
     assert trainer.reward_funcs[0](prompts=prompts, completions=completions) == pytest.approx(expected, abs=1e-5)
+
+
+def test_an_encoder_reward_model_keeps_its_own_first_token_pooling(tmp_path):
+    from transformers import BertConfig, BertForSequenceClassification
+
+    torch.manual_seed(0)
+    encoder = BertForSequenceClassification(BertConfig(
+        vocab_size=101, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32, num_labels=1,
+    ))
+    args = PlackettLuceRewardConfig(output_dir=str(tmp_path), report_to="none", bf16=False, use_cpu=True,
+                                    gradient_checkpointing=False)
+    trainer = PlackettLuceRewardTrainer(encoder, args=args, train_dataset=Dataset.from_list(PLAIN),
+                                        processing_class=tiny_tokenizer())
+    batch = trainer.data_collator([trainer.train_dataset[i] for i in range(len(PLAIN))])
+    trainer.model.eval()
+    with torch.no_grad():
+        loss = trainer.compute_loss(trainer.model, batch).item()
+        alone = [encoder(input_ids=torch.tensor([row["prompt_ids"] + ids])).logits[0, 0].item()
+                 for row in (trainer.train_dataset[i] for i in range(len(PLAIN))) for ids in row["completion_ids"]]
+    assert loss == pytest.approx(kway_loss_by_hand(alone, PLAIN), abs=1e-5)

@@ -5,8 +5,9 @@
 h_L is the decoder's last hidden state (after its final norm) and t* the last position the attention mask marks as
 real. For plain text that is the EOS token appended to every completion (by the reward trainer's tokenization and by
 the PPO reward role alike); for chat records it is the last token the chat template writes. The same t* is used by
-the K-way reward trainer (training and evaluation), the shared base's reward role (PPO and online K-way) and the
-value head's first-rollout initialisation, whatever the tokenizer's pad token is.
+the K-way reward trainer (training and evaluation), the shared base's reward role (PPO and online K-way) and a full
+reward model the reward trainer saved when PPO scores it, whatever the tokenizer's pad token is. (The value head
+needs no such choice: it reads every token.) Encoder classifiers (BERT, DeBERTa) keep their own first-token pooling.
 
 Why not transformers' own pooling: a `...ForSequenceClassification` model reads at the last token that is *not the
 pad token*. With a tokenizer that has no pad token, TRL sets pad = EOS, and that rule then skips the EOS and reads the
@@ -47,8 +48,9 @@ def gather_last_token(per_token: torch.Tensor, attention_mask: torch.Tensor | No
     return per_token[rows, last_token_index(attention_mask).to(per_token.device)]
 
 
-def score_module(model: nn.Module) -> nn.Module:
-    """The per-token scoring layer (`score`) of a decoder sequence classifier, through peft and wrappers.
+def score_module(model: nn.Module) -> nn.Module | None:
+    """The per-token scoring layer (`score`) of a decoder sequence classifier, through peft and wrappers; None for a
+    model without one (an encoder classifier such as BERT or DeBERTa, which pools at its first token).
 
     peft keeps a SEQ_CLS adapter's trainable head as a `ModulesToSaveWrapper` named `score`: that wrapper is what the
     forward calls, so its output is the trained head's.
@@ -59,10 +61,7 @@ def score_module(model: nn.Module) -> nn.Module:
         base = module.get_base_model() if hasattr(module, "get_base_model") else module
         if isinstance(getattr(base, "score", None), nn.Module):
             return base.score
-    raise ValueError(
-        f"{type(model).__name__} has no `score` layer: the K-way reward trainer and the PPO reward read a decoder "
-        "sequence classifier (AutoModelForSequenceClassification of a causal LM, num_labels=1) at its last real token."
-    )
+    return None
 
 
 @contextmanager
@@ -80,9 +79,13 @@ def sequence_classifier_scores(model: nn.Module, input_ids: torch.Tensor, attent
     """Scores [B, num_labels] of a decoder sequence classifier at each row's last real token (the rule above).
 
     The model runs its normal forward (so DDP, DeepSpeed and peft see the call); a hook on its `score` layer takes the
-    per-token scores [B, T, num_labels] before transformers pools them by pad id.
+    per-token scores [B, T, num_labels] before transformers pools them by pad id. An encoder classifier (no `score`
+    layer) keeps its own pooling: it reads its first token ([CLS]), which no pad setting moves.
     """
-    with capture_output(score_module(model)) as outputs:
+    score = score_module(model)
+    if score is None:
+        return model(input_ids=input_ids, attention_mask=attention_mask).logits
+    with capture_output(score) as outputs:
         model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
     return gather_last_token(outputs[-1], attention_mask)
 
