@@ -236,9 +236,12 @@ def test_critic_lr_zero_freezes_the_critic_while_the_policy_trains(
 
 
 @CHECKPOINTING
-def test_first_rollout_mean_sets_the_value_head_bias_before_the_values(
+def test_first_rollout_mean_starts_the_values_at_the_mean_score(
     tmp_path, reward_folder, left_tokenizer, gradient_checkpointing
 ):
+    # V = w.h + b: the bias must absorb the random weight's own offset mean(w.h), not only the mean score
+    # (issue 18), so b = mean_score - mean(w.h) over the real completion tokens and the first values average to
+    # the mean score.
     trainer, shared = shared_trainer(
         tmp_path, reward_folder, left_tokenizer, gradient_checkpointing, value_head_init="first_rollout_mean"
     )
@@ -248,19 +251,22 @@ def test_first_rollout_mean_sets_the_value_head_bias_before_the_values(
 
     completions = trainer.processing_class.batch_decode(batch["completion_ids"], skip_special_tokens=True)
     mean_score = sum(char_code_score(completions)) / len(completions)
-    assert bias_before == 0.0 and mean_score > 0.5
-    assert head.bias.item() == pytest.approx(mean_score, abs=1e-6)
-    torch.testing.assert_close(head.weight, weight_before, atol=0, rtol=0)
-    # the rollout's values come from the initialised head: the old head's values plus the mean score
     mask = batch["completion_mask"].bool()
+    bias_after = head.bias.item()
     with torch.no_grad():
         head.bias.fill_(bias_before)
-        _, _, old_head_values = independent_policy_terms(shared, batch)
-        head.bias.fill_(mean_score)
-    torch.testing.assert_close(batch["old_values"] * mask, (old_head_values + mean_score) * mask, atol=1e-5, rtol=1e-5)
+        _, _, old_head_values = independent_policy_terms(shared, batch)  # w.h + 0, from the base itself
+        head.bias.fill_(bias_after)
+    offset = old_head_values[mask].mean().item()
+    assert bias_before == 0.0 and mean_score > 0.5 and abs(offset) > 1e-3  # the weight's offset is not negligible
+    assert bias_after == pytest.approx(mean_score - offset, abs=1e-5)
+    assert batch["old_values"][mask].mean().item() == pytest.approx(mean_score, abs=1e-5)
+    torch.testing.assert_close(head.weight, weight_before, atol=0, rtol=0)
+    # the rollout's values come from the initialised head: the old head's values plus the new bias
+    torch.testing.assert_close(batch["old_values"] * mask, (old_head_values + bias_after) * mask, atol=1e-5, rtol=1e-5)
 
     rollout(trainer)  # only the first rollout sets it
-    assert head.bias.item() == pytest.approx(mean_score, abs=1e-6)
+    assert head.bias.item() == pytest.approx(bias_after, abs=1e-6)
 
 
 def test_zero_value_head_init_leaves_the_bias_alone(tmp_path, reward_folder, left_tokenizer):
@@ -360,3 +366,42 @@ def test_two_completions_per_prompt_loss_equals_ppo_loss_on_the_same_tensors(two
     trainer, shared, batch = two_per_prompt
     grads = assert_loss_and_gradients_are_ppo_loss(trainer, shared, batch)
     assert any(".lora_B.value." in n for n in grads), "the value adapter got no gradient"
+
+
+# ----------------------------------------------------------------------------- a critic with only `values()`
+
+
+class ValuesOnlyCritic(torch.nn.Module):
+    """A critic in the form PPOTrainer's docstring allows: a module with `values(input_ids, attention_mask) -> [B, L]`
+    and neither `save`/`load` nor `save_pretrained`."""
+
+    def __init__(self, seed: int):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.embed = torch.nn.Embedding(101, 8)  # the tiny tokenizer's vocabulary
+        self.head = torch.nn.Linear(8, 1)
+
+    def values(self, input_ids, attention_mask):
+        return self.head(self.embed(input_ids)).squeeze(-1)
+
+
+def test_a_critic_with_only_values_is_checkpointed_and_resumed(tmp_path, left_tokenizer):
+    # issue 18: such a critic crashed at the first checkpoint (no `save`); its state_dict is saved instead
+    def build(critic, **overrides):
+        return PPOTrainer(
+            tiny_causal_lm(seed=0), reward_funcs=char_code_score, value_model=critic, train_dataset=prompts(),
+            args=ppo_args(tmp_path, False, save_strategy="steps", save_steps=1, **overrides),
+            processing_class=left_tokenizer,
+        )  # fmt: skip
+
+    trained = ValuesOnlyCritic(seed=2)
+    before = {n: p.detach().clone() for n, p in trained.named_parameters()}
+    build(trained).train()
+    assert moved(before, dict(trained.named_parameters())) == {"embed.weight", "head.weight", "head.bias"}
+    checkpoint = tmp_path / "out" / "checkpoint-1"
+    assert (checkpoint / "value" / "model.safetensors").is_file()
+
+    fresh = ValuesOnlyCritic(seed=3)
+    build(fresh).train(resume_from_checkpoint=str(checkpoint))  # max_steps=1 reached: loads, trains nothing
+    for name, param in trained.named_parameters():
+        torch.testing.assert_close(dict(fresh.named_parameters())[name], param, atol=0, rtol=0, msg=name)

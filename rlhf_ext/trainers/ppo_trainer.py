@@ -44,7 +44,13 @@ from trl.data_utils import apply_chat_template, is_conversational
 from trl.generation.vllm_generation import VLLMGeneration
 from trl.trainer.utils import add_fused_lm_head, disable_dropout_in_model, is_async_callable
 
-from ..distributed import check_engine_supports, fill_full_parameter, parameters_from_state_dict
+from ..distributed import (
+    check_engine_supports,
+    fill_full_parameter,
+    full_parameters,
+    full_tensor,
+    parameters_from_state_dict,
+)
 from ..models import SharedBase
 from ..models.scoring import reads_last_real_token, right_padded, sequence_classifier_scores
 from ..ops import (
@@ -62,6 +68,7 @@ from .sampling import epoch_seeded
 logger = logging.getLogger(__name__)
 
 VALUE_DIR = "value"
+VALUE_WEIGHTS = "model.safetensors"  # a critic's weights in VALUE_DIR, unless it saves itself (`save`)
 POLICY_ADAPTER = "policy"
 # Prompts tokenized per call by the up-front length check: large enough to amortise the tokenizer call, small
 # enough that a huge dataset never sits in memory as token ids.
@@ -539,8 +546,6 @@ class PPOTrainer(FaultTolerantMixin, GRPOTrainer):
             mask = mask & batch["tool_mask"].bool()
 
         scores, scored = self._local_scores(len(mask), mode)
-        if self._value_head_pending and mode == "train":
-            self._initialise_value_head_bias()
         with torch.no_grad():
             logprobs, values = batch.get("old_per_token_logps"), None
             if logprobs is None:
@@ -551,6 +556,8 @@ class PPOTrainer(FaultTolerantMixin, GRPOTrainer):
             ref_logprobs = self._reference_logprobs(prompt_completion_ids, attention_mask, completion_length)
             if values is None:
                 values = completion_values(self.value_model, prompt_completion_ids, attention_mask, completion_length)
+        if self._value_head_pending and mode == "train":
+            values = self._initialise_value_head_bias(values, mask & scored[:, None])
 
         rollout = self._advantages(scores, scored, logprobs, ref_logprobs, values, mask, batch["completion_ids"])
         loss_mask = mask & scored[:, None]
@@ -625,25 +632,37 @@ class PPOTrainer(FaultTolerantMixin, GRPOTrainer):
         local = slice(start, start + batch_size)
         return scores_global[local].nan_to_num(0.0), scored_global[local]
 
-    def _initialise_value_head_bias(self) -> None:
-        """value_head_init="first_rollout_mean": set the value head's bias to the mean score of this, the first
-        training rollout, before its values are computed (so its GAE already sees them), the weight unchanged.
+    def _initialise_value_head_bias(self, values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """value_head_init="first_rollout_mean": shift the value head's bias so that the first training rollout's
+        values average to its mean score, and return those values [B, C] as the shifted head gives them.
 
-        A fresh head predicts about 0 while the returns sit near the mean score, so without it the first advantages
-        are mostly that offset, the same sign for every token. The mean is over the finite scores of all processes
-        (the weighted reward-function sum, before missing_eos_penalty and the KL penalty), so every process sets the
-        same bias. Not done on resume (global_step > 0: the checkpoint's head is kept), nor on a rollout without a
-        finite score (the next rollout tries again).
+        The head computes V = w.h + b, and a fresh head's random w already gives mean(w.h) != 0, so setting b to the
+        mean score alone would start the values off by that offset. Instead
+
+            b_new = b_old + mean_score - mean(V)        (means over the real tokens of the scored completions)
+
+        which makes mean(V_new) = mean_score exactly (V_new = V + b_new - b_old), the weight unchanged. Without it the
+        first advantages are mostly that offset, the same sign for every token. Both means are over all processes
+        (the score is the weighted reward-function sum, before missing_eos_penalty and the KL penalty), so every
+        process sets the same bias. Not done on resume (global_step > 0: the checkpoint's head is kept), nor on a
+        rollout without a scored token (the next rollout tries again).
         """
         if self.state.global_step > 0:
             self._value_head_pending = False
-            return
+            return values
         scores, scored = self._global_scores()
-        if not scored.any():
-            return
+        m = mask.float()
+        value_sum, token_count = self.accelerator.reduce(torch.stack([(values * m).sum(), m.sum()]), "sum").tolist()
+        if not scored.any() or token_count == 0:
+            return values
+        shift = scores[scored].mean().item() - value_sum / token_count
+        bias = value_head_bias(self.value_model)
+        with full_parameters([bias]):
+            old_bias = full_tensor(bias).float().mean().item()
         # under DeepSpeed the optimizer's master copy is written too, else its next step would restore the old bias
-        fill_full_parameter(value_head_bias(self.value_model), scores[scored].mean().item())
+        fill_full_parameter(bias, old_bias + shift)
         self._value_head_pending = False
+        return values + shift
 
     def _has_eos(self, completion_ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         last = completion_ids.gather(1, (mask.sum(dim=1, keepdim=True) - 1).clamp(min=0)).squeeze(1)
@@ -915,11 +934,17 @@ def split_param_groups(optimizer: torch.optim.Optimizer, params: list[nn.Paramet
 
 
 def save_value_model(value_model: nn.Module, path: str) -> None:
-    """Save the critic: its own `save` (the shared base's value role) or `save_pretrained` (a transformers model)."""
+    """Save the critic: its own `save` (the shared base's value role), `save_pretrained` (a transformers model), or,
+    for any other module (e.g. one with only a `values()` method), its state_dict as `model.safetensors`."""
     if hasattr(value_model, "save"):
         value_model.save(path)
-    else:
+    elif hasattr(value_model, "save_pretrained"):
         value_model.save_pretrained(path)
+    else:
+        from safetensors.torch import save_model
+
+        os.makedirs(path, exist_ok=True)
+        save_model(value_model, os.path.join(path, VALUE_WEIGHTS))  # save_model: tied weights stored once
 
 
 def load_value_model(value_model: nn.Module, path: str) -> None:
@@ -929,9 +954,9 @@ def load_value_model(value_model: nn.Module, path: str) -> None:
     if hasattr(value_model, "load"):
         value_model.load(path)
         return
-    from safetensors.torch import load_file
+    from safetensors.torch import load_model
 
-    value_model.load_state_dict(load_file(os.path.join(path, "model.safetensors")))
+    load_model(value_model, os.path.join(path, VALUE_WEIGHTS))  # strict: every weight, under its saved name
 
 
 def _check_train_dataset(train_dataset) -> None:
