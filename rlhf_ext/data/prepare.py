@@ -19,6 +19,7 @@ import json
 import logging
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 from datasets import Dataset
@@ -167,6 +168,42 @@ def _log_ties(dataset: Dataset, name: str) -> None:
         )
 
 
+def longest_sequences(dataset: Dataset) -> np.ndarray:
+    """Tokens of each tokenized list's longest prompt + completion [num_lists], read from the Arrow columns."""
+    table = dataset.with_format("arrow")
+    prompt_lengths = pc.list_value_length(table["prompt_ids"]).to_numpy(zero_copy_only=False)
+    completions = table["completion_ids"].combine_chunks()
+    completion_lengths = pc.list_value_length(completions.flatten()).to_numpy(zero_copy_only=False)
+    offsets = completions.offsets.to_numpy()
+    # every list holds >= 2 completions, so no segment of reduceat is empty
+    return prompt_lengths + np.maximum.reduceat(completion_lengths, offsets[:-1] - offsets[0])
+
+
+def check_fits_positions(dataset: Dataset, max_length: int | None, max_positions: int | None, name: str) -> None:
+    """ValueError naming the first list whose prompt + longest completion, after truncation to `max_length`, is
+    longer than the model's `max_positions` (learned positions would fail with an IndexError steps into training,
+    rotary ones silently run past their trained range). Lists whose prompt alone fills max_length are dropped later
+    and not counted. Nothing to check when max_length already keeps every sequence within the positions."""
+    if max_positions is None or (max_length is not None and max_length <= max_positions):
+        return
+    lengths = longest_sequences(dataset)
+    if max_length is not None:
+        prompt_lengths = pc.list_value_length(dataset.with_format("arrow")["prompt_ids"]).to_numpy()
+        lengths = np.where(prompt_lengths < max_length, np.minimum(lengths, max_length), 0)
+    index = int(np.argmax(lengths))
+    if lengths[index] <= max_positions:
+        return
+    setting = "max_length is None (nothing is truncated)" if max_length is None else (
+        f"max_length={max_length} is above that limit"
+    )
+    raise ValueError(
+        f"{name} dataset, record {index}: its prompt and longest completion are {int(lengths[index])} tokens, more "
+        f"than the model's max_position_embeddings={max_positions} (learned positions fail with an IndexError during "
+        f"training, rotary ones run past what the model was trained on), and {setting}; set max_length to "
+        f"{max_positions} or less (it truncates each prompt + completion, keeping the start)"
+    )
+
+
 def _drop_derived_columns(dataset: Dataset, name: str) -> Dataset:
     """`dataset` without the token-id columns an earlier preparation left beside the text (logged): the text is
     re-tokenized with this tokenizer, which the old ids may not come from."""
@@ -221,6 +258,7 @@ def prepare_ranked_dataset(
     prompt_key: str = "prompt",
     completion_text_key: str | None = None,
     completion_score_key: str | None = None,
+    max_positions: int | None = None,
 ) -> Dataset:
     """Validate, order, tokenize and truncate a ranked or pairwise dataset; log what was dropped, cut or tied.
 
@@ -231,8 +269,8 @@ def prepare_ranked_dataset(
     `prompt_ids` and `completion_ids` and no text) are returned unchanged once every id is checked to lie in the
     tokenizer's vocabulary; a dataset with both text and ids is re-tokenized from the text (logged), since its ids
     may come from another tokenizer. Copies of a completion with equal scores are dropped (logged). Raises a
-    ValueError for a bad record (naming its index and field), an empty dataset, or one with no list left after
-    dropping.
+    ValueError for a bad record (naming its index and field), an empty dataset, one with no list left after
+    dropping, or (given the model's `max_positions`) a list longer than the model's positions after truncation.
     """
     if not isinstance(dataset, Dataset):
         raise TypeError(f"K-way trainers need a map-style `datasets.Dataset`, got {type(dataset).__name__}")
@@ -258,6 +296,7 @@ def prepare_ranked_dataset(
         _tokenize_record, with_indices=True, fn_kwargs={"tokenizer": tokenizer},
         remove_columns=["prompt", "completions"], num_proc=num_proc, desc=f"Tokenizing {name} dataset",
     )
+    check_fits_positions(dataset, max_length, max_positions, name)
     if max_length is None:
         return dataset
     dataset = _drop_lists_without_room(dataset, max_length, num_proc, name)

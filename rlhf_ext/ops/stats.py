@@ -54,8 +54,12 @@ def masked_whiten(
     `functools.partial(accelerator.reduce, reduction="sum")`): mean and variance are then those of the real
     positions of every process together, so N processes whiten their shares of a batch exactly as one process
     whitens the whole batch. Every process must call it (it is a collective), even one without a real position.
+    With fewer than 2 real positions (over all processes) there is no spread to divide by: `x` comes back
+    unchanged at the real positions, on one process as on several.
     """
     if reduce is None:
+        if mask.bool().sum() < 2:
+            return torch.where(mask.bool(), x, torch.zeros_like(x))
         mean, var = masked_mean(x, mask), masked_var(x, mask)
     else:
         mean, var = masked_mean_var_over_processes(x, mask, reduce)

@@ -16,6 +16,7 @@ from ..data.prepare import check_not_empty
 from ..data.ranked import check_field_mapping
 from .config_checks import COMMON_RULES, COUNT, check_fields, warn_if_warmup_outlasts_run
 from .hub_token import NoStoredHubToken
+from .position_limits import model_max_positions
 
 TIE_POLICY_HELP = (
     "How tied 'scores' are handled. 'truncate': keep the ranking only up to the first tie (the loss is the exact "
@@ -106,14 +107,22 @@ def ranked_trainer_setup(model, args, config_class, run_suffix: str, processing_
     return args, processing_class, data_collator
 
 
-def prepare_ranked_for_trainer(dataset, processing_class, args, dataset_name: str):
+def positions_of(model, args) -> int | None:
+    """The model's position limit (max_position_embeddings), read before the TRL parent loads the model and
+    prepares the datasets: a path's config only, or a loaded model's config."""
+    return model_max_positions(model, args.trust_remote_code, (args.model_init_kwargs or {}).get("revision"))
+
+
+def prepare_ranked_for_trainer(dataset, processing_class, args, dataset_name: str, max_positions: int | None = None):
     """`prepare_ranked_dataset` with a K-way config's settings; the main process runs it first and the others
-    read its cache, as TRL's trainers prepare their datasets."""
+    read its cache, as TRL's trainers prepare their datasets. With the model's `max_positions`, a list longer than
+    the positions after truncation is refused (see `rlhf_ext.trainers.position_limits`)."""
     with global_then_local_main_first():
         return prepare_ranked_dataset(
             dataset, processing_class, max_length=args.max_length, tie_policy=args.tie_policy,
             num_proc=args.dataset_num_proc, name=dataset_name, prompt_key=args.prompt_key,
             completion_text_key=args.completion_text_key, completion_score_key=args.completion_score_key,
+            max_positions=max_positions,
         )
 
 

@@ -37,6 +37,7 @@ from .kway_common import (
     RankedDataArguments,
     best_and_rest_mean,
     gather_lists,
+    positions_of,
     prepare_ranked_for_trainer,
     ranked_trainer_setup,
     ranking_depth,
@@ -110,6 +111,7 @@ class PlackettLuceDPOTrainer(FaultTolerantMixin, DPOTrainer):
         args, processing_class, data_collator = ranked_trainer_setup(
             model, args, PlackettLuceDPOConfig, "PL-DPO", processing_class, data_collator, train_dataset, eval_dataset
         )
+        self._max_positions = positions_of(model, args)  # the datasets are checked against it as they are prepared
         super().__init__(model, ref_model=ref_model, args=args, data_collator=data_collator,
                          train_dataset=train_dataset, eval_dataset=eval_dataset, processing_class=processing_class,
                          **kwargs)
@@ -120,7 +122,7 @@ class PlackettLuceDPOTrainer(FaultTolerantMixin, DPOTrainer):
     # Replaces DPOTrainer._prepare_dataset: ranked records are validated, ordered best first and tokenized into
     # one prompt and K completions, with TRL's tokenization; truncation to max_length happens (and is counted) here.
     def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
-        return prepare_ranked_for_trainer(dataset, processing_class, args, dataset_name)
+        return prepare_ranked_for_trainer(dataset, processing_class, args, dataset_name, self._max_positions)
 
     def _set_signature_columns_if_needed(self):
         if self._signature_columns is None:

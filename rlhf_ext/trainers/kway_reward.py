@@ -29,6 +29,7 @@ from .fault_tolerance import FaultTolerantMixin
 from .kway_common import (
     RankedDataArguments,
     gather_lists,
+    positions_of,
     prepare_ranked_for_trainer,
     ranked_trainer_setup,
     ranking_depth,
@@ -77,6 +78,7 @@ class PlackettLuceRewardTrainer(FaultTolerantMixin, RewardTrainer):
             model, args, PlackettLuceRewardConfig, "PL-Reward", processing_class, data_collator, train_dataset,
             eval_dataset,
         )
+        self._max_positions = positions_of(model, args)  # the datasets are checked against it as they are prepared
         peft_config = kwargs.get("peft_config")
         if peft_config is not None and peft_config.task_type != "SEQ_CLS":
             # A reward model is a sequence classifier, and peft trains and saves the score head beside the adapter
@@ -95,7 +97,7 @@ class PlackettLuceRewardTrainer(FaultTolerantMixin, RewardTrainer):
         if "margin" in getattr(dataset, "column_names", []):
             raise ValueError(f"{dataset_name} dataset: the 'margin' column of TRL's pairwise format is not supported "
                              "by the K-way loss; remove it")
-        return prepare_ranked_for_trainer(dataset, processing_class, args, dataset_name)
+        return prepare_ranked_for_trainer(dataset, processing_class, args, dataset_name, self._max_positions)
 
     def _set_signature_columns_if_needed(self):
         if self._signature_columns is None:

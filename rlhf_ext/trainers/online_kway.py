@@ -50,6 +50,7 @@ from dataclasses import dataclass, field
 
 import torch
 from accelerate.utils import is_peft_model
+from datasets import Dataset
 from torch import nn
 from transformers import AutoModelForCausalLM, PreTrainedModel
 from trl import GRPOConfig, GRPOTrainer
@@ -70,6 +71,7 @@ from .config_checks import (
 from .hub_token import NoStoredHubToken
 from .fault_tolerance import FaultTolerantMixin
 from .kway_common import TOP_M_HELP, ranking_stats
+from .position_limits import check_prompts_leave_room, max_positions
 from .ppo_trainer import (
     PPOTrainer,
     SharedBaseReward,
@@ -263,6 +265,9 @@ class OnlinePlackettLuceTrainer(FaultTolerantMixin, GRPOTrainer):
     _local_scores = PPOTrainer._local_scores
     _reference_logprobs = PPOTrainer._reference_logprobs
     _saving_only_the_policy_adapter = PPOTrainer._saving_only_the_policy_adapter
+    # prompts tokenized as generation will tokenize them, for the check that they leave room for the completion
+    _prompt_lengths = PPOTrainer._prompt_lengths
+    _prompts_known_upfront = PPOTrainer._prompts_known_upfront
 
     def __init__(
         self,
@@ -314,6 +319,19 @@ class OnlinePlackettLuceTrainer(FaultTolerantMixin, GRPOTrainer):
                 self.reward_funcs, self.reward_processing_classes, self.reward_func_names, strict=True
             )
         ]
+        self._check_prompts_leave_room()
+
+    def _check_prompts_leave_room(self) -> None:
+        """Refuse, before training, prompts that with max_completion_length tokens pass the model's positions
+        (`rlhf_ext.trainers.position_limits`); datasets whose prompts are only known at rollout time are skipped."""
+        evals = self.eval_dataset if isinstance(self.eval_dataset, dict) else {"eval": self.eval_dataset}
+        limit = max_positions(self.accelerator.unwrap_model(self.model).config)
+        for split, dataset in {"train": self.train_dataset, **evals}.items():
+            known = isinstance(dataset, Dataset) and "prompt" in dataset.column_names
+            if known and self._prompts_known_upfront(dataset):
+                lengths = list(enumerate(self._prompt_lengths(dataset, split)))
+                fix = "shorten or filter the prompts longer than {prompt_room} tokens."
+                check_prompts_leave_room(lengths, self.max_completion_length, limit, split, fix)
 
     # ---------------------------------------------------------------- rollout: rewards, reference, ranking
 

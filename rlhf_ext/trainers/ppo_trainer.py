@@ -62,6 +62,7 @@ from ..ops import (
     token_rewards,
 )
 from .fault_tolerance import FaultTolerantMixin
+from .position_limits import check_prompts_leave_room, max_positions
 from .ppo_config import PPOConfig
 from .sampling import epoch_seeded
 
@@ -73,6 +74,8 @@ POLICY_ADAPTER = "policy"
 # Prompts tokenized per call by the up-front length check: large enough to amortise the tokenizer call, small
 # enough that a huge dataset never sits in memory as token ids.
 PROMPT_CHECK_BATCH = 1024
+# What else to change when the longest prompt + max_completion_length passes the model's positions.
+PROMPT_ROOM_FIX = "set max_prompt_length to {prompt_room} or less, with long_prompts='drop' to skip longer prompts."
 
 
 def token_values(value_model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
@@ -473,6 +476,10 @@ class PPOTrainer(FaultTolerantMixin, GRPOTrainer):
                 )
         return (prompt_ids, *rest)
 
+    def _position_limit(self) -> int | None:
+        """The policy's max_position_embeddings (None if its config sets none)."""
+        return max_positions(self.accelerator.unwrap_model(self.model).config)
+
     def _max_prompt_length(self) -> int:
         if self.args.max_prompt_length is not None:
             return self.args.max_prompt_length
@@ -495,6 +502,8 @@ class PPOTrainer(FaultTolerantMixin, GRPOTrainer):
             return dataset
         limit = self._max_prompt_length()
         lengths = self._prompt_lengths(dataset, split)
+        kept = [(i, n) for i, n in enumerate(lengths) if n <= limit]  # longer ones are refused or dropped below
+        check_prompts_leave_room(kept, self.max_completion_length, self._position_limit(), split, PROMPT_ROOM_FIX)
         too_long = [i for i, n in enumerate(lengths) if n > limit]
         if not too_long:
             return dataset
@@ -684,6 +693,8 @@ class PPOTrainer(FaultTolerantMixin, GRPOTrainer):
         learn_mask = mask & scored[:, None]
         across_processes = args.whiten_across_processes and self.accelerator.num_processes > 1
         reduce = self._sum_over_processes if across_processes else None
+        if args.whiten_rewards or args.whiten_advantages:
+            self._log_whitening_skipped(learn_mask, reduce)
         per_token = rewards.rewards
         if args.whiten_rewards:
             # No mean shift: it would move reward from the last token onto every token (TRL's PPO did the same).
@@ -702,6 +713,19 @@ class PPOTrainer(FaultTolerantMixin, GRPOTrainer):
             "monte_carlo_returns": monte_carlo_returns,
             "token_rewards": rewards,
         }
+
+    def _log_whitening_skipped(self, learn_mask: torch.Tensor, reduce) -> None:
+        """Warn and log `objective/whitening_skipped` = 1 when the batch has fewer than 2 real tokens to whiten over
+        (`masked_whiten` then leaves the values as they are), else 0; `reduce` counts over processes."""
+        count = learn_mask.sum() if reduce is None else reduce(learn_mask.sum())
+        skipped = int(count) < 2
+        if skipped:
+            logger.warning(
+                "PPO rollout with %d real completion token(s): whitening needs 2 or more, so rewards/advantages are "
+                "not whitened for this batch (objective/whitening_skipped)", int(count),
+            )  # fmt: skip
+        mode = "train" if self.model.training else "eval"
+        self._metrics[mode]["objective/whitening_skipped"].append(float(skipped))
 
     def _sum_over_processes(self, x: torch.Tensor) -> torch.Tensor:
         return self.accelerator.reduce(x, reduction="sum")
