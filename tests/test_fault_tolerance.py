@@ -159,11 +159,11 @@ FULL_DISK_ERRORS = {
 }
 
 
-@pytest.mark.parametrize("kind", KINDS)
-@pytest.mark.parametrize("error", list(FULL_DISK_ERRORS))
+# torch's form for every trainer, the OSError form (safetensors, plain files) for two
+@pytest.mark.parametrize(
+    ("error", "kind"), [("torch", kind) for kind in KINDS] + [("errno", "ppo"), ("errno", "kway_dpo")]
+)
 def test_a_full_disk_leaves_no_partial_checkpoint_and_says_so(tmp_path, monkeypatch, kind, error):
-    if error == "errno" and kind not in ("kway_dpo", "ppo"):
-        pytest.skip("one error form is enough for the other trainers")
     out = tmp_path / "out"
     trainer = build(kind, out, save_strategy="steps", save_steps=2)
     save_rng_state = trainer._save_rng_state
@@ -328,3 +328,57 @@ def test_a_new_run_into_an_output_dir_with_checkpoints_warns(tmp_path):
     build("kway_dpo", out, max_steps=2, save_strategy="steps", save_steps=2).train()
     with pytest.warns(CheckpointWarning, match=r"(?s)already holds checkpoints.*checkpoint-2.*resume_from_checkpoint"):
         build("kway_dpo", out, max_steps=1).train()
+
+
+class ForeignCheckpoint(TrainerCallback):
+    """At the end of step 1, a checkpoint of another run appears in output_dir, as a second run would write it."""
+
+    def on_save(self, args, state, control, **kwargs):
+        if state.global_step == 1:
+            foreign = Path(args.output_dir) / "checkpoint-9"
+            shutil.copytree(Path(args.output_dir) / "checkpoint-1", foreign)
+            run = json.loads((foreign / RUN_FILE).read_text())
+            (foreign / RUN_FILE).write_text(json.dumps({**run, "run_id": "another run"}))
+            trainer_state = json.loads((foreign / "trainer_state.json").read_text())
+            (foreign / "trainer_state.json").write_text(json.dumps({**trainer_state, "global_step": 9}))
+
+
+def test_a_second_run_writing_into_the_same_output_dir_meanwhile_warns(tmp_path):
+    out = tmp_path / "out"
+    trainer = build("kway_dpo", out, max_steps=2, save_strategy="steps", save_steps=1, callbacks=[ForeignCheckpoint()])
+    with pytest.warns(CheckpointWarning, match=r"(?s)Another run is writing checkpoints.*checkpoint-9"):
+        trainer.train()
+    first = json.loads((out / "checkpoint-1" / RUN_FILE).read_text())["run_id"]
+    assert json.loads((out / "checkpoint-2" / RUN_FILE).read_text())["run_id"] == first
+
+
+def test_a_resumed_run_keeps_its_run_id(tmp_path, recwarn):
+    out = tmp_path / "out"
+    build("kway_dpo", out, max_steps=2, save_strategy="steps", save_steps=2).train()
+    build("kway_dpo", out, save_strategy="steps", save_steps=2).train(resume_from_checkpoint=True)
+    ids = {json.loads((out / f"checkpoint-{s}" / RUN_FILE).read_text())["run_id"] for s in (2, 4)}
+    assert len(ids) == 1
+    assert not [w for w in recwarn if issubclass(w.category, CheckpointWarning)]
+
+
+@pytest.mark.parametrize("presses", [1, 2])
+def test_ctrl_c_with_python_s_default_handler(tmp_path, presses):
+    """One Ctrl-C: the step ends, is saved, and KeyboardInterrupt leaves train(). Two: it stops at once, unsaved."""
+    out = tmp_path / "out"
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        trainer = build("kway_dpo", out, callbacks=[Signal(3, signal.SIGINT) for _ in range(presses)])
+        with pytest.raises(KeyboardInterrupt):
+            trainer.train()
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    assert checkpoints(out) == (["checkpoint-3"] if presses == 1 else [])
+
+
+def test_resume_from_an_incomplete_folder_names_the_intact_ones(tmp_path):
+    out = tmp_path / "out"
+    build("kway_dpo", out, max_steps=2, save_strategy="steps", save_steps=2).train()
+    make_partial(out, "checkpoint-2", 4)
+    with pytest.raises(ValueError, match=r"(?s)checkpoint-4.*no trainer_state.json.*Intact checkpoints.*checkpoint-2"):
+        build("kway_dpo", out).train(resume_from_checkpoint=str(out / "checkpoint-4"))

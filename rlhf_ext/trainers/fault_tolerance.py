@@ -31,6 +31,8 @@ import re
 import shutil
 import signal
 import threading
+import time
+import uuid
 import warnings
 from pathlib import Path
 
@@ -260,9 +262,19 @@ def dataset_fingerprint(dataset, samples: int = 64) -> dict | None:
                    | set(np.linspace(0, length - 1, num=min(samples, length), dtype=int).tolist()))  # fmt: skip
     digest = hashlib.sha256()
     for index in picks:
-        digest.update(json.dumps(dataset[index], sort_keys=True, default=repr).encode())
+        digest.update(json.dumps(dataset[index], sort_keys=True, default=_record_value).encode())
     columns = getattr(dataset, "column_names", None)
     return {"records": length, "columns": columns, "sha256": digest.hexdigest()}
+
+
+def _record_value(value):
+    """A JSON stand-in for a record value json cannot write: arrays and tensors by content, images by their bytes;
+    never a repr, which may hold a memory address that changes every run."""
+    if hasattr(value, "tolist"):
+        return value.tolist()
+    if hasattr(value, "tobytes"):
+        return hashlib.sha256(value.tobytes()).hexdigest()
+    return type(value).__name__
 
 
 def run_fingerprint(trainer) -> dict:
@@ -446,6 +458,9 @@ class FaultTolerantMixin:
         """
         resume = self._resolve_resume(resume_from_checkpoint)
         self._fingerprint = run_fingerprint(self)
+        # The run's identity: kept across resumes, so that checkpoints written by another run are recognised.
+        self._fingerprint["run_id"] = uuid.uuid4().hex
+        self._train_started, self._other_writers = time.time(), set()
         self._check_before_training(resume)
         watch = self._step_watch()
         previous = {}
@@ -479,7 +494,9 @@ class FaultTolerantMixin:
         if resume is not None:
             saved = Path(resume) / RUN_FILE
             if saved.is_file():
-                check_resume_fingerprint(json.loads(saved.read_text()), self._fingerprint, resume)
+                saved = json.loads(saved.read_text())
+                check_resume_fingerprint(saved, self._fingerprint, resume)
+                self._fingerprint["run_id"] = saved.get("run_id", self._fingerprint["run_id"])
             else:
                 logger.info("%s has no %s (saved by older code): settings and data not compared.", resume, RUN_FILE)
             return
@@ -564,8 +581,23 @@ class FaultTolerantMixin:
             logger.error("Training %s, and saving the state after step %d failed too: %s", what, step, save_error)
             return
         path = os.path.join(self._get_output_dir(trial), f"{PREFIX_CHECKPOINT_DIR}-{step}")
-        logger.error("Training %s in step %d. Saved the state after step %d, the last completed, to %s: %s",
-                     what, step + 1, step, path, resume_hint(path))  # fmt: skip
+        when = f"during step {step + 1}" if watch.phase == "step" else f"after step {step}"
+        logger.error("Training %s %s. Saved the state after step %d, the last completed, to %s: %s%s",
+                     what, when, step, path, resume_hint(path), self._mid_rollout_note())  # fmt: skip
+
+    def _mid_rollout_note(self) -> str:
+        """For TRL's GRPO-based trainers: a checkpoint inside a rollout's update cycle resumes on a fresh rollout."""
+        every = getattr(self.args, "steps_per_generation", None) and self.args.steps_per_generation * getattr(
+            self, "num_iterations", 1
+        )
+        if not every or every <= 1 or self.state.global_step % every == 0:
+            return ""
+        # GRPOTrainer does not save its buffered rollout; on resume it generates a new one (as for any checkpoint
+        # saved at such a step), so the resumed run continues correctly but not identically to an unbroken one.
+        return (
+            f" Step {self.state.global_step} is inside a rollout's {every} update steps: the resumed run "
+            "generates a new rollout there, so it will not repeat the unbroken run exactly."
+        )
 
     def _after_signal(self, trial, watch: StepWatch, previous: dict) -> None:
         """After training stopped for a signal: make sure the last step is saved, then hand the signal on."""
@@ -630,9 +662,34 @@ class FaultTolerantMixin:
             os.rmdir(staging)
             keep = {final, self.state.best_model_checkpoint}
             rotate_complete_checkpoints(run_dir, self.args.save_total_limit, keep)
+            self._warn_if_another_run_writes(run_dir)
         self.accelerator.wait_for_everyone()
         if self._deferred_push:
             super()._push_from_checkpoint(final)
+
+    def _warn_if_another_run_writes(self, run_dir: str) -> None:
+        """Warn once per run when checkpoints of another run appear in `run_dir` while this one trains.
+
+        Two runs started together into one output_dir each see it empty at the start; their checkpoints interleave,
+        rotation deletes each other's, and "resume from the latest" may pick the other run's.
+        """
+        own = getattr(self, "_fingerprint", {}).get("run_id")
+        started = getattr(self, "_train_started", None)
+        if own is None or started is None:
+            return
+        for folder in scan_checkpoints(run_dir)[0]:
+            try:
+                other = json.loads((folder / RUN_FILE).read_text()).get("run_id")
+            except (OSError, ValueError):
+                continue
+            if other and other != own and other not in self._other_writers and folder.stat().st_mtime >= started:
+                self._other_writers.add(other)
+                warnings.warn(
+                    f"Another run is writing checkpoints into {run_dir} while this one trains ({folder.name} is "
+                    "not this run's): their checkpoints replace each other's, save_total_limit deletes them, and "
+                    "resume_from_checkpoint=True may pick the wrong run's. Give each run its own output_dir.",
+                    CheckpointWarning, stacklevel=2,
+                )  # fmt: skip
 
     def _finish_staged(self, run_dir: str, staged: str) -> None:
         """Point best_model_checkpoint at the final folder and write the run's fingerprint, before the rename."""
