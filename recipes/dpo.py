@@ -13,6 +13,7 @@ weight). In-process: `main(script_args, training_args, model_args)`.
 from trl import ScriptArguments, get_peft_config, get_quantization_config
 
 from rlhf_ext.data import load_dataset_or_file
+from rlhf_ext.publish import hold_back_push
 from rlhf_ext.recipe_utils import (
     LoraModelConfig,
     check_model_path,
@@ -53,6 +54,7 @@ def main(script_args: ScriptArguments, training_args: PlackettLuceDPOConfig, mod
     training_args.model_init_kwargs = model_init_kwargs(model_args, training_args)
     name = script_args.dataset_name
     dataset = load_dataset_or_file(name, script_args.dataset_config)
+    push = hold_back_push(training_args)  # pushed once, after the card is written (rlhf_ext.publish)
     trainer = PlackettLuceDPOTrainer(
         model=model_args.model_name_or_path,
         args=training_args,
@@ -61,7 +63,7 @@ def main(script_args: ScriptArguments, training_args: PlackettLuceDPOConfig, mod
         quantization_config=get_quantization_config(model_args),
         peft_config=get_peft_config(model_args),
     )
-    return train_save_push(trainer, training_args, name)
+    return train_save_push(trainer, training_args, name, push=push, kind="dpo", model_args=model_args)
 
 
 def make_parser():

@@ -77,6 +77,7 @@ def main(script_args: OnlineKWayScriptArguments, training_args: OnlinePlackettLu
     shared = SharedBase.from_pretrained(
         model_args.model_name_or_path, model_args, trust_remote_code=training_args.trust_remote_code
     )
+    push = _ppo.hold_back_push(training_args)  # pushed once, at the end, with the policy as the repository root
     trainer = OnlinePlackettLuceTrainer(
         shared,
         reward_funcs=script_args.reward_model_name_or_path,
@@ -85,7 +86,9 @@ def main(script_args: OnlineKWayScriptArguments, training_args: OnlinePlackettLu
         eval_dataset=eval_dataset,
         processing_class=tokenizer,
     )
-    return _ppo.train_save_policy_push(trainer, shared, tokenizer, training_args, script_args.dataset_name)
+    return _ppo.train_save_policy_push(
+        trainer, shared, tokenizer, training_args, script_args, model_args, push, kind="online_kway"
+    )
 
 
 def make_parser(subparsers=None):

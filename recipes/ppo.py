@@ -18,14 +18,17 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from datasets import Dataset
 from transformers import AutoTokenizer
 
 from rlhf_ext.callbacks import AdaptiveKLCallback, CompletionsTableCallback
+from rlhf_ext.cards import CardInfo, trained_card, write_card
 from rlhf_ext.data import load_dataset_or_file
 from rlhf_ext.distributed import whole_weights_on_main_process
 from rlhf_ext.models import SharedBase, SharedBaseArguments
+from rlhf_ext.publish import hold_back_push, push_layout, repo_id_for, training_record
 from rlhf_ext.recipe_utils import (
     check_local_folder,
     check_model_path,
@@ -179,6 +182,7 @@ def main(script_args: PPOScriptArguments, training_args: PPOConfig, model_args: 
     shared = SharedBase.from_pretrained(
         model_args.model_name_or_path, model_args, trust_remote_code=training_args.trust_remote_code
     )
+    push = hold_back_push(training_args)  # pushed once, at the end, with the policy as the repository root
     trainer = PPOTrainer(
         shared,
         reward_funcs=script_args.reward_model_name_or_path,
@@ -192,18 +196,43 @@ def main(script_args: PPOScriptArguments, training_args: PPOConfig, model_args: 
     if script_args.completions_every_n_steps > 0:
         trainer.add_callback(CompletionsTableCallback(trainer, every_n_steps=script_args.completions_every_n_steps))
 
-    return train_save_policy_push(trainer, shared, tokenizer, training_args, script_args.dataset_name)
+    return train_save_policy_push(trainer, shared, tokenizer, training_args, script_args, model_args, push)
 
 
-def train_save_policy_push(trainer, shared: SharedBase, tokenizer, training_args, dataset_name: str | None):
+def train_save_policy_push(trainer, shared: SharedBase, tokenizer, training_args, script_args, model_args,
+                           push: bool = False, kind: str = "ppo"):
     """Train (resuming if asked), save the checkpoint layout (tokenizer, training args, the value role in value/ for
-    PPO) and the policy role in <output_dir>/policy, push if asked; returns the trainer."""
+    PPO), the policy role in <output_dir>/policy and the model cards; then, if asked, push once: the policy folder
+    as the repository root, PPO's value role as value/ (`rlhf_ext.publish`). Returns the trainer."""
     trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
     trainer.save_model(training_args.output_dir)
     save_policy_role(trainer, shared, tokenizer, training_args.output_dir)
-    if training_args.push_to_hub:
-        trainer.push_to_hub(dataset_name=dataset_name)
+    out = Path(training_args.output_dir)
+    cards = role_cards(kind, trainer, training_args, script_args, model_args, push)
+    if trainer.accelerator.is_main_process:
+        for folder, role in (("policy", "policy"), (".", "policy"), ("value", "value")):
+            if role in cards:  # the output folder's own README is PEFT's empty template otherwise
+                write_card(out / folder, cards[role])
+    saved = f"Policy saved to {out / 'policy'}" + (f", value role to {out / 'value'}" if "value" in cards else "")
+    trainer.accelerator.print(saved)
+    if push and trainer.accelerator.is_main_process:
+        layout = {"": out / "policy", **({"value": out / "value"} if "value" in cards else {})}
+        push_layout(layout, training_args, training_record(cards["policy"].hyperparameters, trainer.state.log_history))
+        trainer.accelerator.print(f"Pushed to https://huggingface.co/{repo_id_for(training_args)} (root: policy)")
     return trainer
+
+
+def role_cards(kind: str, trainer, training_args, script_args, model_args, push: bool) -> dict[str, CardInfo]:
+    """The policy's card and, for PPO, the value role's: method, base, prompts, reward, settings, final metrics."""
+    common = dict(
+        base_model=model_args.model_name_or_path, dataset=script_args.dataset_name,
+        reward=model_args.reward_adapter_path or script_args.reward_model_name_or_path,
+        log_history=trainer.state.log_history, repo_id=repo_id_for(training_args) if push else None,
+    )  # fmt: skip
+    cards = {"policy": trained_card(kind, training_args, model_args, **common)}
+    if kind == "ppo" and (Path(training_args.output_dir) / "value").is_dir():
+        cards["value"] = trained_card("value", training_args, model_args, **common)
+    return cards
 
 
 def save_policy_role(trainer, shared: SharedBase, tokenizer, output_dir: str) -> None:

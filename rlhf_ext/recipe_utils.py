@@ -13,7 +13,9 @@ from packaging.version import Version
 from transformers import enable_full_determinism, set_seed
 from trl import ModelConfig, TrlParser
 
+from .cards import CardInfo, list_sizes, trained_card, write_card
 from .data.loading import looks_like_local_path
+from .publish import push_layout, repo_id_for, training_record
 
 # -- the parser ------------------------------------------------------------------------------------------------------
 
@@ -117,14 +119,30 @@ def model_init_kwargs(model_args, training_args) -> dict:
     }
 
 
-def train_save_push(trainer, training_args, dataset_name: str | None):
-    """Train (resuming if asked), save to output_dir, push to the Hub if asked; returns the trainer."""
+def train_save_push(trainer, training_args, dataset_name: str | None, push: bool = False, kind: str | None = None,
+                    model_args=None):
+    """Train (resuming if asked), save to output_dir with a card saying what was trained (`kind` "dpo" or "reward",
+    `model_args` its LoRA settings), then push output_dir once if asked (`push`, from `hold_back_push` before the
+    trainer was built; `rlhf_ext.publish`); returns the trainer."""
     trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
     trainer.save_model(training_args.output_dir)
+    card = kway_card(kind, trainer, training_args, model_args, dataset_name, push) if kind else None
+    if card is not None and trainer.accelerator.is_main_process:
+        write_card(training_args.output_dir, card)  # over PEFT's empty template
     trainer.accelerator.print(f"Model saved to {training_args.output_dir}")
-    if training_args.push_to_hub:
-        trainer.push_to_hub(dataset_name=dataset_name)
-        trainer.accelerator.print(f"Model pushed to https://huggingface.co/{trainer.hub_model_id}")
+    if push and trainer.accelerator.is_main_process:
+        record = training_record(card.hyperparameters if card else {}, trainer.state.log_history)
+        push_layout({"": Path(training_args.output_dir)}, training_args, record)
+        trainer.accelerator.print(f"Model pushed to https://huggingface.co/{repo_id_for(training_args)}")
     if Version(transformers.__version__) >= Version("5.18.0"):
         trainer.end()  # finish the trackers and the process group
     return trainer
+
+
+def kway_card(kind: str, trainer, training_args, model_args, dataset_name: str | None, push: bool) -> CardInfo:
+    """The card of a K-way DPO or reward output: K from the prepared lists, final metrics from the log history."""
+    return trained_card(
+        kind, training_args, model_args, base_model=model_args.model_name_or_path, dataset=dataset_name,
+        log_history=trainer.state.log_history, k=list_sizes(trainer.train_dataset),
+        repo_id=repo_id_for(training_args) if push else None, peft=bool(getattr(model_args, "use_peft", True)),
+    )  # fmt: skip

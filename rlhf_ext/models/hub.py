@@ -13,6 +13,8 @@ from pathlib import Path
 
 from huggingface_hub import HfApi, ModelCard, ModelCardData
 
+from ..cards import hub_id, public_name
+
 LIBRARY_TAGS = ["rlhf_ext", "trl", "rlhf", "ppo"]
 ROLE_DESCRIPTIONS = {
     "policy": "the PPO policy (actor): a LoRA adapter whose logits come from the base model's LM head",
@@ -28,7 +30,7 @@ def model_card(base_model: str | None, role: str, merged: bool = False) -> str:
     if merged and role != "policy":
         raise ValueError("Only the policy is exported merged; value and reward need their head folder.")
     data = ModelCardData(
-        base_model=base_model,
+        base_model=hub_id(base_model),  # a local base: never its path (the Hub links this field)
         library_name="transformers" if merged else "peft",
         tags=[*LIBRARY_TAGS, role, *([] if merged else ["lora"])],
         pipeline_tag="text-generation" if role == "policy" else None,
@@ -42,7 +44,7 @@ def model_card(base_model: str | None, role: str, merged: bool = False) -> str:
     body = (
         f"# {role.capitalize()} trained with rlhf_ext\n\n"
         f"This repository holds {ROLE_DESCRIPTIONS[role]}, {form}.\n\n"
-        f"- **Base model:** {base_model or 'unknown'}\n"
+        f"- **Base model:** {public_name(base_model) or 'unknown'}\n"
         "- **Method:** PPO with one shared base: policy and value are LoRA adapters of the same base, the reward "
         "model is a frozen LoRA adapter with a score head, the reference is the base with adapters disabled.\n"
         f"- **Load with:** `{loading}`\n"
