@@ -7,8 +7,8 @@ the judge, and the base itself as the reference (docs/kway.md, "Online K-way DPO
 Every field of `OnlineKWayScriptArguments`, `OnlinePlackettLuceConfig` and `SharedBaseArguments` is a CLI flag and a
 YAML key; flags override the YAML. The reward is the reward role (`--reward_adapter_path`, the folder the K-way reward
 recipe writes) or a sequence-classification model (`--reward_model_name_or_path`), never both. The shared base's value
-adapter is built but unused and frozen. Writes `<output_dir>/policy` (peft adapter folder + tokenizer) and pushes
-`<output_dir>` to the Hub with `--push_to_hub`.
+adapter is built but unused and frozen. Writes `<output_dir>/policy` (peft adapter folder + tokenizer + card);
+`--push_to_hub` uploads it once, at the end, as the repository root, with `training/` (see `rlhf_ext.publish`).
 """  # noqa: E501 (a shell command in the docstring; wrapping it would break copy-paste)
 
 from __future__ import annotations

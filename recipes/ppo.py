@@ -10,8 +10,9 @@ reward recipe writes to its --output_dir) or a sequence-classification model (`-
 never both. The shared base always trains LoRA adapters: `--use_peft` is accepted (as in the DPO and reward
 recipes, where it is the default too) and `--use_peft false` is refused.
 
-Writes `<output_dir>/policy` (peft adapter folder + tokenizer) and `<output_dir>/value` (adapter + head folder),
-and pushes `<output_dir>` to the Hub with `--push_to_hub`.
+Writes `<output_dir>/policy` (peft adapter folder + tokenizer + card) and `<output_dir>/value` (adapter + head folder
++ card). `--push_to_hub` uploads once, at the end: `policy/` as the repository root (AutoPeftModelForCausalLM loads
+it), `value/` beside it, and `training/` (hyperparameters, log history); see `rlhf_ext.publish`.
 """  # noqa: E501 (a shell command in the docstring; wrapping it would break copy-paste)
 
 from __future__ import annotations
@@ -132,9 +133,14 @@ def load_prompts(args: PPOScriptArguments, training_args: PPOConfig) -> tuple[Da
 
 
 def prompt_column(dataset: Dataset, column: str, dataset_name: str) -> Dataset:
-    """`dataset` with its prompt column named 'prompt', as the trainer expects; a clear error if it has none."""
+    """`dataset` reduced to its prompt column, named 'prompt' as the trainer expects; a clear error if it has none.
+
+    Other columns are dropped: TRL hands every column to the reward functions as keyword arguments, and a ranked
+    dataset's own `completions` would collide with the sampled ones (the reward here reads only prompt + completion).
+    """
     if column not in dataset.column_names:
         raise ValueError(f"{dataset_name} has no column {column!r} (--prompt_column); columns: {dataset.column_names}.")
+    dataset = dataset.select_columns([column])
     return dataset.rename_column(column, "prompt") if column != "prompt" else dataset
 
 

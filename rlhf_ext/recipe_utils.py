@@ -5,16 +5,18 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import transformers
+import yaml
 from packaging.version import Version
 from transformers import enable_full_determinism, set_seed
 from trl import ModelConfig, TrlParser
 
 from .cards import CardInfo, list_sizes, trained_card, write_card
-from .data.loading import looks_like_local_path
+from .data.loading import LOCAL_FORMATS, looks_like_local_path
 from .publish import push_layout, repo_id_for, training_record
 
 # -- the parser ------------------------------------------------------------------------------------------------------
@@ -31,7 +33,42 @@ def recipe_parser(dataclass_types, usage: str, description: str, subparsers=None
     kwargs = dict(usage=usage, description=description, formatter_class=_UsageFirstFormatter)
     if subparsers is not None:
         return subparsers.add_parser(name, help=description.splitlines()[0], dataclass_types=dataclass_types, **kwargs)
-    return TrlParser(dataclass_types, **kwargs)
+    return RecipeParser(dataclass_types, **kwargs)
+
+
+# Keys a YAML config may give as local paths of data that must exist before anything is loaded
+YAML_DATA_KEYS = ("dataset_name",)
+
+
+class RecipeParser(TrlParser):
+    """TrlParser whose error for a missing local data path says that the path came from the YAML config (the key and
+    the file): a path nobody typed on the command line is otherwise a puzzle."""
+
+    def parse_args_and_config(self, args=None, *rest, **kwargs):
+        argv = list(args) if args is not None else sys.argv[1:]
+        parsed = super().parse_args_and_config(argv, *rest, **kwargs)
+        check_yaml_data_paths(argv)
+        return parsed
+
+
+def check_yaml_data_paths(argv: list[str]) -> None:
+    """FileNotFoundError naming the key and the config file when a YAML key of `YAML_DATA_KEYS`, not overridden on
+    the command line, names a local file or folder that does not exist (relative paths: from the current folder)."""
+    if "--config" not in argv:
+        return
+    config_path = argv[argv.index("--config") + 1]
+    config = yaml.safe_load(Path(config_path).read_text()) or {}
+    given = {arg[2:].split("=", 1)[0].replace("-", "_") for arg in argv if arg.startswith("--")}
+    for key in YAML_DATA_KEYS:
+        value = config.get(key)
+        if key in given or not isinstance(value, str):
+            continue
+        is_file_name = Path(value).suffix.lower() in LOCAL_FORMATS
+        if (is_file_name or looks_like_local_path(value)) and not Path(value).expanduser().exists():
+            raise FileNotFoundError(
+                f"{key}: {value} (from {config_path}) does not exist; relative paths are read from the current "
+                f"folder, {os.getcwd()}. Run from the repository root, or give --{key} on the command line."
+            )
 
 
 @dataclass

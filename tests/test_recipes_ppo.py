@@ -174,5 +174,5 @@ def test_ppo_yaml_points_at_the_folder_the_reward_recipe_writes():
     # the reward recipe writes the role folder as its --output_dir itself (no value/ or reward/ below it)
     header = (ROOT / "recipes" / "configs" / "ppo.yaml").read_text()
     reward_path = re.search(r"--reward_adapter_path (\S+)", header).group(1)
-    reward_command = (ROOT / "docs" / "kway.md").read_text().split("recipes/reward.py", 1)[1]
-    assert reward_path == re.search(r"--output_dir (\S+)", reward_command).group(1) == "out/reward"
+    reward_yaml = (ROOT / "recipes" / "configs" / "reward.yaml").read_text()
+    assert reward_path == re.search(r"^output_dir: (\S+)", reward_yaml, re.M).group(1) == "out/reward"
