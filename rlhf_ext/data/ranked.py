@@ -75,14 +75,21 @@ def _check_message(message: Any, where: str) -> None:
     """A chat message is a dict with a known string 'role' and a string 'content' (None only beside 'tool_calls')."""
     if not isinstance(message, dict) or not isinstance(message.get("role"), str):
         raise ValueError(f"{where}: a message must be a dict with a 'role' and a 'content', got {_describe(message)}")
-    role = message["role"]
-    if role not in KNOWN_ROLES:
-        fix = _ROLE_FIXES.get(role.strip().lower(), role.strip().lower())
-        hint = f"; use {fix!r}" if fix in KNOWN_ROLES else ""
-        raise ValueError(f"{where}['role']: unknown role {role!r} (chat templates know {list(KNOWN_ROLES)}){hint}")
+    problem = role_problem(message["role"])
+    if problem:
+        raise ValueError(f"{where}['role']: {problem}")
     content = message.get("content")
     if not isinstance(content, str) and not (content is None and message.get("tool_calls")):
         raise ValueError(f"{where}['content']: must be a string, got {_describe(content)}")
+
+
+def role_problem(role: str) -> str | None:
+    """What is wrong with a chat message's role, with the role to use when one fits; None for a known role."""
+    if role in KNOWN_ROLES:
+        return None
+    fix = _ROLE_FIXES.get(role.strip().lower(), role.strip().lower())
+    hint = f"; use {fix!r}" if fix in KNOWN_ROLES else ""
+    return f"unknown role {role!r} (chat templates know {list(KNOWN_ROLES)}){hint}"
 
 
 def _has_text(value: str | list[dict]) -> bool:

@@ -76,6 +76,7 @@ from .ppo_trainer import (
     PPOTrainer,
     SharedBaseReward,
     SharedBaseVLLMGeneration,
+    check_eos_token,
     check_reward_batch,
     checked_reward_function,
     scored_as_trained,
@@ -319,6 +320,7 @@ class OnlinePlackettLuceTrainer(FaultTolerantMixin, GRPOTrainer):
                 self.reward_funcs, self.reward_processing_classes, self.reward_func_names, strict=True
             )
         ]
+        check_eos_token(self.processing_class)
         self._check_prompts_leave_room()
 
     def _check_prompts_leave_room(self) -> None:

@@ -44,6 +44,7 @@ from trl.data_utils import apply_chat_template, is_conversational
 from trl.generation.vllm_generation import VLLMGeneration
 from trl.trainer.utils import add_fused_lm_head, disable_dropout_in_model, is_async_callable
 
+from ..data.ranked import role_problem
 from ..distributed import (
     check_engine_supports,
     fill_full_parameter,
@@ -378,6 +379,7 @@ class PPOTrainer(FaultTolerantMixin, GRPOTrainer):
                 self.reward_funcs, self.reward_processing_classes, self.reward_func_names, strict=True
             )
         ]
+        check_eos_token(self.processing_class)
         self.train_dataset = self._checked_prompts(self.train_dataset, "train")
         if isinstance(self.eval_dataset, Mapping):
             self.eval_dataset = {key: self._checked_prompts(d, f"eval {key}") for key, d in self.eval_dataset.items()}
@@ -1015,6 +1017,20 @@ def check_prompt(prompt, split: str, index: int) -> None:
             raise ValueError(
                 f"{where}, message {turn}: a chat message needs a 'role' (text) and a 'content', got {message!r:.100}."
             )
+        if role_problem(message["role"]):  # the chat template would render it as a literal turn, or fail
+            raise ValueError(f"{where}, message {turn}: {role_problem(message['role'])}.")
+
+
+def check_eos_token(processing_class) -> None:
+    """ValueError unless the tokenizer has an EOS token: sampling stops at it (transformers' generation fails on
+    None at the first step) and a plain-text completion's reward text ends with it."""
+    tokenizer = getattr(processing_class, "tokenizer", processing_class)  # a processor holds its tokenizer
+    if tokenizer is not None and getattr(tokenizer, "eos_token_id", None) is None:
+        raise ValueError(
+            "The tokenizer (processing_class) has no eos_token: sampling stops at the EOS token and the reward reads "
+            "plain-text completions ending with it, so generation would fail at the first step. Set "
+            "tokenizer.eos_token to the token that ends your model's answers."
+        )
 
 
 def checked_reward_function(func, name: str):
