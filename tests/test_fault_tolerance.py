@@ -143,6 +143,15 @@ def test_resume_latest_skips_an_interrupted_checkpoint(tmp_path, kind, rlhf_logs
     assert is_complete(out / "checkpoint-4")  # the partial folder was replaced by the complete one
 
 
+def test_the_recipes_resume_from_the_latest_with_the_word_latest(tmp_path):
+    out = tmp_path / "out"
+    build("kway_dpo", out, max_steps=2, save_strategy="steps", save_steps=2).train()
+    make_partial(out, "checkpoint-2", 4)
+    trainer = build("kway_dpo", out)
+    trainer.train(resume_from_checkpoint="latest")  # what `--resume_from_checkpoint latest` passes
+    assert trainer.state.global_step == 4
+
+
 def test_resume_latest_with_only_partial_checkpoints_says_so(tmp_path):
     out = tmp_path / "out"
     build("kway_dpo", out, max_steps=2, save_strategy="steps", save_steps=2).train()

@@ -288,8 +288,19 @@ def run_fingerprint(trainer) -> dict:
         "trainable_parameters": trainable_shapes(trainer),
         "batch": batch,
         "model_name_or_path": getattr(getattr(model, "config", None), "_name_or_path", None),
-        "train_dataset": dataset_fingerprint(trainer.train_dataset),
+        "train_dataset": _safe_dataset_fingerprint(trainer.train_dataset),
     }
+
+
+def _safe_dataset_fingerprint(dataset) -> dict | None:
+    """`dataset_fingerprint`, or None (no data check on resume) for data it cannot read: a check must never stop a
+    run that would otherwise train."""
+    try:
+        return dataset_fingerprint(dataset)
+    except Exception as error:  # records of any type, datasets of any class
+        logger.info("No fingerprint of the train dataset (%s: %s); resuming will not compare the data.",
+                    type(error).__name__, error)  # fmt: skip
+        return None
 
 
 def check_resume_fingerprint(saved: dict, current: dict, checkpoint: str) -> None:
