@@ -41,7 +41,7 @@ K-way (Plackett-Luce) DPO: fine-tune a causal LM (a LoRA adapter by default) on 
 --use_peft / --lora_r 16      LoRA (on by default) and its rank; --use_peft false trains every weight
 --learning_rate, --max_steps, --per_device_train_batch_size, --seed
 --eval_strategy steps         evaluate on --dataset_test_split (default "test") every --eval_steps
---resume_from_checkpoint DIR, --push_to_hub --hub_model_id ID
+--resume_from_checkpoint DIR|latest (docs/faults.md), --push_to_hub --hub_model_id ID
 
 All TRL DPOConfig / ModelConfig and transformers TrainingArguments flags follow.
 """

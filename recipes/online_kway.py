@@ -54,7 +54,7 @@ the reference. Writes <output_dir>/policy (adapter + tokenizer).
 --length_normalization        divide log-probs by completion length (K=2: TRL's sigmoid_norm)
 --max_completion_length N, --learning_rate, --max_steps, --seed
 --lora_r 16, --load_in_4bit   LoRA rank of the policy; quantized base (--use_peft: always on here)
---resume_from_checkpoint DIR, --push_to_hub --hub_model_id ID
+--resume_from_checkpoint DIR|latest (docs/faults.md), --push_to_hub --hub_model_id ID
 
 All OnlinePlackettLuceConfig (TRL GRPOConfig) and transformers TrainingArguments flags follow.
 """

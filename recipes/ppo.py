@@ -57,7 +57,7 @@ base itself as the reference. Writes <output_dir>/policy (adapter + tokenizer) a
 --kl_coef 0.05, --kl_target   KL penalty coefficient; a target KL turns on the adaptive controller
 --learning_rate, --max_steps, --per_device_train_batch_size, --num_ppo_epochs, --seed
 --lora_r 16, --load_in_4bit   LoRA rank of policy and value; quantized base (--use_peft: always on here)
---resume_from_checkpoint DIR, --push_to_hub --hub_model_id ID
+--resume_from_checkpoint DIR|latest (docs/faults.md), --push_to_hub --hub_model_id ID
 
 All PPOConfig (TRL GRPOConfig) and transformers TrainingArguments flags follow.
 """

@@ -44,7 +44,7 @@ the output folder is the reward role that recipes/ppo.py loads (its reward_adapt
 --load_in_4bit, --load_in_8bit  quantized base (QLoRA); works with the default --dtype float32
 --learning_rate, --max_steps, --per_device_train_batch_size, --seed
 --eval_strategy steps         evaluate on --dataset_test_split (default "test") every --eval_steps
---resume_from_checkpoint DIR, --push_to_hub --hub_model_id ID
+--resume_from_checkpoint DIR|latest (docs/faults.md), --push_to_hub --hub_model_id ID
 
 All TRL RewardConfig / ModelConfig and transformers TrainingArguments flags follow.
 """
