@@ -111,7 +111,7 @@ def build_shared(mode: str, base_dir: Path, lora_r: int, device):
     import torch
     from transformers import AutoModelForCausalLM
 
-    from rlhf_ext.models import SharedBase, SharedBaseArguments
+    from rlhf_ext.models import SharedBase, SharedBaseArguments, save_adapter_with_head
 
     args = SharedBaseArguments(model_name_or_path=str(base_dir), lora_r=lora_r, lora_alpha=2 * lora_r,
                                lora_dropout=0.0, dtype="bfloat16", load_in_4bit=mode == "4bit")  # fmt: skip
@@ -121,7 +121,8 @@ def build_shared(mode: str, base_dir: Path, lora_r: int, device):
         model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.bfloat16, device_map={"": str(device)})
         shared = SharedBase(model, replace(args, model_name_or_path=str(base_dir)))
     with tempfile.TemporaryDirectory() as reward_dir:
-        shared.save_role("value", reward_dir)  # stands in for the folder the reward trainer saves
+        # the value adapter and head saved as a reward role stand in for the folder the reward trainer saves
+        save_adapter_with_head(shared.peft_model, "value", shared.heads["value"], reward_dir, "reward")
         shared.load_role("reward", reward_dir)
     shared.enable_gradient_checkpointing(use_reentrant=False)
     return shared

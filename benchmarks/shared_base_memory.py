@@ -117,7 +117,7 @@ def build_shared(config, kind: str, base_dir: str | None):
     import torch
     from transformers import LlamaForCausalLM
 
-    from rlhf_ext.models import SharedBase, SharedBaseArguments
+    from rlhf_ext.models import SharedBase, SharedBaseArguments, save_adapter_with_head
 
     if kind == "shared_4bit":
         args = SharedBaseArguments(**{**vars(lora_args()), "load_in_4bit": True})
@@ -126,7 +126,8 @@ def build_shared(config, kind: str, base_dir: str | None):
         dtype = torch.bfloat16 if kind == "shared_bf16" else torch.float32
         shared = SharedBase(LlamaForCausalLM(config).to(dtype), lora_args())
     with tempfile.TemporaryDirectory() as reward_dir:
-        shared.save_role("value", reward_dir)  # stands in for a folder the reward trainer saved
+        # the value adapter and head saved as a reward role stand in for a folder the reward trainer saved
+        save_adapter_with_head(shared.peft_model, "value", shared.heads["value"], reward_dir, "reward")
         shared.load_role("reward", reward_dir)
     return shared
 

@@ -29,6 +29,7 @@ from rlhf_ext.cards import CardInfo, trained_card, write_card
 from rlhf_ext.data import load_dataset_or_file
 from rlhf_ext.distributed import whole_weights_on_main_process
 from rlhf_ext.models import SharedBase, SharedBaseArguments
+from rlhf_ext.models.role_checks import check_folder_role, check_reward_models
 from rlhf_ext.publish import hold_back_push, push_layout, repo_id_for, training_record
 from rlhf_ext.recipe_utils import (
     check_local_folder,
@@ -162,8 +163,12 @@ def check_arguments(script_args: PPOScriptArguments, model_args: SharedBaseArgum
     check_model_path(model_args.model_name_or_path, "model_name_or_path")
     if has_model:
         check_model_path(script_args.reward_model_name_or_path, "reward_model_name_or_path")
+        # a role folder or a classifier with 2 labels loads without error and trains on the wrong reward
+        check_reward_models(script_args.reward_model_name_or_path, "--reward_model_name_or_path")
     for flag in ("reward_adapter_path", "policy_adapter_path", "value_adapter_path"):
         check_local_folder(getattr(model_args, flag), flag)
+        if getattr(model_args, flag):
+            check_folder_role(getattr(model_args, flag), flag.removesuffix("_adapter_path"))  # before the base loads
 
 
 def load_tokenizer(model_args: SharedBaseArguments, trust_remote_code: bool):

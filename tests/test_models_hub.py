@@ -57,8 +57,8 @@ def test_push_adapter_uploads_the_role_folder_with_its_card(shared, monkeypatch)
 
     (_, repo, kwargs), (_, upload_repo, files, readme) = RecordingHfApi.calls
     assert repo == upload_repo == "me/value" and kwargs["private"] is True and kwargs["exist_ok"] is True
-    assert files == ["README.md", "adapter_config.json", "adapter_model.safetensors", "head.safetensors",
-                     "head_config.json"]
+    assert files == ["README.md", "adapter_config.json", "adapter_model.safetensors", "base_fingerprint.json",
+                     "head.safetensors", "head_config.json"]
     # a local base is never named by its path: left out of the metadata, its folder name in the text
     assert "base_model" not in card_metadata(readme) and "tiny-base" in readme
     assert str(shared.base_model_name_or_path) not in readme
@@ -76,6 +76,8 @@ def test_push_merged_policy_uploads_a_standalone_model(shared, monkeypatch, toke
 
 def test_save_for_hub_writes_what_push_uploads(shared, tmp_path):
     folder = shared.save_for_hub("policy", tmp_path / "upload")
-    assert sorted(p.name for p in folder.iterdir()) == ["README.md", "adapter_config.json", "adapter_model.safetensors"]
+    assert sorted(p.name for p in folder.iterdir()) == [
+        "README.md", "adapter_config.json", "adapter_model.safetensors", "base_fingerprint.json",
+    ]
     with pytest.raises(ValueError, match="reference"):
         shared.save_for_hub("reference", tmp_path / "nothing")

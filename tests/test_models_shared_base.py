@@ -37,6 +37,11 @@ def batch(seed: int = 0, batch_size: int = 3, length: int = 9):
     return input_ids, attention_mask
 
 
+def save_value_as_reward(shared: SharedBase, directory) -> None:
+    """The value adapter and head saved as a reward role folder (a value folder is refused as the reward role)."""
+    save_adapter_with_head(shared.peft_model, "value", shared.heads["value"], directory, "reward")
+
+
 def grads_of(params) -> list[torch.Tensor | None]:
     """A copy of each parameter's .grad (None where backward did not reach it)."""
     return [p.grad.clone() if p.grad is not None else None for p in params]
@@ -89,7 +94,7 @@ def test_policy_forward_value_forward_one_backward_keeps_every_gradient(shared):
 
 
 def test_no_role_switch_changes_which_parameters_train(shared, tmp_path):
-    shared.save_role("value", tmp_path / "reward")
+    save_value_as_reward(shared, tmp_path / "reward")
     shared.load_role("reward", tmp_path / "reward")
     trainable = {id(p) for p in shared.trainable_parameters()}
     input_ids, attention_mask = batch()
@@ -110,7 +115,7 @@ def test_no_role_switch_changes_which_parameters_train(shared, tmp_path):
 
 
 def test_values_are_one_per_token_and_reward_is_read_at_the_last_real_token(shared, tmp_path):
-    shared.save_role("value", tmp_path / "reward")
+    save_value_as_reward(shared, tmp_path / "reward")
     shared.load_role("reward", tmp_path / "reward")
     input_ids, attention_mask = batch()
     values = shared.values(input_ids, attention_mask)
@@ -152,7 +157,7 @@ def test_each_role_saved_alone_reloads_onto_a_fresh_base_with_identical_outputs(
     input_ids, attention_mask = batch()
     for role in ("policy", "value"):
         shared.save_role(role, tmp_path / role)
-    shared.save_role("value", tmp_path / "reward_src")
+    save_value_as_reward(shared, tmp_path / "reward_src")
     fresh_args = SharedBaseArguments(
         lora_r=4,
         policy_adapter_path=str(tmp_path / "policy"),
@@ -163,10 +168,11 @@ def test_each_role_saved_alone_reloads_onto_a_fresh_base_with_identical_outputs(
     shared.load_role("reward", tmp_path / "reward_src")
 
     assert sorted(p.name for p in (tmp_path / "value").iterdir()) == [
-        "adapter_config.json", "adapter_model.safetensors", "head.safetensors", "head_config.json",
+        "adapter_config.json", "adapter_model.safetensors", "base_fingerprint.json", "head.safetensors",
+        "head_config.json",
     ]
     policy_files = sorted(p.name for p in (tmp_path / "policy").iterdir())
-    assert policy_files == ["adapter_config.json", "adapter_model.safetensors"]
+    assert policy_files == ["adapter_config.json", "adapter_model.safetensors", "base_fingerprint.json"]
     for forward in ("policy_logits", "values", "reward_scores"):
         got = getattr(reloaded, forward)(input_ids, attention_mask)
         assert torch.equal(got, getattr(shared, forward)(input_ids, attention_mask)), forward
@@ -195,7 +201,7 @@ def test_adapter_for_another_base_names_the_folder(shared, tmp_path):
     other = SharedBase(tiny_causal_lm(hidden_size=48), ARGS)
     other.save_role("value", tmp_path / "wide")
     with pytest.raises(ValueError, match=r"wide.*another base"):
-        shared.load_role("reward", tmp_path / "wide")
+        shared.load_role("value", tmp_path / "wide")
     with pytest.raises(ValueError, match="wide"):
         SharedBase(tiny_causal_lm(), SharedBaseArguments(lora_r=4, policy_adapter_path=str(tmp_path / "wide")))
 

@@ -82,7 +82,7 @@ def test_value_role_folder_holds_the_head_and_loads_only_into_the_same_layout(tm
     shared = trunk_shared()
     torch.nn.init.normal_(shared.heads["value"].linear.weight)
     folder = shared.save_role("value", tmp_path / "value")
-    assert {p.name for p in folder.iterdir()} == {"head.safetensors", "head_config.json"}
+    assert {p.name for p in folder.iterdir()} == {"head.safetensors", "head_config.json", "base_fingerprint.json"}
 
     reloaded = trunk_shared(value_adapter_path=str(folder))
     torch.testing.assert_close(reloaded.heads["value"].linear.weight, shared.heads["value"].linear.weight)

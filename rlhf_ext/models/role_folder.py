@@ -7,6 +7,7 @@ The layout (fixed in docs/architecture.md):
       adapter_model.safetensors    # peft LoRA weights, keys as peft saves them
       head.safetensors             # "weight": [1, hidden_size] float32, "bias": [1]   (value, reward)
       head_config.json             # {"hidden_size": H, "base_model_name_or_path": ..., "role": ...}
+      base_fingerprint.json        # a few values of the base's weights, checked on load (fingerprint.py)
 
 A value role of the "policy_trunk" layout (its head reads the policy adapter's hidden state) has no adapter of
 its own: its folder holds the two head files, and head_config.json says "value_layout": "policy_trunk".
@@ -28,6 +29,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from .fingerprint import write_base_fingerprint
 from .heads import ScalarHead
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -60,6 +62,8 @@ def save_adapter(peft_model: PeftModel, adapter_name: str, directory: str | os.P
     config.base_model_name_or_path = config.base_model_name_or_path or base_model_name_or_path(peft_model)
     config.inference_mode = True  # as peft saves it; loading decides whether it trains
     config.save_pretrained(str(directory))
+    # which base the adapter was trained on, so that loading it onto another base of the same shape is refused
+    write_base_fingerprint(peft_model, directory, config.base_model_name_or_path)
     return directory
 
 

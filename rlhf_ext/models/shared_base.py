@@ -53,10 +53,12 @@ from torch import nn
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
 from .checkpointing import adapter_state_checkpointing
+from .fingerprint import write_base_fingerprint
 from .heads import ScalarHead
 from .hub import push_folder_to_hub, write_model_card
 from .presets import SharedBaseArguments, lora_config, quantization_config
 from .quantization import adapter_dtype_for, disable_cpu_4bit_repacking, is_quantized, prepare_kbit_base
+from .role_checks import check_role_folder
 from .role_folder import (
     HEAD_ROLES,
     check_adapter_fits,
@@ -145,6 +147,8 @@ class SharedBase(nn.Module):
     def _wrap_with_policy(model: PreTrainedModel, args: SharedBaseArguments) -> PeftModel:
         """Wrap `model` in peft with the "policy" adapter, fresh or loaded from `args.policy_adapter_path`."""
         if args.policy_adapter_path:
+            base_name = args.model_name_or_path or model.config._name_or_path or None
+            check_role_folder(args.policy_adapter_path, "policy", model, base_name)
             check_adapter_fits(model, args.policy_adapter_path)
             return PeftModel.from_pretrained(model, args.policy_adapter_path, adapter_name="policy", is_trainable=True)
         return get_peft_model(model, lora_config(args, model.config.model_type), adapter_name="policy")
@@ -153,6 +157,7 @@ class SharedBase(nn.Module):
         """Add the "value" head, and its adapter unless the head sits on the policy's trunk; fresh or loaded from
         `args.value_adapter_path`."""
         if args.value_adapter_path:
+            check_role_folder(args.value_adapter_path, "value", self.peft_model, self.base_model_name_or_path)
             check_value_layout(args.value_adapter_path, self.value_layout)
             if self.value_layout == "policy_trunk":
                 self.heads["value"] = load_head(args.value_adapter_path, self.hidden_size).to(self.device)
@@ -166,6 +171,7 @@ class SharedBase(nn.Module):
 
     def _add_reward_role(self, directory: str | os.PathLike) -> None:
         """Load the frozen "reward" adapter and head from a role folder."""
+        check_role_folder(directory, "reward", self.peft_model, self.base_model_name_or_path)
         self._load_adapter_and_head("reward", directory, is_trainable=False)
         self.heads["reward"].requires_grad_(False)
 
@@ -371,7 +377,9 @@ class SharedBase(nn.Module):
             return save_adapter(self.peft_model, "policy", directory)
         if role == "value" and self.value_layout == "policy_trunk":
             # The head reads the policy's adapter, which the policy role saves: the head is all this role owns.
-            return save_head(self.heads["value"], directory, "value", self.base_model_name_or_path, "policy_trunk")
+            folder = save_head(self.heads["value"], directory, "value", self.base_model_name_or_path, "policy_trunk")
+            write_base_fingerprint(self.peft_model, folder, self.base_model_name_or_path)
+            return folder
         return save_adapter_with_head(self.peft_model, role, self.heads[role], directory, role)
 
     def load_role(self, role: str, directory: str | os.PathLike) -> None:
@@ -381,6 +389,7 @@ class SharedBase(nn.Module):
         """
         if role not in ("policy", "value", "reward"):
             raise ValueError(f"load_role takes 'policy', 'value' or 'reward', got {role!r}.")
+        check_role_folder(directory, role, self.peft_model, self.base_model_name_or_path)
         if role == "value":
             check_value_layout(directory, self.value_layout)
         if role == "value" and self.value_layout == "policy_trunk":

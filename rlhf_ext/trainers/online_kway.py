@@ -57,6 +57,7 @@ from trl import GRPOConfig, GRPOTrainer
 
 from ..distributed import check_engine_supports
 from ..models import SharedBase
+from ..models.role_checks import check_trainer_reward_models
 from ..ops import dpo_plackett_luce_loss
 from .config_checks import (
     COMMON_RULES,
@@ -288,6 +289,7 @@ class OnlinePlackettLuceTrainer(FaultTolerantMixin, GRPOTrainer):
             args = OnlinePlackettLuceConfig("online-kway-output")
         if not isinstance(args, OnlinePlackettLuceConfig):
             raise TypeError(f"OnlinePlackettLuceTrainer needs an OnlinePlackettLuceConfig, got {type(args).__name__}.")
+        check_trainer_reward_models(reward_funcs, args)  # before TRL loads a path as a sequence classifier
         self.shared_base = model if isinstance(model, SharedBase) else None
         if self.shared_base is not None:
             if reward_funcs is None and "reward" in self.shared_base.heads:

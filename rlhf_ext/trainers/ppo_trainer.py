@@ -53,6 +53,7 @@ from ..distributed import (
     parameters_from_state_dict,
 )
 from ..models import SharedBase
+from ..models.role_checks import check_trainer_reward_models
 from ..models.scoring import reads_last_real_token, right_padded, sequence_classifier_scores
 from ..ops import (
     gae,
@@ -323,6 +324,7 @@ class PPOTrainer(FaultTolerantMixin, GRPOTrainer):
         if not isinstance(args, PPOConfig):
             raise TypeError(f"PPOTrainer needs a PPOConfig, got {type(args).__name__}.")
         _check_train_dataset(train_dataset)
+        check_trainer_reward_models(reward_funcs, args)  # before TRL loads a path as a sequence classifier
         self.shared_base = model if isinstance(model, SharedBase) else None
         if self.shared_base is not None:
             value_model = value_model or SharedBaseCritic(self.shared_base)
