@@ -14,6 +14,8 @@ import logging
 import os
 import shutil
 import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -391,3 +393,46 @@ def test_resume_from_an_incomplete_folder_names_the_intact_ones(tmp_path):
     make_partial(out, "checkpoint-2", 4)
     with pytest.raises(ValueError, match=r"(?s)checkpoint-4.*no trainer_state.json.*Intact checkpoints.*checkpoint-2"):
         build("kway_dpo", out).train(resume_from_checkpoint=str(out / "checkpoint-4"))
+
+
+KILLED_WHILE_SAVING = """
+import os, signal, sys
+import torch
+from datasets import Dataset
+from peft import LoraConfig, get_peft_model
+sys.path.insert(0, "tests")
+from kway_records import LISTS
+from rlhf_ext.testing import tiny_causal_lm, tiny_tokenizer
+from rlhf_ext.trainers import PlackettLuceDPOConfig, PlackettLuceDPOTrainer
+
+torch.set_num_threads(1)
+args = PlackettLuceDPOConfig(sys.argv[1], max_steps=4, per_device_train_batch_size=1, save_strategy="steps",
+                             save_steps=2, use_cpu=True, bf16=False, report_to=[], disable_tqdm=True)
+model = get_peft_model(tiny_causal_lm(), LoraConfig(r=4))
+trainer = PlackettLuceDPOTrainer(model, args=args, train_dataset=Dataset.from_list(LISTS),
+                                 processing_class=tiny_tokenizer())
+save_rng_state = trainer._save_rng_state
+
+def killed_at_step_4(output_dir):  # the weights and optimizer of checkpoint-4 are on disk, the trainer state is not
+    if trainer.state.global_step == 4:
+        os.kill(os.getpid(), signal.SIGKILL)
+    save_rng_state(output_dir)
+
+trainer._save_rng_state = killed_at_step_4
+trainer.train()
+"""
+
+
+def test_a_real_sigkill_while_saving_leaves_the_last_checkpoint_resumable(tmp_path, rlhf_logs):
+    out = tmp_path / "out"
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1]), "OMP_NUM_THREADS": "1"}
+    child = subprocess.run([sys.executable, "-c", KILLED_WHILE_SAVING, str(out)], cwd=Path(__file__).parents[1],
+                           env=env, capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert child.returncode == -signal.SIGKILL, child.stderr[-3000:]
+    # before: a checkpoint-4 with weights and no trainer_state.json, which resume_from_checkpoint=True picked
+    assert checkpoints(out) == ["_saving-checkpoint-4", "checkpoint-2"] and is_complete(out / "checkpoint-2")
+    trainer = build("kway_dpo", out, save_strategy="steps", save_steps=2)
+    trainer.train(resume_from_checkpoint=True)
+    assert trainer.state.global_step == 4
+    assert checkpoints(out) == ["checkpoint-2", "checkpoint-4"]  # the staging folder the kill left was removed
+    assert "_saving-checkpoint-4" in rlhf_logs.text
