@@ -88,7 +88,7 @@ def _tokenize_record(example: dict[str, Any], index: int, tokenizer: PreTrainedT
     return tokenize_ranked(example, tokenizer)
 
 
-def has_text_records(column_names: list[str], prompt_key: str = "prompt") -> bool:
+def has_text_records(column_names: list[str]) -> bool:
     """Whether a dataset holds the text of its lists (completions, or a chosen/rejected pair) beside a prompt."""
     columns = set(column_names)
     return "completions" in columns or {"chosen", "rejected"} <= columns
@@ -275,7 +275,7 @@ def prepare_ranked_dataset(
     if not isinstance(dataset, Dataset):
         raise TypeError(f"K-way trainers need a map-style `datasets.Dataset`, got {type(dataset).__name__}")
     check_not_empty(dataset, name)
-    if not has_text_records(dataset.column_names, prompt_key) and {"prompt_ids", "completion_ids"} <= set(
+    if not has_text_records(dataset.column_names) and {"prompt_ids", "completion_ids"} <= set(
         dataset.column_names
     ):
         check_token_ids(dataset, len(tokenizer), name)
