@@ -436,3 +436,26 @@ def test_a_real_sigkill_while_saving_leaves_the_last_checkpoint_resumable(tmp_pa
     assert trainer.state.global_step == 4
     assert checkpoints(out) == ["checkpoint-2", "checkpoint-4"]  # the staging folder the kill left was removed
     assert "_saving-checkpoint-4" in rlhf_logs.text
+
+
+def test_the_best_checkpoint_is_recorded_where_it_is_not_where_it_was_staged(tmp_path):
+    """load_best_model_at_end: Trainer looks for the best checkpoint under the folder it is saving into (staging
+    here); the path recorded and loaded at the end must be the renamed one."""
+    out = tmp_path / "out"
+    args = PlackettLuceDPOConfig(
+        **{**COMMON, "save_strategy": "steps"}, output_dir=str(out), per_device_train_batch_size=1, max_length=64,
+        save_steps=1, eval_strategy="steps", eval_steps=1, load_best_model_at_end=True, save_total_limit=2,
+        metric_for_best_model="eval_loss", greater_is_better=True,  # loss falls: best = step 1
+    )  # fmt: skip
+    model = get_peft_model(tiny_causal_lm(seed=0), LoraConfig(r=4, lora_alpha=8))
+    data = Dataset.from_list(LISTS)
+    trainer = PlackettLuceDPOTrainer(
+        model, args=args, train_dataset=data, eval_dataset=data, processing_class=tiny_tokenizer()
+    )
+    trainer.train()
+    assert trainer.state.best_model_checkpoint == str(out / "checkpoint-1")
+    assert checkpoints(out) == ["checkpoint-1", "checkpoint-4"]  # rotation kept the best and the newest
+    for name in checkpoints(out):
+        assert json.loads((out / name / "trainer_state.json").read_text())["best_model_checkpoint"] == str(
+            out / "checkpoint-1"
+        )
