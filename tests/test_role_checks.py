@@ -102,6 +102,13 @@ def test_recipe_refuses_a_reward_role_folder_given_as_reward_model_name_or_path(
         recipe.main(*recipe.make_parser().parse_args_and_config(argv))
 
 
+def test_a_causal_lm_path_as_the_reward_model_is_refused(folders, tmp_path):
+    """Loaded as a sequence classifier, a causal LM gets a freshly initialised score head: a random reward."""
+    base = str(Path(folders["policy"]).parent / "base")
+    with pytest.raises(ValueError, match=r"LlamaForCausalLM, not a sequence-classification reward model"):
+        build_trainer("ppo", tmp_path, base)
+
+
 # ----------------------------------------------------------------------------- item 2: a folder loaded as another role
 
 

@@ -30,6 +30,9 @@ ROLE_FLAGS = {
 # The task type peft records for the adapter of each role: the reward trainer trains a sequence classifier.
 POLICY_TASK_TYPE = "CAUSAL_LM"
 REWARD_TASK_TYPE = "SEQ_CLS"
+# Architectures of generative models: loaded as a sequence classifier, their score head is freshly initialised.
+# (Only these are refused: a remote-code reward model may have an architecture name of its own.)
+GENERATIVE_SUFFIXES = ("ForCausalLM", "LMHeadModel", "ForConditionalGeneration")
 
 
 def folder_role(directory: str | os.PathLike) -> tuple[str | None, str]:
@@ -154,7 +157,7 @@ def check_reward_model_path(path: str, source: str, config_kwargs: dict) -> None
     if config is None:
         return
     architectures = getattr(config, "architectures", None) or []
-    if architectures and not any(name.endswith("ForSequenceClassification") for name in architectures):
+    if architectures and all(name.endswith(GENERATIVE_SUFFIXES) for name in architectures):
         raise ValueError(
             f"{source} {path} is a {', '.join(architectures)}, not a sequence-classification reward model: its score "
             "head would be freshly initialised. Give a model trained as a reward model (num_labels=1), a reward role "
