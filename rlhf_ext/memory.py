@@ -35,6 +35,9 @@ step at these batch sizes, so it is not a term.
 from __future__ import annotations
 
 import argparse
+import difflib
+import inspect
+import os
 from dataclasses import dataclass, fields
 
 import torch
@@ -98,6 +101,9 @@ def load_config(config_or_name):
         return config_or_name
     if isinstance(config_or_name, str) and config_or_name.lower() in KNOWN_SHAPES:
         config_or_name = KNOWN_SHAPES[config_or_name.lower()]
+    elif isinstance(config_or_name, str) and near_miss(config_or_name):
+        # a typo of a known shape would otherwise be looked up on the Hub: a long wait, then a 50-line OSError
+        raise ValueError(unknown_shape(config_or_name))
     if isinstance(config_or_name, dict):
         fields_ = dict(config_or_name)
         return AutoConfig.for_model(fields_.pop("model_type", "llama"), **fields_)
@@ -297,6 +303,24 @@ def _compute_dtype(bits: int, compute_dtype: str | None, device: str) -> torch.d
     return torch.float32 if device == "cpu" else torch.bfloat16
 
 
+def near_miss(name: str) -> str | None:
+    """The known shape `name` looks like a typo of (not a local folder, not an org/name Hub id), or None."""
+    if "/" in name or os.path.isdir(name):
+        return None
+    close = difflib.get_close_matches(name.lower(), KNOWN_SHAPES, n=1, cutoff=0.75)
+    return close[0] if close else None
+
+
+def unknown_shape(name: str) -> str:
+    """The error for a --model that is neither a known shape nor a loadable config."""
+    guess = near_miss(name)
+    return (
+        f"--model {name}: unknown shape; known: {', '.join(KNOWN_SHAPES)}"
+        + (f" (did you mean {guess}?)" if guess else "")
+        + ". Or give a local folder with a config.json, or a Hub id (org/name) when the Hub is reachable."
+    )
+
+
 # -- the table users print before they rent a GPU -------------------------------------------------------------
 
 
@@ -305,12 +329,26 @@ def fits(total: int, gpu_gib: float, margin: float = 0.9) -> bool:
     return total <= margin * gpu_gib * GIB
 
 
+def assumptions(**kwargs) -> str:
+    """Two lines saying the unit and the sizes the table assumed (`estimate`'s defaults for what is not given)."""
+    defaults = {name: p.default for name, p in inspect.signature(estimate).parameters.items() if name != "config"}
+    s = {**defaults, **kwargs}
+    tokens = f"(prompt {s['prompt_length']} tokens + completion {s['completion_length']} tokens)"
+    return (
+        f"Predicted peak memory of one training step, in GiB; yes/no: fits a GPU of that size with 10% kept free.\n"
+        f"Assumed: PPO batch {s['batch_size']} prompts x {tokens}; K-way DPO and reward batch {s['batch_size']} "
+        f"lists x K = {s['num_completions']} x {tokens}; {s['bits']}-bit base, LoRA r {s['lora_r']}, gradient "
+        f"checkpointing {'on' if s['gradient_checkpointing'] else 'off'}, {s['optimizer']}."
+    )
+
+
 def table(config, gpus=(24, 48, 80), **kwargs) -> str:
-    """One row per stage: the terms in GiB and whether it fits on each GPU size."""
+    """One row per stage: the terms in GiB and whether it fits on each GPU size, after a caption naming the unit
+    and the batch and lengths assumed."""
     header = f"{'stage':>6} {'weights':>8} {'adapt+opt':>9} {'activ.':>7} {'logits':>7} {'total':>7}" + "".join(
         f" {g:>4}GB" for g in gpus
     )
-    rows = [header, "-" * len(header)]
+    rows = [*assumptions(**kwargs).splitlines(), "", header, "-" * len(header)]
     for stage in STAGES:
         est = estimate(config, stage=stage, **kwargs)
         gib = est.gib()
@@ -339,7 +377,12 @@ def main(argv=None) -> None:
     parser.add_argument("--value_layout", default="own_adapter", choices=["own_adapter", "policy_trunk"],
                         help="PPO's critic: its own value adapter, or a value head on the policy's trunk")
     args = parser.parse_args(argv)
-    print(table(args.model, bits=args.bits, lora_r=args.lora_r, batch_size=args.batch_size,
+    try:
+        config = load_config(args.model)
+    except (OSError, ValueError) as error:  # offline Hub lookup, or a typo of a known shape
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        parser.error(unknown_shape(args.model) if near_miss(args.model) else f"{unknown_shape(args.model)} ({reason})")
+    print(table(config, bits=args.bits, lora_r=args.lora_r, batch_size=args.batch_size,
                 prompt_length=args.prompt_length, completion_length=args.completion_length,
                 num_completions=args.num_completions, gradient_checkpointing=not args.no_gradient_checkpointing,
                 optimizer=args.optim, value_layout=args.value_layout))

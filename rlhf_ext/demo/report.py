@@ -21,7 +21,7 @@ CAVEATS = """\
   training signal and the evaluation score all come from VADER, a sentiment lexicon whose word
   valences were rated by people, applied by rules. No person judged any of these replies.
 - VADER measures warm *words*, not helpful, true or coherent replies. A policy can raise its score by
-  sprinkling "great", "love" and "happy" into text that answers nothing; read the samples below, and
+  sprinkling "great", "love" and "happy" into text that answers nothing; read the samples above, and
   watch the length and KL columns, before calling a higher score a better model.
 - The evaluation scores with the same lexicon the training optimised, on prompts held out from
   training. That measures whether the policies learned the lexicon's preference and generalise it
