@@ -141,6 +141,15 @@ def test_a_sequence_classification_adapter_without_a_head_is_refused_as_the_poli
         SharedBase(tiny_causal_lm(seed=0), SharedBaseArguments(policy_adapter_path=str(tmp_path / "rm"), **LORA))
 
 
+def test_a_sequence_classification_adapter_without_a_head_is_refused_as_the_reward_role(tmp_path):
+    """As the reward role it would fail on a missing head_config.json; as a reward model path it loads whole."""
+    classifier = LlamaForSequenceClassification(tiny_llama_config(num_labels=1))
+    model = get_peft_model(classifier, LoraConfig(r=2, target_modules=["q_proj", "v_proj"], task_type="SEQ_CLS"))
+    model.save_pretrained(tmp_path / "rm")
+    with pytest.raises(ValueError, match=r"SEQ_CLS adapter without head_config.json.*--reward_model_name_or_path"):
+        SharedBase(tiny_causal_lm(seed=0), SharedBaseArguments(reward_adapter_path=str(tmp_path / "rm"), **LORA))
+
+
 def test_each_role_folder_loads_as_its_own_role(folders):
     args = SharedBaseArguments(
         policy_adapter_path=folders["policy"], value_adapter_path=folders["value"],

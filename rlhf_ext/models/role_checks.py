@@ -53,9 +53,18 @@ def check_folder_role(directory: str | os.PathLike, role: str) -> None:
     """ValueError naming the flag to use when `directory` holds another role than `role` (e.g. a PPO critic given
     as the reward, or a reward trainer's SEQ_CLS adapter given as the policy)."""
     found, why = folder_role(directory)
+    headless = not (Path(directory) / HEAD_CONFIG).is_file()
+    if found == role == "reward" and headless:
+        # TRL's RewardTrainer writes this (the score head inside the adapter): transformers loads it as a model
+        raise ValueError(
+            f"{directory} holds a SEQ_CLS adapter without {HEAD_CONFIG} ({why}): a reward model saved by peft, not a "
+            "reward role folder. Pass it as --reward_model_name_or_path (reward_funcs=<path>), which loads the adapter "
+            "with its score head, or save the reward model with PlackettLuceRewardTrainer.save_model to get a role "
+            f"folder for {ROLE_FLAGS['reward']}."
+        )
     if found is None or found == role:
         return
-    if found == "reward" and not (Path(directory) / HEAD_CONFIG).is_file():
+    if found == "reward" and headless:
         # a plain peft sequence-classification adapter: a reward model's, but without the head PPO reads
         raise ValueError(
             f"{directory} holds a SEQ_CLS adapter ({why}), a reward model's, not a {role}: a {role} adapter is "
