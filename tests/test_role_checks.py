@@ -3,6 +3,7 @@ before training, with the flag to use named (issue 18, items 2 and 4)."""
 
 import json
 import warnings
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -176,6 +177,20 @@ def test_a_role_saved_on_another_base_of_the_same_shape_is_refused(role, folders
 def test_the_base_check_accepts_the_same_base_in_another_dtype(folders):
     base = tiny_causal_lm(seed=0).to(torch.bfloat16)
     SharedBase(base, SharedBaseArguments(reward_adapter_path=folders["reward"], dtype="bfloat16", **LORA))
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_the_base_check_reads_a_quantized_base_and_tells_bases_apart_on_it(bits, folders, tmp_path):
+    """On a k-bit base the quantized weights (integers) are left out; embeddings and norms still identify it."""
+    base_path = str(Path(folders["policy"]).parent / "base")
+    args = SharedBaseArguments(load_in_4bit=bits == 4, load_in_8bit=bits == 8, **LORA)
+    quantized = SharedBase.from_pretrained(base_path, replace(args, reward_adapter_path=folders["reward"]))
+    quantized.save_role("value", tmp_path / "value")
+    SharedBase(AutoModelForCausalLM.from_pretrained(base_path), SharedBaseArguments(
+        value_adapter_path=str(tmp_path / "value"), **LORA))  # fmt: skip
+    other = save_tiny_model(tmp_path / "other", seed=1)
+    with pytest.raises(ValueError, match="another base"):
+        SharedBase.from_pretrained(other, replace(args, reward_adapter_path=folders["reward"]))
 
 
 def test_a_folder_saved_before_the_base_was_recorded_warns_and_loads(folders, tmp_path):
