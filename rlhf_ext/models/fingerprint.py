@@ -67,8 +67,9 @@ def base_fingerprint(model: nn.Module) -> dict:
             names.append(weight_name)
             dtypes.append(str(param.dtype).removeprefix("torch."))
             shapes.append(list(param.shape))
-            samples.append(sample.float())
-    # one device-to-host copy for all samples, not one per tensor
+            # on the first sample's device (a base spread over several GPUs by device_map="auto"), so that all
+            # samples come to the host in one copy, not one per tensor
+            samples.append(sample.float().to(samples[0].device if samples else sample.device))
     values = torch.stack(samples).cpu().tolist() if samples else []
     tensors = {
         name: {"dtype": dtype, "shape": shape, "values": vals}
