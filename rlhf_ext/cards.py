@@ -163,11 +163,10 @@ FULL_USAGE = """from transformers import AutoModelForCausalLM, AutoTokenizer
 
 model = AutoModelForCausalLM.from_pretrained("{repo}")
 tokenizer = AutoTokenizer.from_pretrained("{repo}")"""
-ROLE_USAGE = """from huggingface_hub import snapshot_download
-from rlhf_ext.models import SharedBase, SharedBaseArguments
+ROLE_USAGE = """{download}from rlhf_ext.models import SharedBase, SharedBaseArguments
 
 # the {role} role of a shared base: a LoRA adapter + scalar head on the base model
-folder = snapshot_download("{repo}")  # a Hub repository; for a local folder, its path
+folder = {folder}
 shared = SharedBase.from_pretrained("{base}", SharedBaseArguments({flag}=folder{sub}))"""
 PPO_LAYOUT = """The repository root is the policy: a peft adapter folder and its tokenizer, loadable on its own.
 `value/` is the critic (LoRA adapter + value head, `SharedBase.load_role("value", folder)`), `training/` the
@@ -198,8 +197,8 @@ def _value(args, run: dict) -> dict:
         "state, predicting the return of each token. The policy it trained is at the root of this repository.",
         method=f"PPO value loss (clipped at {args.cliprange_value}, weight vf_coef {args.vf_coef}), GAE targets",
         fields=RUN_FIELDS + PPO_FIELDS, task=None, metric_filter=("val/", "loss/value"),
-        usage=ROLE_USAGE.format(role="value", base="{base}", flag="value_adapter_path", repo="{repo}",
-                                sub=' + "/value"'),
+        usage=ROLE_USAGE.format(role="value", base="{base}", flag="value_adapter_path", download="{download}",
+                                folder="{folder}", sub="{sub}"),
     )
 
 
@@ -242,7 +241,8 @@ def _reward(args, run: dict) -> dict:
         method=f"K-way Plackett-Luce reward model ({run['k'] or 'K from the data'}; top_m {args.top_m})",
         fields=RUN_FIELDS + ["top_m", "tie_policy", "max_length", "center_rewards_coefficient"],
         task="text-classification",
-        usage=ROLE_USAGE.format(role="reward", base="{base}", flag="reward_adapter_path", repo="{repo}", sub=""),
+        usage=ROLE_USAGE.format(role="reward", base="{base}", flag="reward_adapter_path", download="{download}",
+                                folder="{folder}", sub=""),
         headline=("accuracy", "top1_accuracy", "eval_accuracy", "eval_top1_accuracy", "loss", "eval_loss"),
     )
 
@@ -272,10 +272,15 @@ def trained_card(kind: str, args, model_args=None, *, base_model: str | None, da
     fields = [f for f in spec["fields"] if not (f == "num_train_epochs" and getattr(args, "max_steps", -1) > 0)]
     hyperparameters = {**pick(args, fields), **(pick(model_args, MODEL_FIELDS) if peft and model_args else {})}
     repo = repo_id or "path/to/this/folder"
+    # a pushed role is fetched with snapshot_download; a local one is read where it lies
+    download = "from huggingface_hub import snapshot_download\n" if repo_id else ""
+    folder = f'snapshot_download("{repo_id}")' if repo_id else '"path/to/this/folder"'
     return CardInfo(
         title=spec["title"], summary=spec["summary"], method=spec["method"], base_model=base_model, dataset=dataset,
         reward=spec.get("reward", reward_text(reward)), hyperparameters=hyperparameters, metrics=metrics,
         headline_metrics=spec.get("headline", ()), tags=spec["tags"], task=spec.get("task", "text-generation"),
         library_name="peft" if peft else "transformers", layout=spec.get("layout", ""),
-        usage=spec["usage"].format(repo=repo, base=hub_id(base_model) or base),
+        usage=spec["usage"].format(repo=repo, base=hub_id(base_model) or public_name(base_model) or "<base model>",
+                                   download=download, folder=folder,
+                                   sub=' + "/value"' if repo_id and kind == "value" else ""),  # value/ of the repo
     )  # fmt: skip

@@ -141,7 +141,8 @@ def test_pushed_policy_repo_loads_as_a_peft_model(name, workdir, tmp_path, monke
         assert {"adapter_config.json", "head.safetensors", "head_config.json", "README.md"} <= {
             p.name for p in (repo / "value").iterdir()
         }
-        assert "value" in card_of(repo / "value").data.tags
+        value_card = card_of(repo / "value")
+        assert "value" in value_card.data.tags and 'folder + "/value"' in value_card.text  # its place in the repo
     # the local output is the same as without a push: nothing staged is left behind
     assert not [p for p in out.iterdir() if p.name.startswith("_")]
 
@@ -185,6 +186,7 @@ def test_reward_role_folder_gets_a_card(workdir, tmp_path):
     assert {"rlhf_ext", "trl", "reward-model", "reward"} <= set(card.data.tags)
     assert "accuracy" in card.text and card.data.eval_results
     assert str(workdir) not in (tmp_path / "out" / "README.md").read_text()
+    assert 'SharedBase.from_pretrained("model", SharedBaseArguments(reward_adapter_path=folder))' in card.text
 
 
 def test_card_names_a_hub_base_and_only_the_folder_name_of_a_local_one():
