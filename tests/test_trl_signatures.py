@@ -37,7 +37,8 @@ SIGNATURES = [
     (Trainer, "_get_grad_norm", ["self", "model", "grad_norm"]),  # a non-finite norm stops the run (issue 18)
     # ... and calls
     (GRPOTrainer, "_get_per_token_logps_and_entropies",
-     ["self", "model", "input_ids", "attention_mask", "logits_to_keep", "batch_size", "compute_entropy"]),
+     ["self", "model", "input_ids", "attention_mask", "logits_to_keep", "batch_size", "compute_entropy",
+      "compute_aux_loss"]),
     (trl_utils, "add_fused_lm_head", ["model", "temperature", "cast_lm_head_to_fp32"]),
     (trl_utils, "disable_dropout_in_model", ["model"]),
     (trl_utils, "create_model_from_path", ["model_id", "architecture"]),  # the policy from a path (load_policy)
@@ -86,6 +87,14 @@ def test_grpo_trainer_still_has_the_rollout_hooks_the_prompt_check_reads():
     source = inspect.getsource(GRPOTrainer.__init__)
     for attribute in ("self.environment_factories", "self.rollout_func"):
         assert attribute in source, f"GRPOTrainer no longer sets {attribute} ({VERSIONS})"
+
+
+def test_trl_trainers_still_set_the_moe_aux_loss_switches_our_losses_read():
+    """PPO, online K-way and PL-DPO add the MoE router loss by GRPOTrainer's / DPOTrainer's own switches."""
+    for trainer in (GRPOTrainer, DPOTrainer):
+        source = inspect.getsource(trainer.__init__)
+        for attribute in ("self.aux_loss_enabled", "self.router_aux_loss_coef"):
+            assert attribute in source, f"{trainer.__name__} no longer sets {attribute} ({VERSIONS})"
 
 
 def test_peft_tuner_layers_keep_the_adapter_state_checkpointing_sets():

@@ -176,15 +176,41 @@ class PlackettLuceDPOTrainer(FaultTolerantMixin, DPOTrainer):
             policy_logps, ref_logps = policy_logps / lengths, ref_logps / lengths
         depth = ranking_depth(inputs["num_ranked"], self.args.top_m)
         loss = dpo_plackett_luce_loss(policy_logps, ref_logps, beta=self.beta, mask=mask, top_m=depth).mean()
-        if self.aux_loss_enabled:
+        if self.aux_loss_enabled:  # added and logged as DPOTrainer._compute_loss does (TRL 1.16)
             loss = loss + self.router_aux_loss_coef * outputs.aux_loss
+            self._metrics[mode]["aux_loss"].append(self.accelerator.gather_for_metrics(outputs.aux_loss).mean().item())
         self._log_metrics(mode, policy_logps, ref_logps, mask, depth, inputs["attention_mask"])
+        self._log_token_metrics(mode, outputs, inputs)
         if return_outputs:
             # as DPOTrainer: the fused head builds no logits, so `compute_metrics` gets them from a second forward
             with torch.no_grad():
                 outputs = model(**{k: inputs[k] for k in _MODEL_KEYS})
             return loss, outputs
         return loss
+
+    def _log_token_metrics(self, mode: str, outputs, inputs) -> None:
+        """TRL's DPO token metrics from the fused head's outputs, as DPOTrainer._compute_loss (TRL 1.16) computes them
+        for (chosen, rejected): `entropy` over every completion token; `logits/chosen` and `mean_token_accuracy` over
+        the best completion's tokens; `logits/rejected` over the tokens of all the others. Each is a token-weighted
+        mean over the batch (all processes), so at K=2 they are TRL's numbers."""
+        seq_len = inputs["input_ids"].shape[1] - 1
+        mask = inputs["completion_mask"][:, 1:].float()
+        per_sequence = torch.stack([
+            (outputs.entropy[:, -seq_len:].detach() * mask).sum(dim=1),
+            (outputs.mean_logits[:, -seq_len:].detach() * mask).sum(dim=1),
+            (outputs.is_top1[:, -seq_len:].float() * mask).sum(dim=1),
+            mask.sum(dim=1),
+        ], dim=1)  # fmt: skip
+        table, list_mask = split_into_lists(per_sequence, inputs["num_completions"])  # [B, K_max, 4]
+        others = (table * (list_mask & (torch.arange(list_mask.shape[1], device=table.device) > 0))[..., None]).sum(1)
+        per_list = torch.cat([table.sum(dim=1)[:, [0, 3]], table[:, 0], others[:, [1, 3]]], dim=1)  # [B, 8]
+        totals = self.accelerator.gather_for_metrics(per_list).sum(dim=0).tolist()
+        entropy, tokens, _, best_logits, best_top1, best_tokens, rest_logits, rest_tokens = totals
+        metrics = self._metrics[mode]
+        metrics["entropy"].append(entropy / tokens if tokens > 0 else 0.0)
+        metrics["logits/chosen"].append(best_logits / best_tokens if best_tokens > 0 else 0.0)
+        metrics["logits/rejected"].append(rest_logits / rest_tokens if rest_tokens > 0 else 0.0)
+        metrics["mean_token_accuracy"].append(best_top1 / best_tokens if best_tokens > 0 else 0.0)
 
     def _log_metrics(self, mode: str, policy_logps, ref_logps, mask, depth, attention_mask) -> None:
         """TRL's DPO names: rewards/{chosen,rejected,accuracies,margins}, logps/{chosen,rejected}, num_tokens;

@@ -81,6 +81,7 @@ from .ppo_trainer import (
     check_reward_batch,
     checked_reward_function,
     scored_as_trained,
+    with_router_aux_loss,
 )
 from .sampling import epoch_seeded
 
@@ -388,8 +389,8 @@ class OnlinePlackettLuceTrainer(FaultTolerantMixin, GRPOTrainer):
         }
         input_ids = torch.cat([flat["prompt_ids"], flat["completion_ids"]], dim=1)
         attention_mask = torch.cat([flat["prompt_mask"], flat["completion_mask"]], dim=1)
-        token_logps, _, _ = self._get_per_token_logps_and_entropies(
-            model, input_ids, attention_mask, flat["completion_ids"].size(1)
+        token_logps, _, router_loss = self._get_per_token_logps_and_entropies(
+            model, input_ids, attention_mask, flat["completion_ids"].size(1), compute_aux_loss=self.aux_loss_enabled
         )
         mask = completion_mask(flat)
         policy_logps = (token_logps * mask).sum(dim=1).view(num_groups, k)
@@ -403,7 +404,8 @@ class OnlinePlackettLuceTrainer(FaultTolerantMixin, GRPOTrainer):
         mode = "train" if self.model.training else "eval"
         self._log_update(mode, policy_logps.detach(), ref_logps, item_mask, depth, kl)
         # As GRPO: Trainer's gradient-accumulation scaling is off for this trainer, so the loss scales itself.
-        return loss / self.current_gradient_accumulation_steps if mode == "train" else loss
+        loss = loss / self.current_gradient_accumulation_steps if mode == "train" else loss
+        return with_router_aux_loss(self, loss, router_loss)
 
     # ---------------------------------------------------------------- logging, under the offline trainer's names
 

@@ -134,6 +134,22 @@ class SharedBaseCritic(nn.Module):
         self.shared.load_role("value", path)
 
 
+def with_router_aux_loss(trainer: GRPOTrainer, loss: torch.Tensor, aux_loss: torch.Tensor | None) -> torch.Tensor:
+    """`loss` plus a MoE policy's router load-balancing loss, added and logged (`aux_loss`) as GRPOTrainer._compute_loss
+    (TRL 1.16) does: router_aux_loss_coef * aux_loss, divided in training by the gradient-accumulation steps, because
+    `loss` already is (Trainer's own scaling is off for GRPO trainers). `loss` as it is when the policy has no router
+    or the coefficient is 0 (`aux_loss_enabled`, set by GRPOTrainer.__init__).
+
+    A function, not TRL's code: PPO and online K-way replace `_compute_loss` whole, so TRL's addition never runs.
+    """
+    if not trainer.aux_loss_enabled:
+        return loss
+    mode = "train" if trainer.model.training else "eval"
+    accumulation = trainer.current_gradient_accumulation_steps if mode == "train" else 1.0
+    trainer._metrics[mode]["aux_loss"].append(trainer.accelerator.gather_for_metrics(aux_loss.detach()).mean().item())
+    return loss + trainer.router_aux_loss_coef * aux_loss / accumulation
+
+
 def reward_texts(prompts: list, completions: list, tokenizer, chat_template_kwargs: dict) -> list[str]:
     """The text a reward model scores: the chat template over prompt + completion messages, or prompt + completion +
     EOS for plain text, as the K-way reward trainer's tokenization (`rlhf_ext.data.prepare`, like TRL's) built the
@@ -562,7 +578,7 @@ class PPOTrainer(FaultTolerantMixin, GRPOTrainer):
         with torch.no_grad():
             logprobs, values = batch.get("old_per_token_logps"), None
             if logprobs is None:
-                logprobs, _, values = self._policy_forward(
+                logprobs, _, values, _ = self._policy_forward(
                     self.model, prompt_completion_ids, attention_mask, completion_length,
                     batch_size=self.args.per_device_train_batch_size,
                 )  # fmt: skip
@@ -592,24 +608,27 @@ class PPOTrainer(FaultTolerantMixin, GRPOTrainer):
         """Whether the value head reads the policy adapter's hidden state (`value_layout="policy_trunk"`)."""
         return self.shared_base is not None and self.shared_base.value_layout == "policy_trunk"
 
-    def _policy_forward(self, model, input_ids, attention_mask, completion_length, batch_size=None, entropy=False):
-        """log pi(a_t | s_t) [B, C], the entropies [B, C] (or None) and, in the policy_trunk layout, V(s_t) [B, C]
-        from the same forward (else None: the critic needs its own).
+    def _policy_forward(
+        self, model, input_ids, attention_mask, completion_length, batch_size=None, entropy=False, aux_loss=False
+    ):
+        """log pi(a_t | s_t) [B, C], the entropies [B, C] (or None), in the policy_trunk layout V(s_t) [B, C] from
+        the same forward (else None: the critic needs its own), and with `aux_loss` a MoE policy's router
+        load-balancing loss (a scalar; else None).
 
         The values read the last hidden state the policy's forward leaves on its way to the LM head, through the
         same graph, so one backward carries both the policy and the value loss into the policy adapter.
         """
+        forward = functools.partial(
+            self._get_per_token_logps_and_entropies, model, input_ids, attention_mask, completion_length,
+            batch_size=batch_size, compute_entropy=entropy, compute_aux_loss=aux_loss,
+        )  # fmt: skip
         if not self.values_on_policy_trunk:
-            logprobs, entropies, _ = self._get_per_token_logps_and_entropies(
-                model, input_ids, attention_mask, completion_length, batch_size=batch_size, compute_entropy=entropy
-            )
-            return logprobs, entropies, None
+            logprobs, entropies, router_loss = forward()
+            return logprobs, entropies, None, router_loss
         with self.shared_base.capture_last_hidden_state() as hidden:
-            logprobs, entropies, _ = self._get_per_token_logps_and_entropies(
-                model, input_ids, attention_mask, completion_length, batch_size=batch_size, compute_entropy=entropy
-            )
+            logprobs, entropies, router_loss = forward()
         values = self.value_model.heads["value"](torch.cat(hidden))  # chunks of `batch_size` rows, in order
-        return logprobs, entropies, values[:, -completion_length - 1 : -1]
+        return logprobs, entropies, values[:, -completion_length - 1 : -1], router_loss
 
     def _reference_logprobs(self, input_ids, attention_mask, completion_length):
         """log pi_ref of the sampled tokens [B, C]: the reference model, or the policy with its adapters off."""
@@ -742,8 +761,8 @@ class PPOTrainer(FaultTolerantMixin, GRPOTrainer):
         input_ids = torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], dim=1)
         attention_mask = torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], dim=1)
         completion_length = inputs["completion_ids"].size(1)
-        logprobs, entropy, values = self._policy_forward(
-            model, input_ids, attention_mask, completion_length, entropy=True
+        logprobs, entropy, values, router_loss = self._policy_forward(
+            model, input_ids, attention_mask, completion_length, entropy=True, aux_loss=self.aux_loss_enabled
         )
         if values is None:
             values = completion_values(self.value_model, input_ids, attention_mask, completion_length)
@@ -771,7 +790,7 @@ class PPOTrainer(FaultTolerantMixin, GRPOTrainer):
         self._log_update(out, entropy, logprobs, inputs, normalizer)
         losses = torch.stack([out.loss, out.policy_loss, out.value_loss]).detach()
         self._check_finite("the PPO loss", "loss, policy loss, value loss", losses)
-        return out.loss
+        return with_router_aux_loss(self, out.loss, router_loss)
 
     def _check_finite(self, what: str, labels: str, values: torch.Tensor) -> None:
         """FloatingPointError, on every process alike, if `values` (gathered) hold an inf or NaN: naming the step and
