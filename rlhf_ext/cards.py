@@ -16,7 +16,7 @@ from pathlib import Path
 
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
-from .data.loading import looks_like_local_path
+from .names import hub_id, public_name
 
 LIBRARY_TAGS = ["rlhf_ext", "trl"]
 # Logged values that describe the run, not the model: left out of the metrics table.
@@ -42,20 +42,6 @@ class CardInfo:
     library_name: str = "peft"
     usage: str = ""
     layout: str = ""
-
-
-def hub_id(name_or_path: str | None) -> str | None:
-    """`name_or_path` when it is a Hub id ("name" or "org/name" that is not a local path), else None."""
-    if not name_or_path or looks_like_local_path(name_or_path) or os.path.exists(name_or_path):
-        return None
-    return name_or_path
-
-
-def public_name(name_or_path: str | None) -> str | None:
-    """A Hub id as it is; a local path as its last component (never the machine's path)."""
-    if not name_or_path:
-        return None
-    return name_or_path if hub_id(name_or_path) else Path(name_or_path.rstrip("/\\")).name
 
 
 def final_metrics(log_history: list[dict]) -> dict[str, float]:

@@ -16,7 +16,8 @@ from transformers import enable_full_determinism, set_seed
 from trl import ModelConfig, TrlParser
 
 from .cards import CardInfo, list_sizes, trained_card, write_card
-from .data.loading import LOCAL_FORMATS, looks_like_local_path
+from .data.loading import LOCAL_FORMATS
+from .names import looks_like_local_path
 from .publish import push_layout, repo_id_for, training_record
 
 # -- the parser ------------------------------------------------------------------------------------------------------

@@ -10,10 +10,11 @@ with the fix. An existing file with another suffix is refused (`datasets` would 
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 from datasets import DatasetDict, load_dataset
+
+from ..names import looks_like_local_path
 
 # file suffix -> the `datasets` builder that reads it
 LOCAL_FORMATS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
@@ -45,18 +46,6 @@ def load_dataset_or_file(name_or_path: str, config: str | None = None) -> Datase
     if looks_like_local_path(name_or_path) and not path.exists():
         raise FileNotFoundError(f"dataset folder {name_or_path} does not exist (no such folder)")
     return load_dataset(name_or_path, name=config)
-
-
-def looks_like_local_path(name_or_path: str) -> bool:
-    """Whether `name_or_path` can only be a local path, not a Hub id ("name" or "org/name").
-
-    Absolute, home-relative (~), explicitly relative (./, ../) and Windows paths, paths with more than one "/",
-    and "dir/name" where `dir` is an existing local folder.
-    """
-    if os.path.isabs(name_or_path) or name_or_path.startswith(("~", "./", "../", ".\\")) or "\\" in name_or_path:
-        return True
-    parts = name_or_path.strip("/").split("/")
-    return len(parts) > 2 or (len(parts) == 2 and Path(parts[0]).is_dir())
 
 
 def count_file_records(path: Path) -> int:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from huggingface_hub import HfApi, ModelCard, ModelCardData
 
-from ..cards import hub_id, public_name
+from ..names import hub_id, public_name
 
 LIBRARY_TAGS = ["rlhf_ext", "trl", "rlhf", "ppo"]
 ROLE_DESCRIPTIONS = {
