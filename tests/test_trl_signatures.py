@@ -97,6 +97,16 @@ def test_trl_trainers_still_set_the_moe_aux_loss_switches_our_losses_read():
             assert attribute in source, f"{trainer.__name__} no longer sets {attribute} ({VERSIONS})"
 
 
+def test_grpo_trainer_still_takes_the_multi_turn_arguments_and_masks_tool_tokens_by_tool_mask():
+    """Online K-way passes tools / rollout_func / environment_factory on and drops `tool_mask` tokens from its loss;
+    PPOTrainer refuses the three by name."""
+    parameters = inspect.signature(GRPOTrainer.__init__).parameters
+    for name in ("tools", "rollout_func", "environment_factory"):
+        assert name in parameters, f"GRPOTrainer.__init__ no longer takes {name} ({VERSIONS})"
+    assert '"env_mask"' in inspect.getsource(GRPOTrainer._generate), f"rollout_func's env_mask renamed ({VERSIONS})"
+    assert '"tool_mask"' in inspect.getsource(GRPOTrainer._generate_and_score_completions), VERSIONS
+
+
 def test_peft_tuner_layers_keep_the_adapter_state_checkpointing_sets():
     """The exact checkpointing writes these two attributes directly (set_adapter would flip requires_grad)."""
     from peft import LoraConfig, get_peft_model

@@ -241,6 +241,9 @@ class OnlinePlackettLuceTrainer(FaultTolerantMixin, GRPOTrainer):
         args: an [`OnlinePlackettLuceConfig`].
         ref_model: the reference policy. Default: the policy with its adapters disabled when it is a PeftModel (or
             `peft_config` is given), otherwise a frozen copy of the policy taken before training.
+        tools, rollout_func, environment_factory: multi-turn rollouts, as in `GRPOTrainer`. Tool and environment
+            output tokens (TRL's `tool_mask`, a rollout function's `env_mask`) are left out of each completion's
+            summed log-probs, policy's and reference's, so they get no gradient (`completion_mask`).
         Other arguments are passed to `GRPOTrainer` unchanged.
     """
 
@@ -285,6 +288,9 @@ class OnlinePlackettLuceTrainer(FaultTolerantMixin, GRPOTrainer):
         callbacks=None,
         optimizers=(None, None),
         peft_config=None,
+        tools=None,
+        rollout_func=None,
+        environment_factory=None,
     ):
         if args is None:
             args = OnlinePlackettLuceConfig("online-kway-output")
@@ -306,7 +312,8 @@ class OnlinePlackettLuceTrainer(FaultTolerantMixin, GRPOTrainer):
         super().__init__(
             model=model, reward_funcs=reward_funcs, args=args, train_dataset=train_dataset, eval_dataset=eval_dataset,
             processing_class=processing_class, reward_processing_classes=reward_processing_classes,
-            callbacks=callbacks, optimizers=optimizers, peft_config=peft_config,
+            callbacks=callbacks, optimizers=optimizers, peft_config=peft_config, tools=tools, rollout_func=rollout_func,
+            environment_factory=environment_factory,
         )  # fmt: skip
         if self.shared_base is not None:
             # GRPOTrainer casts trainable adapters of a quantized base to bfloat16; the shared base keeps its dtype.

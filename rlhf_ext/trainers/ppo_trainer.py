@@ -150,6 +150,27 @@ def with_router_aux_loss(trainer: GRPOTrainer, loss: torch.Tensor, aux_loss: tor
     return loss + trainer.router_aux_loss_coef * aux_loss / accumulation
 
 
+def refuse_multi_turn(**arguments) -> None:
+    """ValueError naming the first of GRPOTrainer's multi-turn arguments (`tools`, `rollout_func`,
+    `environment_factory`) that is set, and why PPOTrainer does not take it.
+
+    They put tool or environment output tokens inside a completion (TRL's `tool_mask` is 0 on them). PPO's per-token
+    rewards, GAE and clipped loss (`rlhf_ext.ops`) work on one contiguous run of policy tokens per completion; with
+    holes, GAE has to run over the policy's tokens only, bootstrapping V across each tool output, which is not built
+    (docs/ppo.md, "Multi-turn and tools"). Refused here, before the model is loaded, rather than with Python's
+    "unexpected keyword argument", or a failure at the first rollout.
+    """
+    for name, value in arguments.items():
+        if value is not None:
+            raise ValueError(
+                f"PPOTrainer does not support `{name}` (GRPOTrainer's multi-turn rollouts): tool and environment "
+                "outputs sit inside a completion, and PPO's per-token rewards and GAE need the policy's tokens as one "
+                "contiguous run (GAE over the policy's tokens only, bootstrapping the value across each tool output, "
+                "is not implemented). Train multi-turn rollouts with OnlinePlackettLuceTrainer (its sequence-level "
+                "loss masks tool tokens out) or TRL's GRPOTrainer; see docs/ppo.md, 'Multi-turn and tools'."
+            )
+
+
 def reward_texts(prompts: list, completions: list, tokenizer, chat_template_kwargs: dict) -> list[str]:
     """The text a reward model scores: the chat template over prompt + completion messages, or prompt + completion +
     EOS for plain text, as the K-way reward trainer's tokenization (`rlhf_ext.data.prepare`, like TRL's) built the
@@ -302,6 +323,7 @@ class PPOTrainer(FaultTolerantMixin, GRPOTrainer):
             (TRL PPO's value model format).
         ref_model: the reference policy for the KL penalty. Default: the policy with its adapters disabled
             when the policy is a PeftModel (or `peft_config` is given), otherwise a frozen copy of the policy.
+        tools, rollout_func, environment_factory: GRPOTrainer's multi-turn arguments, refused (`refuse_multi_turn`).
         Other arguments are passed to `GRPOTrainer` unchanged.
     """
 
@@ -334,7 +356,11 @@ class PPOTrainer(FaultTolerantMixin, GRPOTrainer):
         callbacks=None,
         optimizers=(None, None),
         peft_config=None,
+        tools=None,
+        rollout_func=None,
+        environment_factory=None,
     ):
+        refuse_multi_turn(tools=tools, rollout_func=rollout_func, environment_factory=environment_factory)
         if args is None:
             args = PPOConfig("ppo-output")
         if not isinstance(args, PPOConfig):
