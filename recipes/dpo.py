@@ -10,6 +10,9 @@ plus `top_m`, `length_normalization`, `tie_policy`). LoRA is on by default (`--u
 weight). In-process: `main(script_args, training_args, model_args)`.
 """
 
+# isort: off
+import rlhf_ext  # noqa: F401  (before TRL: its import drops bitsandbytes' offline kernel notices, see rlhf_ext/__init__.py)
+# isort: on
 from trl import ScriptArguments, get_peft_config, get_quantization_config
 
 from rlhf_ext.data import load_dataset_or_file

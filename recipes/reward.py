@@ -12,6 +12,9 @@ and saves a full model. A 4-bit or 8-bit base (`--load_in_4bit`, `--load_in_8bit
 float32 `--dtype` too. In-process: `main(script_args, training_args, model_args)`.
 """
 
+# isort: off
+import rlhf_ext  # noqa: F401  (before TRL: its import drops bitsandbytes' offline kernel notices, see rlhf_ext/__init__.py)
+# isort: on
 from trl import ScriptArguments, get_peft_config, get_quantization_config
 
 from rlhf_ext.data import load_dataset_or_file

@@ -4,10 +4,27 @@ The ops (pure tensor math) load eagerly; trainers, models and data load on first
 `import rlhf_ext; rlhf_ext.gae(...)` never imports TRL.
 """
 
+import logging
 from importlib import import_module
 
 from .ops import *  # noqa: F401,F403
 from .ops import __all__ as _ops_all
+
+
+class _DropOfflineKernelNotices(logging.Filter):
+    """Drop the two lines bitsandbytes logs at import on a CPU with AVX512-BF16 when the Hub is offline.
+
+    It tries to fetch a faster 4-bit CPU kernel from the Hub, and offline it prints "Skipping publisher trust
+    check ..." and "Failed to load CPU gemm_4bit_forward ..." before every command, `--help` included, then falls
+    back to its built-in kernel. Only those records go; anything else these loggers say still shows.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "offline mode" not in record.getMessage()
+
+
+for _name in ("bitsandbytes.backends.cpu.ops", "kernels._internals.hf_hub"):
+    logging.getLogger(_name).addFilter(_DropOfflineKernelNotices())
 
 __version__ = "0.1.0"
 

@@ -1,7 +1,10 @@
 """What a new user reads (issue 20, item 7): where PPO saved, the demo's --help, the memory estimate's errors and
 table, the README's install lines and demo cost, dependencies, and numbers in the docs that must agree."""
 
+import os
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -93,3 +96,13 @@ def test_docs_ppo_quotes_one_timing_of_the_135m_benchmark():
     text = (ROOT / "docs" / "ppo.md").read_text()
     rows = re.findall(r"^\s*135m\s+134\.6M \|\s+([\d.]+)\s+([\d.]+)", text, re.M)
     assert len({row for row in rows}) == 1, f"docs/ppo.md gives different 135m timings: {rows}"
+
+
+@pytest.mark.parametrize("recipe", ["ppo", "dpo", "reward"])
+def test_help_prints_nothing_before_its_usage_block_offline(recipe):
+    """Offline, on a CPU with AVX512-BF16, bitsandbytes' import printed two kernel-download notices before --help."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    done = subprocess.run([sys.executable, f"recipes/{recipe}.py", "--help"], capture_output=True, text=True, env=env,
+                          cwd=Path(__file__).parents[1], timeout=300)
+    assert done.returncode == 0
+    assert (done.stderr + done.stdout).startswith("usage:"), (done.stderr + done.stdout)[:300]
