@@ -126,10 +126,79 @@ def test_full_model_is_saved_as_a_sequence_classifier(model_path, tmp_path):
     )
 
 
-def test_margin_column_is_rejected_not_ignored(model_path, tmp_path):
-    records = [{**PAIRS[0], "margin": 1.0}]
-    with pytest.raises(ValueError, match="'margin' column"):
-        pl_trainer(model_path, tmp_path, records)
+MARGINS = [0.5, -1.0, 2.0, 0.0, 3.0]
+
+
+def test_k2_margins_match_trl_reward_trainer(model_path, tmp_path):
+    """TRL's loss -log sigmoid(r_chosen - r_rejected - margin), for pairs and for 2-completion lists."""
+    pairs = [{**record, "margin": margin} for record, margin in zip(PAIRS, MARGINS)]
+    trl_trainer = RewardTrainer(
+        model=model_path, args=RewardConfig(**common_args(tmp_path)), train_dataset=Dataset.from_list(pairs),
+        eval_dataset=Dataset.from_list(pairs), processing_class=tiny_tokenizer(),
+    )
+    expected = trl_trainer.evaluate()
+    ours = pl_trainer(model_path, tmp_path, pairs)
+    got = ours.evaluate()
+    assert got["eval_loss"] == pytest.approx(expected["eval_loss"], abs=1e-5)
+    without = ours.evaluate(eval_dataset=Dataset.from_list(PAIRS))["eval_loss"]
+    assert got["eval_loss"] != pytest.approx(without, abs=1e-3)  # the margins change the loss: a real check
+    assert got["eval_margin"] == pytest.approx(expected["eval_margin"], abs=1e-5)  # r_c - r_r, as TRL logs it
+
+    lists = [{"prompt": r["prompt"], "completions": [r["rejected"], r["chosen"]], "scores": [0.0, 1.0],
+              "margin": r["margin"]} for r in pairs]
+    assert ours.evaluate(eval_dataset=Dataset.from_list(lists))["eval_loss"] == pytest.approx(
+        expected["eval_loss"], abs=1e-5)
+    trained = pl_trainer(model_path, tmp_path, pairs, args={"max_steps": 1})
+    trained.train()  # the margin column reaches the training batches too
+
+
+@pytest.mark.parametrize("record, message", [
+    ({**LISTS[0], "margin": 1.0}, r"record 0, field 'margin': a margin applies to one pair.*3 completions"),
+    ({**PAIRS[0], "margin": "big"}, r"record 0, field 'margin': .*'big' is not a finite number"),
+])
+def test_a_margin_is_refused_on_lists_of_more_than_two_and_when_not_a_number(model_path, tmp_path, record, message):
+    with pytest.raises(ValueError, match=message):
+        pl_trainer(model_path, tmp_path, [record])
+
+
+# --- pre-tokenized records ---------------------------------------------------------------------------------------
+
+
+def full_ids(prompt: str, completion: str) -> list[int]:
+    """prompt + completion + EOS as token ids, as TRL's RewardTrainer tokenizes a plain-text pair."""
+    tok = tiny_tokenizer()
+    return tok(prompt + completion + tok.eos_token)["input_ids"]
+
+
+def test_pre_tokenized_pairs_and_lists_give_the_loss_of_their_text(model_path, tmp_path):
+    trainer = pl_trainer(model_path, tmp_path, PAIRS)
+    expected = trainer.evaluate()["eval_loss"]
+    pairs = [{"chosen_ids": full_ids(r["prompt"], r["chosen"]), "rejected_ids": full_ids(r["prompt"], r["rejected"])}
+             for r in PAIRS]
+    legacy = [{"chosen_input_ids": r["chosen_ids"], "rejected_input_ids": r["rejected_ids"]} for r in pairs]
+    for records in (pairs, legacy):
+        assert trainer.evaluate(eval_dataset=Dataset.from_list(records))["eval_loss"] == pytest.approx(
+            expected, abs=1e-6)
+
+    # K-way: prompt_ids + completion_ids, best first or ordered by scores, and with TRL's margin at K=2
+    text_loss = trainer.evaluate(eval_dataset=Dataset.from_list(LISTS))["eval_loss"]
+    tokenized = trainer._prepare_dataset(Dataset.from_list(LISTS), trainer.processing_class, trainer.args, "x")
+    best_first = [{"prompt_ids": r["prompt_ids"], "completion_ids": r["completion_ids"]} for r in tokenized]
+    by_scores = [{"prompt_ids": r["prompt_ids"], "completion_ids": r["completion_ids"][::-1],
+                  "scores": list(range(len(r["completion_ids"])))} for r in tokenized]
+    for records in (best_first, by_scores):
+        assert trainer.evaluate(eval_dataset=Dataset.from_list(records))["eval_loss"] == pytest.approx(
+            text_loss, abs=1e-6)
+    with_margin = [{**r, "margin": m} for r, m in zip(pairs, MARGINS)]
+    text_margin = [{**r, "margin": m} for r, m in zip(PAIRS, MARGINS)]
+    assert trainer.evaluate(eval_dataset=Dataset.from_list(with_margin))["eval_loss"] == pytest.approx(
+        trainer.evaluate(eval_dataset=Dataset.from_list(text_margin))["eval_loss"], abs=1e-6)
+
+
+def test_pre_tokenized_pairs_with_ids_outside_the_vocabulary_name_record_and_field(model_path, tmp_path):
+    pairs = [{"chosen_ids": [1, 5, 6], "rejected_ids": [1, 5, 7]}, {"chosen_ids": [1, 5], "rejected_ids": [1, 900]}]
+    with pytest.raises(ValueError, match=r"record 1, field 'rejected_ids': token id 900 is outside"):
+        pl_trainer(model_path, tmp_path, pairs)
 
 
 # --- record layouts and empty datasets -----------------------------------------------------------------------------

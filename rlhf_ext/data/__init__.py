@@ -2,11 +2,12 @@
 
 from .collator import DataCollatorForRankedPreference, list_mask, split_into_lists
 from .loading import load_dataset_or_file
-from .prepare import prepare_ranked_dataset, tokenize_ranked, truncate_ranked
+from .prepare import StreamCounts, prepare_ranked_dataset, tokenize_ranked, truncate_ranked
 from .ranked import TIE_POLICIES, normalize_record
 
 __all__ = [
     "DataCollatorForRankedPreference",
+    "StreamCounts",
     "TIE_POLICIES",
     "list_mask",
     "load_dataset_or_file",

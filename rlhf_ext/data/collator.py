@@ -38,6 +38,7 @@ class DataCollatorForRankedPreference(DataCollatorMixin):
         completion_mask  long [N, T]  1 on completion tokens
         num_ranked       long [B]     ranked positions per list (see `rlhf_ext.data.ranked`)
         ref_logps        float [B, K_max], only when the examples carry precomputed reference log-probs
+        margin           float [B], only when the examples carry TRL's reward margin
 
     Truncation happens once, in `prepare_ranked_dataset`, where it is counted; the collator only pads.
 
@@ -71,6 +72,8 @@ class DataCollatorForRankedPreference(DataCollatorMixin):
             "completion_mask": pad(completion_masks, padding_value=0, **padding),
             "num_ranked": torch.tensor([ex["num_ranked"] for ex in examples], dtype=torch.long),
         }
+        if "margin" in examples[0]:  # TRL's reward margin (K=2 lists; 0.0 elsewhere)
+            batch["margin"] = torch.tensor([ex["margin"] for ex in examples], dtype=torch.float32)
         if "ref_logps" in examples[0]:
             ref = [torch.tensor(ex["ref_logps"], dtype=torch.float32) for ex in examples]
             batch["ref_logps"] = pad_sequence(ref, batch_first=True)

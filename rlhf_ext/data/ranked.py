@@ -367,6 +367,7 @@ def normalize_record(
     completion_text_key: str | None = None,
     completion_score_key: str | None = None,
     count_duplicates: bool = False,
+    read_margin: bool = False,
 ) -> dict[str, Any]:
     """Validate one record and return it as `{"prompt", "completions" (best first), "num_ranked"}`.
 
@@ -383,7 +384,8 @@ def normalize_record(
     to rejected, too); a 'tools' field that is not a list (or its JSON) and a 'chat_template_kwargs' that is not a dict.
 
     Copies of a completion with equal scores are dropped; with `count_duplicates` the record also gets
-    `num_duplicates`, the number dropped (for the log).
+    `num_duplicates`, the number dropped (for the log). With `read_margin` a 'margin' field (TRL's reward margin,
+    see `check_margin`) is checked and returned as a float, 0.0 where it is None.
     """
     if tie_policy not in TIE_POLICIES:
         raise ValueError(f"tie_policy must be one of {TIE_POLICIES}, got {tie_policy!r}")
@@ -402,6 +404,7 @@ def normalize_record(
         prompt, completions, wheres, mapped_scores = _ranked_fields(
             example, index, prompt_key, completion_text_key, completion_score_key
         )
+    margin = check_margin(example.get("margin"), index, len(completions)) if read_margin else None
     prompt_kind = check_text_or_messages(prompt, _where(index, prompt_key), "prompt")
     kinds = [check_text_or_messages(c, where, "completion") for c, where in zip(completions, wheres)]
     _check_same_kind(prompt_kind, kinds, wheres)
@@ -430,4 +433,148 @@ def normalize_record(
         )
         completions, num_ranked = _order_by_scores(completions, scores, where, tie_policy)
     record = {"prompt": prompt, "completions": completions, "num_ranked": num_ranked}
-    return {**record, "num_duplicates": num_duplicates} if count_duplicates else record
+    return _with_extras(record, num_duplicates if count_duplicates else None, margin)
+
+
+def _with_extras(record: dict[str, Any], num_duplicates: int | None, margin: float | None) -> dict[str, Any]:
+    """`record` plus the optional `num_duplicates` (for the log) and `margin` (for the reward loss) fields."""
+    if num_duplicates is not None:
+        record["num_duplicates"] = num_duplicates
+    if margin is not None:
+        record["margin"] = margin
+    return record
+
+
+def check_margin(margin: Any, index: int, num_completions: int) -> float:
+    """TRL's reward `margin` (loss -log sigmoid(r_chosen - r_rejected - margin)) as a float, 0.0 for None.
+
+    Refused on a list of more than 2 completions: one number says how far the chosen reward must exceed the
+    rejected one, and a ranking of K > 2 has K(K-1)/2 pairs (or, in the Plackett-Luce loss, K-1 choices) that it
+    could apply to, with different losses for each reading; per-pair margins would need K(K-1)/2 numbers.
+    """
+    if margin is None:
+        return 0.0
+    where = _where(index, "margin")
+    if not _is_real_number(margin) or not math.isfinite(margin):
+        raise ValueError(f"{where}: {margin!r} is not a finite number (TRL's reward margin: how much higher the "
+                         "chosen reward must be than the rejected one)")
+    if num_completions != 2:
+        raise ValueError(
+            f"{where}: a margin applies to one pair (chosen, rejected), but this list has {num_completions} "
+            "completions, whose ranking holds several pairs (and Plackett-Luce choices) a single margin could apply "
+            "to; remove the margin, or give the list as pairs with one margin each"
+        )
+    return float(margin)
+
+
+# Pre-tokenized layouts: TRL's RewardTrainer takes whole sequences (prompt included) as `chosen_ids`/`rejected_ids`
+# (and the deprecated `chosen_input_ids`/`rejected_input_ids`); K-way lists are `prompt_ids` + `completion_ids`.
+PAIR_ID_FIELDS = (("chosen_ids", "rejected_ids"), ("chosen_input_ids", "rejected_input_ids"))
+
+
+def tokenized_layout(column_names) -> tuple[str, str] | None:
+    """The id fields of a pre-tokenized dataset: ("prompt_ids", "completion_ids"), a pair of PAIR_ID_FIELDS, or
+    None for a dataset without token ids."""
+    columns = set(column_names)
+    for fields in (("prompt_ids", "completion_ids"), *PAIR_ID_FIELDS):
+        if set(fields) <= columns:
+            return fields
+    return None
+
+
+def check_token_ids(ids: Any, where: str, vocab_size: int) -> list[int]:
+    """A list of ints in [0, vocab_size), else a ValueError starting with `where`. Ids made by another tokenizer
+    would index past the embedding (a crash at some step) or, when in range, train on other tokens than meant."""
+    if not isinstance(ids, (list, tuple)) or not all(type(i) is int for i in ids):
+        raise ValueError(f"{where}: must be a list of token ids (ints), got {_describe(ids)}")
+    if ids and (min(ids) < 0 or max(ids) >= vocab_size):
+        bad = next(i for i in ids if not 0 <= i < vocab_size)
+        raise ValueError(
+            f"{where}: token id {bad} is outside the tokenizer's vocabulary [0, {vocab_size}); the ids were made by "
+            "another tokenizer? Give the text ('prompt' and 'completions') to tokenize here, or tokenize with this "
+            "model's tokenizer"
+        )
+    return list(ids)
+
+
+def _split_pair_ids(chosen: list[int], rejected: list[int], index: int, fields: tuple[str, str]) -> tuple[list, list]:
+    """(prompt_ids, [chosen, rejected] completion ids) of two whole sequences: the prompt is their common start,
+    short enough to leave each completion one token. Only where the sequences are cut changes, not what a reward
+    model scores (prompt_ids + completion_ids is each sequence as given)."""
+    if chosen == rejected:
+        raise ValueError(f"record {index}, fields {fields[0]!r}/{fields[1]!r}: the same sequence is both chosen and "
+                         "rejected; a pair needs two different completions")
+    shared = 0
+    for a, b in zip(chosen, rejected):
+        if a != b:
+            break
+        shared += 1
+    shared = min(shared, len(chosen) - 1, len(rejected) - 1)
+    return chosen[:shared], [chosen[shared:], rejected[shared:]]
+
+
+def _tokenized_fields(example: dict[str, Any], index: int, fields: tuple[str, str], vocab_size: int, name: str):
+    """Checked prompt ids and the list of completion ids of a pre-tokenized record in layout `fields`."""
+    where = f"{name} dataset, record {index}, field"
+    if fields == ("prompt_ids", "completion_ids"):
+        prompt = check_token_ids(example["prompt_ids"], f"{where} 'prompt_ids'", vocab_size)
+        completions = example["completion_ids"]
+        if not isinstance(completions, (list, tuple)) or len(completions) < 2:
+            raise ValueError(f"{where} 'completion_ids': must be a list of 2 or more lists of token ids, got "
+                             f"{_describe(completions)}")
+        completions = [check_token_ids(ids, f"{where} 'completion_ids'[{k}]", vocab_size)
+                       for k, ids in enumerate(completions)]
+    else:
+        chosen, rejected = (check_token_ids(example[f], f"{where} {f!r}", vocab_size) for f in fields)
+        if example.get("prompt_ids") is not None:  # TRL's DPO collator layout: the pair holds completions only
+            prompt, completions = check_token_ids(example["prompt_ids"], f"{where} 'prompt_ids'", vocab_size), [
+                chosen, rejected]
+        else:
+            prompt, completions = _split_pair_ids(chosen, rejected, index, fields)
+    for k, ids in enumerate(completions):
+        if not ids:
+            raise ValueError(f"{where} {fields[1]!r}[{k}]: empty completion (no token ids)")
+    return prompt, completions
+
+
+def _given_num_ranked(num_ranked: Any, index: int, num_completions: int, num_duplicates: int) -> int:
+    """The `num_ranked` of an earlier preparation when it is there (an int in 0..K-1), else K - 1 (a strict order)."""
+    if num_ranked is None or num_duplicates:
+        return num_completions - 1
+    if type(num_ranked) is not int or not 0 <= num_ranked < num_completions:
+        raise ValueError(f"{_where(index, 'num_ranked')}: must be an int in 0..{num_completions - 1} (the number of "
+                         f"known places of the ranking), got {_describe(num_ranked)}")
+    return num_ranked
+
+
+def normalize_tokenized_record(
+    example: dict[str, Any], index: int, tie_policy: str = "truncate", *, fields: tuple[str, str], vocab_size: int,
+    name: str = "train", count_duplicates: bool = False, read_margin: bool = False,
+) -> dict[str, Any]:
+    """Validate one pre-tokenized record and return it as `{"prompt_ids", "completion_ids" (best first),
+    "num_ranked"}` (plus `num_duplicates` and `margin` as in `normalize_record`).
+
+    `fields` is its layout (`tokenized_layout`). Lists are best first, or ordered by a 'ranking' or 'scores' field
+    as text records are; a `num_ranked` an earlier preparation wrote is kept. Pairs are whole sequences (TRL's
+    RewardTrainer layout) split at their common start. Every id must lie in [0, vocab_size).
+    """
+    prompt_ids, completions = _tokenized_fields(example, index, fields, vocab_size, name)
+    margin = check_margin(example.get("margin"), index, len(completions)) if read_margin else None
+    ranking, scores = example.get("ranking"), example.get("scores")
+    if ranking is not None and scores is not None:
+        raise ValueError(f"record {index}: give one order, not ranking and scores")
+    if ranking is not None:
+        ranking = _check_ranking(ranking, index, len(completions))
+    elif scores is not None:
+        scores = _check_scores_field(scores, index, len(completions))
+    order_source = "'ranking'" if ranking is not None else "the list order (best first)"
+    if fields != ("prompt_ids", "completion_ids"):
+        order_source = None
+    completions, scores, num_duplicates = _drop_equal_duplicates(completions, scores, index, order_source)
+    num_ranked = _given_num_ranked(example.get("num_ranked"), index, len(completions), num_duplicates)
+    if ranking is not None:
+        completions = [completions[k] for k in sorted(range(len(ranking)), key=lambda k: ranking[k])]
+    elif scores is not None:
+        completions, num_ranked = _order_by_scores(completions, scores, _where(index, "scores"), tie_policy)
+    record = {"prompt_ids": prompt_ids, "completion_ids": completions, "num_ranked": num_ranked}
+    return _with_extras(record, num_duplicates if count_duplicates else None, margin)

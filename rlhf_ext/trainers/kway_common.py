@@ -4,19 +4,23 @@ ranking metrics."""
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from transformers import AutoTokenizer
+from datasets import IterableDataset
+from transformers import AutoTokenizer, TrainerCallback
 from trl.trainer.utils import get_config_model_id, global_then_local_main_first
 
-from ..data import TIE_POLICIES, DataCollatorForRankedPreference, prepare_ranked_dataset
+from ..data import TIE_POLICIES, DataCollatorForRankedPreference, StreamCounts, prepare_ranked_dataset
 from ..data.prepare import check_not_empty
 from ..data.ranked import check_field_mapping
 from .config_checks import COMMON_RULES, COUNT, check_fields, warn_if_warmup_outlasts_run
 from .hub_token import NoStoredHubToken
 from .position_limits import model_max_positions
+
+logger = logging.getLogger(__name__)
 
 TIE_POLICY_HELP = (
     "How tied 'scores' are handled. 'truncate': keep the ranking only up to the first tie (the loss is the exact "
@@ -78,6 +82,22 @@ def check_datasets_not_empty(train_dataset, eval_dataset) -> None:
         check_not_empty(eval_dataset, "eval")
 
 
+def refuse_streams_with_precomputed_reference(args, datasets: dict) -> None:
+    """ValueError for a streamed dataset when `args.precompute_ref_log_probs` is set (DPO): the precompute is a
+    pass over the whole dataset that stores K log-probs in a new column of each record, which a stream, read once
+    and never held, has no place for (TRL's DPOTrainer refuses it too)."""
+    if not getattr(args, "precompute_ref_log_probs", False):
+        return
+    for name, dataset in datasets.items():
+        if isinstance(dataset, IterableDataset):
+            raise ValueError(
+                f"{name} dataset is a stream (datasets.IterableDataset), and precompute_ref_log_probs=True needs a "
+                "map-style datasets.Dataset: it stores each record's reference log-probs beside the record before "
+                "training. Set precompute_ref_log_probs=False (the reference model then runs beside the policy at "
+                "each step), or load the data as a map-style Dataset (streaming=False)"
+            )
+
+
 def ranked_collator(tokenizer, pad_to_multiple_of: int | None) -> DataCollatorForRankedPreference:
     """The K-way collator, padding with the tokenizer's pad token (EOS when it has none, as TRL does)."""
     pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
@@ -101,6 +121,8 @@ def ranked_trainer_setup(model, args, config_class, run_suffix: str, processing_
     if not isinstance(args, config_class):
         raise TypeError(f"args must be a {config_class.__name__}, got {type(args).__name__}")
     check_datasets_not_empty(train_dataset, eval_dataset)
+    eval_sets = eval_dataset if isinstance(eval_dataset, dict) else {"eval": eval_dataset}
+    refuse_streams_with_precomputed_reference(args, {"train": train_dataset, **eval_sets})
     processing_class = tokenizer_for(model, processing_class, args.trust_remote_code)
     if data_collator is None:
         data_collator = ranked_collator(processing_class, args.pad_to_multiple_of)
@@ -113,22 +135,67 @@ def positions_of(model, args) -> int | None:
     return model_max_positions(model, args.trust_remote_code, (args.model_init_kwargs or {}).get("revision"))
 
 
-def prepare_ranked_for_trainer(dataset, processing_class, args, dataset_name: str, max_positions: int | None = None):
+def prepare_ranked_for_trainer(dataset, processing_class, args, dataset_name: str, max_positions: int | None = None,
+                               *, margin: bool = False, stream_counts: dict[str, StreamCounts] | None = None):
     """`prepare_ranked_dataset` with a K-way config's settings; the main process runs it first and the others
     read its cache, as TRL's trainers prepare their datasets. With the model's `max_positions`, a list longer than
-    the positions after truncation is refused (see `rlhf_ext.trainers.position_limits`)."""
+    the positions after truncation is refused (see `rlhf_ext.trainers.position_limits`). `margin`: read TRL's
+    reward margin column. A stream's counts go to `stream_counts[dataset_name]` (logged by `StreamCountsCallback`)."""
+    counts = None
+    if isinstance(dataset, IterableDataset) and stream_counts is not None:
+        counts = stream_counts[dataset_name] = StreamCounts(dataset_name)
+        if args.dataloader_num_workers > 0:
+            logger.warning(
+                "%s dataset is a stream read by %d DataLoader workers: its records are validated in the workers, so "
+                "the counts of dropped and truncated lists are not logged (they stay in the workers), and a bad "
+                "record's index counts within its worker's share of the stream", dataset_name,
+                args.dataloader_num_workers,
+            )
     with global_then_local_main_first():
         return prepare_ranked_dataset(
             dataset, processing_class, max_length=args.max_length, tie_policy=args.tie_policy,
             num_proc=args.dataset_num_proc, name=dataset_name, prompt_key=args.prompt_key,
             completion_text_key=args.completion_text_key, completion_score_key=args.completion_score_key,
-            max_positions=max_positions,
+            max_positions=max_positions, margin=margin, stream_counts=counts,
         )
+
+
+class StreamCountsCallback(TrainerCallback):
+    """Logs what preparing a streamed dataset dropped, truncated, de-duplicated or found tied: a stream is counted
+    as it is read, so the train stream's counts are logged when training ends and an eval stream's after each
+    evaluation (then reset, so each evaluation reports its own pass)."""
+
+    def __init__(self, stream_counts: dict[str, StreamCounts]):
+        self.stream_counts = stream_counts
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if "train" in self.stream_counts and state.is_world_process_zero:
+            self.stream_counts["train"].log()
+
+    def on_evaluate(self, args, state, control, **kwargs):
+        for name, counts in self.stream_counts.items():
+            if name != "train":
+                if state.is_world_process_zero:
+                    counts.log()
+                counts.reset()  # in place: the stream's map functions are bound to this object
 
 
 def ranking_depth(num_ranked: torch.Tensor, top_m: int | None) -> torch.Tensor:
     """m_b = min(num_ranked_b, top_m): how many Plackett-Luce terms list b contributes. long [B] -> long [B]."""
     return num_ranked if top_m is None else num_ranked.clamp(max=top_m)
+
+
+def with_margin(rewards: torch.Tensor, margin: torch.Tensor | None) -> torch.Tensor:
+    """Rewards [B, K] with the best item's lowered by the list's margin [B] (TRL's reward `margin` column).
+
+    At K=2 the loss is then -log sigmoid(r_1 - margin - r_2), TRL's RewardTrainer loss with a margin; the data
+    layer refuses a margin on longer lists (`rlhf_ext.data.ranked.check_margin`), where it is 0.
+    """
+    if margin is None:
+        return rewards
+    shift = torch.zeros_like(rewards)
+    shift[:, 0] = margin.to(rewards.dtype)
+    return rewards - shift
 
 
 @dataclass

@@ -35,6 +35,7 @@ from .config_checks import COUNT, DPO_BETA_WHY, POSITIVE, UNIT_INTERVAL, check_f
 from .fault_tolerance import FaultTolerantMixin
 from .kway_common import (
     RankedDataArguments,
+    StreamCountsCallback,
     best_and_rest_mean,
     gather_lists,
     positions_of,
@@ -43,6 +44,7 @@ from .kway_common import (
     ranking_depth,
     ranking_stats,
     ratio,
+    refuse_streams_with_precomputed_reference,
 )
 
 _MODEL_KEYS = ("input_ids", "attention_mask")
@@ -112,9 +114,11 @@ class PlackettLuceDPOTrainer(FaultTolerantMixin, DPOTrainer):
             model, args, PlackettLuceDPOConfig, "PL-DPO", processing_class, data_collator, train_dataset, eval_dataset
         )
         self._max_positions = positions_of(model, args)  # the datasets are checked against it as they are prepared
+        self._stream_counts = {}  # what preparing a streamed dataset dropped or cut, counted as it is read
         super().__init__(model, ref_model=ref_model, args=args, data_collator=data_collator,
                          train_dataset=train_dataset, eval_dataset=eval_dataset, processing_class=processing_class,
                          **kwargs)
+        self.add_callback(StreamCountsCallback(self._stream_counts))
         # TRL casts the trainable weights of a quantized base to bfloat16 whatever its compute dtype
         match_trainable_dtype(self.model)
         check_engine_supports(self.model, self.accelerator, type(self).__name__)
@@ -122,7 +126,8 @@ class PlackettLuceDPOTrainer(FaultTolerantMixin, DPOTrainer):
     # Replaces DPOTrainer._prepare_dataset: ranked records are validated, ordered best first and tokenized into
     # one prompt and K completions, with TRL's tokenization; truncation to max_length happens (and is counted) here.
     def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
-        return prepare_ranked_for_trainer(dataset, processing_class, args, dataset_name, self._max_positions)
+        return prepare_ranked_for_trainer(dataset, processing_class, args, dataset_name, self._max_positions,
+                                          stream_counts=self._stream_counts)
 
     def _set_signature_columns_if_needed(self):
         if self._signature_columns is None:
@@ -138,6 +143,7 @@ class PlackettLuceDPOTrainer(FaultTolerantMixin, DPOTrainer):
     # Replaces DPOTrainer._precompute_ref_logps, which stores one chosen and one rejected value per record; a
     # ranked record needs K. No on-disk cache: the pass is one reference forward over the dataset.
     def _precompute_ref_logps(self, dataset, name: str, batch_size: int):
+        refuse_streams_with_precomputed_reference(self.args, {name: dataset})
         sizes = [len(ids) for ids in dataset["completion_ids"]]
         loader = DataLoader(dataset, batch_size=batch_size, collate_fn=self.data_collator, shuffle=False)
         tables = []

@@ -28,6 +28,7 @@ from .config_checks import NON_NEGATIVE, check_fields
 from .fault_tolerance import FaultTolerantMixin
 from .kway_common import (
     RankedDataArguments,
+    StreamCountsCallback,
     gather_lists,
     positions_of,
     prepare_ranked_for_trainer,
@@ -35,6 +36,7 @@ from .kway_common import (
     ranking_depth,
     ranking_stats,
     ratio,
+    with_margin,
 )
 
 
@@ -79,6 +81,7 @@ class PlackettLuceRewardTrainer(FaultTolerantMixin, RewardTrainer):
             eval_dataset,
         )
         self._max_positions = positions_of(model, args)  # the datasets are checked against it as they are prepared
+        self._stream_counts = {}  # what preparing a streamed dataset dropped or cut, counted as it is read
         peft_config = kwargs.get("peft_config")
         if peft_config is not None and peft_config.task_type != "SEQ_CLS":
             # A reward model is a sequence classifier, and peft trains and saves the score head beside the adapter
@@ -86,22 +89,21 @@ class PlackettLuceRewardTrainer(FaultTolerantMixin, RewardTrainer):
             kwargs["peft_config"] = dataclasses.replace(peft_config, task_type="SEQ_CLS")
         super().__init__(model, args=args, data_collator=data_collator, train_dataset=train_dataset,
                          eval_dataset=eval_dataset, processing_class=processing_class, **kwargs)
+        self.add_callback(StreamCountsCallback(self._stream_counts))
         # TRL casts the trainable weights of a quantized base, the score head's copy included, to bfloat16 whatever
         # its compute dtype; a float32 base would then fail at step 1 (float != BFloat16 in the head)
         match_trainable_dtype(self.model)
         check_engine_supports(self.model, self.accelerator, type(self).__name__)
 
     # Replaces RewardTrainer._prepare_dataset: ranked records are validated, ordered best first and tokenized
-    # into one prompt and K completions (pairwise records become K=2 lists).
+    # into one prompt and K completions (pairwise records become K=2 lists, TRL's `margin` column is read).
     def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
-        if "margin" in getattr(dataset, "column_names", []):
-            raise ValueError(f"{dataset_name} dataset: the 'margin' column of TRL's pairwise format is not supported "
-                             "by the K-way loss; remove it")
-        return prepare_ranked_for_trainer(dataset, processing_class, args, dataset_name, self._max_positions)
+        return prepare_ranked_for_trainer(dataset, processing_class, args, dataset_name, self._max_positions,
+                                          margin=True, stream_counts=self._stream_counts)
 
     def _set_signature_columns_if_needed(self):
         if self._signature_columns is None:
-            self._signature_columns = ["prompt_ids", "completion_ids", "num_ranked"]
+            self._signature_columns = ["prompt_ids", "completion_ids", "num_ranked", "margin"]
 
     # Replaces RewardTrainer.compute_loss, which splits the batch into a chosen and a rejected half; a ranked
     # batch holds K_b completions per list.
@@ -113,7 +115,7 @@ class PlackettLuceRewardTrainer(FaultTolerantMixin, RewardTrainer):
         scores = sequence_classifier_scores(model, inputs["input_ids"], inputs["attention_mask"])
         rewards, mask = split_into_lists(scores.squeeze(-1), inputs["num_completions"])
         depth = ranking_depth(inputs["num_ranked"], self.args.top_m)
-        loss = plackett_luce_loss(rewards, mask, top_m=depth).mean()
+        loss = plackett_luce_loss(with_margin(rewards, inputs.get("margin")), mask, top_m=depth).mean()
         if self.args.center_rewards_coefficient is not None:
             # TRL's centring term mean((r_c + r_r)^2), summed over the K items of each list
             loss = loss + self.args.center_rewards_coefficient * (rewards * mask).sum(dim=1).pow(2).mean()

@@ -59,6 +59,7 @@ from ..distributed import check_engine_supports
 from ..models import SharedBase
 from ..models.role_checks import check_trainer_reward_models
 from ..ops import dpo_plackett_luce_loss
+from .checkpointing_name import ActivationCheckpointingByDefault
 from .config_checks import (
     COMMON_RULES,
     COUNT,
@@ -100,7 +101,7 @@ ONLINE_RULES = {
 
 
 @dataclass
-class OnlinePlackettLuceConfig(NoStoredHubToken, GRPOConfig):
+class OnlinePlackettLuceConfig(NoStoredHubToken, ActivationCheckpointingByDefault, GRPOConfig):
     r"""GRPOConfig for online K-way DPO: K = `num_generations` completions per prompt, ranked by their reward.
 
     Adds `dpo_beta` (DPO's beta, the inverse temperature of the implicit reward), `top_m` and

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 
 from trl import GRPOConfig
 
+from .checkpointing_name import ActivationCheckpointingByDefault
 from .config_checks import (
     COMMON_RULES,
     COUNT,
@@ -95,7 +96,7 @@ class _OneCompletionPerPrompt(int):
 
 
 @dataclass
-class PPOConfig(NoStoredHubToken, GRPOConfig):
+class PPOConfig(NoStoredHubToken, ActivationCheckpointingByDefault, GRPOConfig):
     r"""Configuration for [`PPOTrainer`]: PPO with a learned critic, GAE and a per-token KL-penalised reward.
 
     Defaults follow TRL's last PPOConfig (trl 1.12): `learning_rate=3e-6`, `kl_coef=0.05`, `gamma=1`, `lam=0.95`,
