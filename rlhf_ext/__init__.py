@@ -11,20 +11,22 @@ from .ops import *  # noqa: F401,F403
 from .ops import __all__ as _ops_all
 
 
-class _DropOfflineKernelNotices(logging.Filter):
-    """Drop the two lines bitsandbytes logs at import on a CPU with AVX512-BF16 when the Hub is offline.
+class _DropKernelDownloadNotices(logging.Filter):
+    """Drop the lines bitsandbytes logs at import on a CPU with AVX512-BF16 about its optional Hub kernel.
 
-    It tries to fetch a faster 4-bit CPU kernel from the Hub, and offline it prints "Skipping publisher trust
-    check ..." and "Failed to load CPU gemm_4bit_forward ..." before every command, `--help` included, then falls
-    back to its built-in kernel. Only those records go; anything else these loggers say still shows.
+    It tries to fetch a faster 4-bit CPU kernel (kernels-community/quantization-bitsandbytes) from the Hub; offline,
+    or without trusting that repository, it prints "Skipping publisher trust check ..." and "Failed to load CPU
+    gemm_4bit_forward ..." before every command, `--help` included, then falls back to its built-in kernel. Only
+    records about that kernel go; anything else these loggers say still shows.
     """
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return "offline mode" not in record.getMessage()
+        message = record.getMessage()
+        return "kernels-community" not in message and "gemm_4bit_forward" not in message
 
 
 for _name in ("bitsandbytes.backends.cpu.ops", "kernels._internals.hf_hub"):
-    logging.getLogger(_name).addFilter(_DropOfflineKernelNotices())
+    logging.getLogger(_name).addFilter(_DropKernelDownloadNotices())
 
 __version__ = "0.1.0"
 
