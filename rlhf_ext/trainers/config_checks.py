@@ -9,6 +9,7 @@ compares false with everything) and a float field must also be finite.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import numbers
@@ -106,3 +107,28 @@ def warn_if_warmup_outlasts_run(config) -> None:
             "learning_rate=%s (it ends at %.0f%% of it). Shorten warmup_steps if that is not intended.",
             type(config).__name__, warmup, max_steps, config.learning_rate, 100 * (max_steps - 1) / int(warmup),
         )  # fmt: skip
+
+
+def refuse_unused_options(config, options: dict[str, str], parent: str, trainer: str) -> None:
+    """ValueError naming the first of `options` (inherited field -> what to set instead) that `config` holds at
+    another value than its default: `trainer` never reads it, so a run that sets it would silently train without it.
+
+    The default is the config class's own (a field our config redeclares keeps its new default); `parent` names the
+    TRL config the option comes from, for the message.
+    """
+    for name, instead in options.items():
+        field = type(config).__dataclass_fields__[name]
+        default = field.default_factory() if field.default is dataclasses.MISSING else field.default
+        value = getattr(config, name)
+        if value != default:
+            raise ValueError(
+                f"{type(config).__name__}.{name}={value!r} is a {parent} option that {trainer} does not use "
+                f"({instead}); leave it at {default!r}."
+            )
+
+
+# What the K-way configs say instead of DPOConfig's / RewardConfig's `pad_token`, which only TRL's own collator reads.
+KWAY_PAD_TOKEN_INSTEAD = (
+    "the K-way collator pads with the tokenizer's pad_token, or EOS when it has none, and padding never enters the "
+    "loss: set processing_class.pad_token"
+)

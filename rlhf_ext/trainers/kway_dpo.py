@@ -31,7 +31,15 @@ from ..data import split_into_lists
 from ..distributed import check_engine_supports
 from ..models.quantization import match_trainable_dtype
 from ..ops import dpo_plackett_luce_loss
-from .config_checks import COUNT, DPO_BETA_WHY, POSITIVE, UNIT_INTERVAL, check_fields
+from .config_checks import (
+    COUNT,
+    DPO_BETA_WHY,
+    KWAY_PAD_TOKEN_INSTEAD,
+    POSITIVE,
+    UNIT_INTERVAL,
+    check_fields,
+    refuse_unused_options,
+)
 from .fault_tolerance import FaultTolerantMixin
 from .kway_common import (
     RankedDataArguments,
@@ -57,6 +65,23 @@ DPO_RULES = {
     "precompute_ref_batch_size": COUNT.or_none(),
 }
 DPO_RULES_WHY = {"beta": DPO_BETA_WHY}
+# DPOConfig options the Plackett-Luce DPO trainer never reads (they select TRL's other losses, or its own collator), and
+# what to set instead; a value other than the default is refused (`refuse_unused_options`). tests/test_inherited_options
+# .py lists where every other DPOConfig option acts.
+_ONE_LOSS = "the loss is the Plackett-Luce DPO loss, at K=2 TRL's 'sigmoid'"
+DPO_OPTIONS_PL_IGNORES = {
+    "loss_type": _ONE_LOSS + "; length_normalization=True gives 'sigmoid_norm'",
+    "loss_weights": _ONE_LOSS + ", with no other loss to weigh it against",
+    "label_smoothing": _ONE_LOSS + ", without robust DPO's label noise; use top_m or tie_policy for uncertain rankings",
+    "ld_alpha": "log-probs are summed over all completion tokens; length_normalization=True divides them by the length",
+    "use_weighting": "every list weighs the same (WPO's weights are not built)",
+    "f_divergence_type": _ONE_LOSS + ", whose implicit reward is the reverse-KL log-ratio",
+    "f_alpha_divergence_coef": _ONE_LOSS + ", whose implicit reward is the reverse-KL log-ratio",
+    "discopop_tau": _ONE_LOSS,
+    "truncation_mode": "a list longer than max_length loses the end of its completions (keep_start); raise max_length",
+    "padding_free": "the K-way collator pads every list (TRL 1.16 falls back to padding too)",
+    "pad_token": KWAY_PAD_TOKEN_INSTEAD,
+}
 
 
 @dataclass
@@ -77,21 +102,7 @@ class PlackettLuceDPOConfig(RankedDataArguments, DPOConfig):
     def __post_init__(self):
         super().__post_init__()
         check_fields(self, DPO_RULES, DPO_RULES_WHY)
-        unsupported = {
-            "label_smoothing": (self.label_smoothing, 0.0),
-            "loss_weights": (self.loss_weights, None),
-            "loss_type": (self.loss_type, ["sigmoid"]),
-            "ld_alpha": (self.ld_alpha, None),
-            "use_weighting": (self.use_weighting, False),
-            "f_divergence_type": (self.f_divergence_type, "reverse_kl"),
-            "truncation_mode": (self.truncation_mode, "keep_start"),
-        }
-        for name, (value, default) in unsupported.items():
-            if value != default:
-                raise ValueError(
-                    f"PlackettLuceDPOConfig supports only {name}={default!r} (got {value!r}): the trainer computes "
-                    "the Plackett-Luce loss; use length_normalization=True for the 'sigmoid_norm' variant."
-                )
+        refuse_unused_options(self, DPO_OPTIONS_PL_IGNORES, "DPO", "Plackett-Luce DPO")
 
 
 class PlackettLuceDPOTrainer(FaultTolerantMixin, DPOTrainer):

@@ -24,7 +24,7 @@ from ..distributed import check_engine_supports, whole_weights_on_main_process
 from ..models.quantization import match_trainable_dtype
 from ..models.scoring import mark_last_real_token_scoring, sequence_classifier_scores
 from ..ops import plackett_luce_loss
-from .config_checks import NON_NEGATIVE, check_fields
+from .config_checks import KWAY_PAD_TOKEN_INSTEAD, NON_NEGATIVE, check_fields, refuse_unused_options
 from .fault_tolerance import FaultTolerantMixin
 from .kway_common import (
     RankedDataArguments,
@@ -57,6 +57,8 @@ class PlackettLuceRewardConfig(RankedDataArguments, RewardConfig):
             {"center_rewards_coefficient": "It weights a penalty on the squared sum of each list's rewards; a negative "
              "weight would reward pushing the rewards away from 0. None turns it off."},
         )  # fmt: skip
+        # the one RewardConfig option the K-way reward trainer never reads (tests/test_inherited_options.py)
+        refuse_unused_options(self, {"pad_token": KWAY_PAD_TOKEN_INSTEAD}, "RewardConfig", "the K-way reward trainer")
 
 
 class PlackettLuceRewardTrainer(FaultTolerantMixin, RewardTrainer):

@@ -68,6 +68,7 @@ from .config_checks import (
     POSITIVE,
     check_fields,
     check_finite_weights,
+    refuse_unused_options,
     warn_if_warmup_outlasts_run,
 )
 from .hub_token import NoStoredHubToken
@@ -86,6 +87,49 @@ from .ppo_trainer import (
 )
 from .sampling import epoch_seeded
 
+# GRPO options the online K-way trainer never reads (its loss is the Plackett-Luce DPO loss of each group's reward
+# ranking: no advantages, ratio, clipping or entropy term), and what to set instead; a value other than the default is
+# refused (`refuse_unused_options`), `beta` by its own check. tests/test_inherited_options.py lists where every other
+# GRPOConfig option acts.
+_NO_POLICY_GRADIENT = "the loss is the Plackett-Luce DPO loss of each group's reward ranking, with no ratio or clipping"
+_NO_ENTROPY = "the Plackett-Luce DPO loss has no entropy term"
+_FIXED_REFERENCE = "the reference stays as it was at the start; its strength is dpo_beta"
+_NO_VLLM_IS = "the DPO loss has no importance ratio, so GRPO's vLLM sampling correction is not applied"
+GRPO_OPTIONS_ONLINE_IGNORES = {
+    "epsilon": _NO_POLICY_GRADIENT,
+    "epsilon_high": _NO_POLICY_GRADIENT,
+    "delta": _NO_POLICY_GRADIENT,
+    "importance_sampling_level": _NO_POLICY_GRADIENT,
+    "off_policy_mask_threshold": _NO_POLICY_GRADIENT,
+    "sapo_temperature_neg": _NO_POLICY_GRADIENT,
+    "sapo_temperature_pos": _NO_POLICY_GRADIENT,
+    "vespo_k_pos": _NO_POLICY_GRADIENT,
+    "vespo_lambda_pos": _NO_POLICY_GRADIENT,
+    "vespo_k_neg": _NO_POLICY_GRADIENT,
+    "vespo_lambda_neg": _NO_POLICY_GRADIENT,
+    "loss_type": "the loss is the Plackett-Luce DPO loss, averaged over groups; length_normalization=True divides "
+    "each completion's log-probs by its length",
+    "scale_rewards": "rewards only rank each group; they are never scaled",
+    "multi_objective_aggregation": "the ranking is by the reward_weights-weighted sum of the reward functions",
+    "use_bias_correction_kl": "the reference enters through the implicit reward: set dpo_beta",
+    "mask_truncated_completions": "a truncated completion still has a reward and a place in its group's ranking; "
+    "give truncation a low reward in a reward function instead",
+    "sync_ref_model": _FIXED_REFERENCE,
+    "ref_model_mixup_alpha": _FIXED_REFERENCE,
+    "ref_model_sync_steps": _FIXED_REFERENCE,
+    "top_entropy_quantile": _NO_ENTROPY,
+    "entropy_coef": _NO_ENTROPY,
+    "use_adaptive_entropy": _NO_ENTROPY,
+    "entropy_coef_min": _NO_ENTROPY,
+    "entropy_coef_max": _NO_ENTROPY,
+    "entropy_coef_delta": _NO_ENTROPY,
+    "entropy_target": _NO_ENTROPY,
+    "vllm_importance_sampling_correction": _NO_VLLM_IS,
+    "vllm_importance_sampling_mode": _NO_VLLM_IS,
+    "vllm_importance_sampling_clip_max": _NO_VLLM_IS,
+    "vllm_importance_sampling_clip_min": _NO_VLLM_IS,
+    "vllm_importance_sampling_cap": _NO_VLLM_IS,
+}
 # Fields of the regrouped batch that the loss reads and the regrouping builds; everything else GRPO returns
 # per completion is regrouped alongside.
 GROUP_FIELDS = ("ref_logps", "item_mask", "depth")
@@ -106,9 +150,10 @@ class OnlinePlackettLuceConfig(NoStoredHubToken, ActivationCheckpointingByDefaul
 
     Adds `dpo_beta` (DPO's beta, the inverse temperature of the implicit reward), `top_m` and
     `length_normalization` (as in `PlackettLuceDPOConfig`). GRPO's own `beta` (the coefficient of its in-loss
-    KL term) must stay 0: the reference enters through the implicit reward instead. GRPO's advantage and
-    clipping options (`scale_rewards`, `loss_type`, `epsilon`, ...) are not used; `num_iterations > 1` reuses each
-    generation batch for more updates, with no importance weights (the DPO loss is off-policy by nature).
+    KL term) must stay 0: the reference enters through the implicit reward instead. GRPO's advantage, clipping and
+    entropy options (`scale_rewards`, `loss_type`, `epsilon`, ...: `GRPO_OPTIONS_ONLINE_IGNORES`) are not used and
+    are refused when set; `num_iterations > 1` reuses each generation batch for more updates, with no importance
+    weights (the DPO loss is off-policy by nature).
     """
 
     dpo_beta: float = field(
@@ -130,8 +175,16 @@ class OnlinePlackettLuceConfig(NoStoredHubToken, ActivationCheckpointingByDefaul
             "(set `dpo_beta`)."
         },
     )
+    vllm_importance_sampling_correction: bool = field(
+        default=False,
+        metadata={
+            "help": "GRPO's correction for the vLLM / trainer sampling mismatch. Must stay False: the DPO loss has no "
+            "importance ratio to correct."
+        },
+    )
 
     def __post_init__(self):
+        refuse_unused_options(self, GRPO_OPTIONS_ONLINE_IGNORES, "GRPO", "online K-way DPO")  # before GRPO rewrites any
         super().__post_init__()
         if self.beta != 0.0:
             raise ValueError(

@@ -28,6 +28,7 @@ from .config_checks import (
     UNIT_INTERVAL,
     check_fields,
     check_finite_weights,
+    refuse_unused_options,
     warn_if_warmup_outlasts_run,
 )
 from .hub_token import NoStoredHubToken
@@ -72,14 +73,47 @@ PPO_RULES_WHY = {
     "truncation. None turns it off.",
     "temperature": "Log-probs are computed from logits / temperature.",
 }
-# GRPO options that PPO's loss never reads, with their GRPO defaults and what to set instead: a run that sets one
-# would silently train without it.
+# GRPO options that PPO never reads, and what to set instead: a run that sets one would silently train without it, so
+# a value other than the default is refused (`refuse_unused_options`). `beta`, `epsilon`, `num_iterations` and
+# `mask_truncated_completions` are refused by their own checks below; tests/test_inherited_options.py lists where
+# every other GRPOConfig option acts.
+_PPO_CLIP = "PPO's loss is the clipped surrogate: set cliprange"
+_PPO_ENTROPY = "PPO's entropy bonus is ent_coef, fixed"
+_PPO_REFERENCE = "PPO's reference stays as it was at the start; the KL penalty is kl_coef"
+_PPO_VLLM_IS = (
+    "PPO's ratio is pi / pi_old with pi_old recomputed by the trainer, and the vLLM sampling correction is not applied"
+)
 GRPO_OPTIONS_PPO_IGNORES = {
-    "entropy_coef": (0.0, "set ent_coef (PPO's entropy bonus)"),
-    "use_adaptive_entropy": (False, "PPO's entropy bonus is ent_coef, fixed"),
-    "top_entropy_quantile": (1.0, "PPO's loss uses every completion token"),
-    "epsilon_high": (None, "PPO clips symmetrically with cliprange"),
-    "delta": (None, "PPO clips with cliprange only"),
+    "entropy_coef": "set ent_coef (PPO's entropy bonus)",
+    "use_adaptive_entropy": _PPO_ENTROPY,
+    "entropy_coef_min": _PPO_ENTROPY,
+    "entropy_coef_max": _PPO_ENTROPY,
+    "entropy_coef_delta": _PPO_ENTROPY,
+    "entropy_target": _PPO_ENTROPY,
+    "top_entropy_quantile": "PPO's loss uses every completion token",
+    "epsilon_high": "PPO clips symmetrically with cliprange",
+    "delta": "PPO clips with cliprange only",
+    "loss_type": "set loss_aggregation: 'token' or 'sequence'",
+    "importance_sampling_level": "PPO's ratio is per token; " + _PPO_CLIP,
+    "off_policy_mask_threshold": _PPO_CLIP,
+    "sapo_temperature_neg": _PPO_CLIP,
+    "sapo_temperature_pos": _PPO_CLIP,
+    "vespo_k_pos": _PPO_CLIP,
+    "vespo_lambda_pos": _PPO_CLIP,
+    "vespo_k_neg": _PPO_CLIP,
+    "vespo_lambda_neg": _PPO_CLIP,
+    "scale_rewards": "PPO's advantages are GAE's: set whiten_advantages / whiten_rewards",
+    "multi_objective_aggregation": "PPO's score is the reward_weights-weighted sum of the reward functions",
+    "use_bias_correction_kl": "PPO's KL penalty is in the per-token reward: set kl_coef and kl_estimator",
+    "sync_ref_model": _PPO_REFERENCE,
+    "ref_model_mixup_alpha": _PPO_REFERENCE,
+    "ref_model_sync_steps": _PPO_REFERENCE,
+    "vllm_importance_sampling_correction": _PPO_VLLM_IS,
+    "vllm_importance_sampling_mode": _PPO_VLLM_IS,
+    "vllm_importance_sampling_clip_max": _PPO_VLLM_IS,
+    "vllm_importance_sampling_clip_min": _PPO_VLLM_IS,
+    "vllm_importance_sampling_cap": _PPO_VLLM_IS,
+    "max_tool_calling_iterations": "PPOTrainer takes no tools (docs/ppo.md, 'Multi-turn and tools')",
 }
 
 
@@ -127,6 +161,13 @@ class PPOConfig(NoStoredHubToken, ActivationCheckpointingByDefault, GRPOConfig):
         metadata={
             "help": "Turn off dropout in the policy, reference and critic, so that log-probs and values at rollout "
             "time match those of the first update (TRL's PPO did the same)."
+        },
+    )
+    vllm_importance_sampling_correction: bool = field(
+        default=False,
+        metadata={
+            "help": "GRPO's correction for the vLLM / trainer sampling mismatch. Must stay False: PPO's ratio uses "
+            "pi_old recomputed by the trainer, and its loss does not apply GRPO's correction."
         },
     )
     ddp_find_unused_parameters: bool | None = field(
@@ -289,12 +330,7 @@ class PPOConfig(NoStoredHubToken, ActivationCheckpointingByDefault, GRPOConfig):
                 f"Set cliprange ({self.cliprange}), not GRPO's epsilon ({self.epsilon}): PPOConfig derives epsilon "
                 "from cliprange."
             )
-        for name, (default, instead) in GRPO_OPTIONS_PPO_IGNORES.items():
-            if getattr(self, name) != default:
-                raise ValueError(
-                    f"PPOConfig.{name}={getattr(self, name)!r} is a GRPO option that PPO does not use ({instead}); "
-                    f"leave it at {default!r}."
-                )
+        refuse_unused_options(self, GRPO_OPTIONS_PPO_IGNORES, "GRPO", "PPO")
         choices = {
             "kl_estimator": KL_ESTIMATORS,
             "advantage_estimator": ADVANTAGE_ESTIMATORS,
