@@ -134,8 +134,9 @@ def test_drops_truncations_duplicates_and_ties_of_a_stream_are_counted_and_logge
                                     stream_counts=counts)
     streamed = list(stream)
     assert [r["completion_ids"] for r in streamed] == map_style["completion_ids"]
-    assert (counts.lists, counts.kept, counts.dropped_for_length, counts.truncated_completions,
-            counts.truncated_lists, counts.duplicates, counts.tied_at_top, counts.cut_at_tie) == (4, 3, 1, 1, 1, 1, 1, 0)
+    got = (counts.lists, counts.kept, counts.dropped_for_length, counts.truncated_completions,
+           counts.truncated_lists, counts.duplicates, counts.tied_at_top, counts.cut_at_tie)
+    assert got == (4, 3, 1, 1, 1, 1, 1, 0)
     with caplog.at_level(logging.WARNING, logger="rlhf_ext.data.prepare"):
         counts.log()
     assert "train dataset (streamed, 4 records read so far)" in caplog.text
