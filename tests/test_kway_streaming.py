@@ -152,6 +152,12 @@ def test_the_trainer_logs_the_counts_of_its_streams_after_training(model_path, t
     assert "train dataset (streamed" in caplog.text and "dropped 1 lists whose prompt alone fills" in caplog.text
 
 
+def test_precomputed_reference_logps_are_refused_for_a_stream_given_to_evaluate(model_path, tmp_path):
+    trainer = build("dpo", model_path, tmp_path, Dataset.from_list(RECORDS), precompute_ref_log_probs=True)
+    with pytest.raises(ValueError, match=r"eval dataset is a stream.*precompute_ref_log_probs=True"):
+        trainer.evaluate(eval_dataset=Dataset.from_list(RECORDS).to_iterable_dataset())
+
+
 def test_precomputed_reference_logps_are_refused_for_a_stream_before_the_model_loads(tmp_path):
     stream = Dataset.from_list(RECORDS).to_iterable_dataset()
     with pytest.raises(ValueError, match=r"train dataset is a stream.*precompute_ref_log_probs=True needs a map-style"):
