@@ -16,6 +16,7 @@ from trl.trainer.utils import get_config_model_id, global_then_local_main_first
 from ..data import TIE_POLICIES, DataCollatorForRankedPreference, StreamCounts, prepare_ranked_dataset
 from ..data.prepare import check_not_empty
 from ..data.ranked import check_field_mapping
+from .checkpointing_name import ActivationCheckpointingByDefault
 from .config_checks import COMMON_RULES, COUNT, check_fields, warn_if_warmup_outlasts_run
 from .hub_token import NoStoredHubToken
 from .position_limits import model_max_positions
@@ -34,7 +35,7 @@ TOP_M_HELP = (
 
 
 @dataclass
-class RankedDataArguments(NoStoredHubToken):
+class RankedDataArguments(NoStoredHubToken, ActivationCheckpointingByDefault):
     """The fields both K-way configs add to TRL's: how much of each ranking is modelled, and how records are read.
 
     A mixin: list it before the TRL config (`class C(RankedDataArguments, DPOConfig)`), so TRL's fields keep their
