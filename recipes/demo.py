@@ -297,16 +297,18 @@ def eval_stage(cfg: DemoConfig, out: Path, base: StageResult, policies: dict[str
     return result, samples
 
 
-def make_plots(out: Path, policies: dict[str, dict]) -> dict[str, str]:
-    """Every plot this run can draw, as {title: path relative to out}."""
-    plots = {"Final comparison on held-out prompts": plot_comparison(policies, out / "plots" / "comparison.png")}
+def make_plots(out: Path, policies: dict[str, dict], k: int, max_new_tokens: int) -> dict[str, str]:
+    """Every plot this run can draw, as {title: path relative to out}. `k` (completions per ranked list) places the
+    DPO plot's log K! and 1/K lines; `max_new_tokens` is the cap the comparison's length panel draws."""
+    comparison = plot_comparison(policies, out / "plots" / "comparison.png", max_new_tokens=max_new_tokens)
+    plots = {"Final comparison on held-out prompts": comparison}
     curves = (
-        ("ppo", "PPO: reward, KL, critic and clipping", plot_ppo_curves),
-        ("dpo", "K-way DPO: loss and accuracy", plot_dpo_curves),
+        ("ppo", "PPO: reward, KL, critic and clipping", plot_ppo_curves, {}),
+        ("dpo", "K-way DPO: loss and accuracy", plot_dpo_curves, {"k": k}),
     )
-    for name, title, plot in curves:
+    for name, title, plot, options in curves:
         log_history = json.loads((out / name / "log_history.json").read_text())
-        plots[title] = plot(log_history, out / "plots" / f"{name}.png")
+        plots[title] = plot(log_history, out / "plots" / f"{name}.png", **options)
     return {title: str(path.relative_to(out)) for title, path in plots.items()}
 
 
@@ -340,7 +342,7 @@ def main(cfg: DemoConfig) -> dict[str, Any]:
         "timings_s": {name: stage.summary["seconds"] for name, stage in stages.items()},
     }
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
-    plots = make_plots(out, metrics["policies"])
+    plots = make_plots(out, metrics["policies"], k=cfg.k, max_new_tokens=cfg.max_new_tokens)
     report = write_report(out, render_report(metrics, samples, split.heldout, plots, cfg.n_show))
     logger.info("report written to %s", report)
     return metrics

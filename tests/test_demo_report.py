@@ -61,11 +61,12 @@ def test_ppo_figure_names_a_missing_panel_instead_of_dropping_it(missing, tmp_pa
 
 def test_plots_are_written_as_png(tmp_path):
     ppo_log = ppo_log_history()
-    dpo_log = [{"step": s, "loss": 1.0 / s, "rewards/accuracies": 0.5 + 0.1 * s} for s in range(1, 4)]
+    dpo_log = [{"step": s, "loss": 1.0 / s, "rewards/accuracies": 0.5 + 0.1 * s, "rewards/top1_accuracy": 0.3}
+               for s in range(1, 4)]  # fmt: skip
     for path in (
         plot_ppo_curves(ppo_log, tmp_path / "ppo.png"),
-        plot_dpo_curves(dpo_log, tmp_path / "dpo.png"),
-        plot_comparison(POLICIES, tmp_path / "plots" / "comparison.png"),
+        plot_dpo_curves(dpo_log, tmp_path / "dpo.png", k=4),
+        plot_comparison(POLICIES, tmp_path / "plots" / "comparison.png", max_new_tokens=32),
     ):
         assert path.read_bytes()[:4] == PNG_MAGIC
 

@@ -11,8 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from .evaluation import PolicySamples
-
-POLICY_LABELS = {"base": "base", "ppo": "PPO", "dpo": "K-way DPO"}
+from .labels import POLICY_LABELS, policy_label  # noqa: F401 (POLICY_LABELS: importable from here as before)
 
 CAVEATS = """\
 ## Read this before trusting the numbers
@@ -38,10 +37,6 @@ def _cell(text: str) -> str:
     return " ".join(text.replace("|", "\\|").split())
 
 
-def _label(name: str) -> str:
-    return POLICY_LABELS.get(name, name)
-
-
 def comparison_table(policies: dict[str, dict[str, float]]) -> str:
     """The headline table: one row per policy."""
     rows = [
@@ -50,7 +45,7 @@ def comparison_table(policies: dict[str, dict[str, float]]) -> str:
     ]
     for name, m in policies.items():
         rows.append(
-            f"| {_label(name)} | {m['mean_vader']:.3f} ± {m['vader_stderr']:.3f} | {m['win_rate_vs_base']:.2f} "
+            f"| {policy_label(name)} | {m['mean_vader']:.3f} ± {m['vader_stderr']:.3f} | {m['win_rate_vs_base']:.2f} "
             f"| {m['kl_to_base']:.2f} | {m['mean_length_tokens']:.1f} |"
         )
     return "\n".join(rows)
@@ -95,7 +90,7 @@ def samples_section(samples: dict[str, PolicySamples], prompts: list[str], n_sho
     for i, prompt in enumerate(prompts[:n_show]):
         lines += [f"**{_cell(prompt)}**", "", "| policy | completion | VADER |", "|---|---|---|"]
         for name, s in samples.items():
-            lines.append(f"| {_label(name)} | {_cell(s.texts[i][0])} | {s.scores[i][0]:+.2f} |")
+            lines.append(f"| {policy_label(name)} | {_cell(s.texts[i][0])} | {s.scores[i][0]:+.2f} |")
         lines.append("")
     return "\n".join(lines)
 
