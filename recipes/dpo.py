@@ -1,77 +1,9 @@
-"""K-way (Plackett-Luce) DPO: fine-tune a causal LM on prompts with K ranked completions.
+"""Runs the `dpo` recipe, `rlhf_ext.scripts.dpo` (`rlhf-ext dpo` after pip install), from a clone:
 
-    accelerate launch recipes/dpo.py --config recipes/configs/dpo.yaml \
-        --model_name_or_path <model or path> --dataset_name <hub name | file.jsonl | file.parquet> \
-        [--lora_r 16] [--top_m 2] [--length_normalization] [--push_to_hub --hub_model_id <id>]
-
-Datasets: the ranked format of docs/kway.md (`prompt` + `completions` best first, or with `ranking` / `scores`)
-or TRL's pairwise `prompt`/`chosen`/`rejected`. `--help` lists every option (TRL's DPOConfig and ModelConfig
-plus `top_m`, `length_normalization`, `tie_policy`). LoRA is on by default (`--use_peft false` trains every
-weight). In-process: `main(script_args, training_args, model_args)`.
+    accelerate launch recipes/dpo.py --config recipes/configs/dpo.yaml [--FLAG VALUE ...]
 """
 
-# isort: off
-import rlhf_ext  # noqa: F401  (before TRL: its import drops bitsandbytes' offline kernel notices, see rlhf_ext/__init__.py)
-# isort: on
-from trl import ScriptArguments, get_peft_config, get_quantization_config
-
-from rlhf_ext.data import load_dataset_or_file
-from rlhf_ext.publish import hold_back_push
-from rlhf_ext.recipe_utils import (
-    LoraModelConfig,
-    check_model_path,
-    eval_split,
-    model_init_kwargs,
-    recipe_parser,
-    seed_before_models,
-    train_save_push,
-    train_split,
-)
-from rlhf_ext.trainers import PlackettLuceDPOConfig, PlackettLuceDPOTrainer
-
-USAGE = "dpo.py --config recipes/configs/dpo.yaml [--FLAG VALUE ...]"
-DESCRIPTION = """\
-K-way (Plackett-Luce) DPO: fine-tune a causal LM (a LoRA adapter by default) on prompts with K ranked completions.
-
---config FILE.yaml            every key is a flag below; flags given on the command line override it
---model_name_or_path PATH     base model: Hub id or local folder
---dataset_name NAME           Hub dataset, or a local .json / .jsonl / .parquet file (one "train" split)
---output_dir DIR              where the adapter (or model) and tokenizer are written
---beta 0.1                    strength of the pull toward the reference (the base with the adapter off)
---top_m M                     model only the first M places of each ranking (default: the full ranking)
---length_normalization        divide log-probs by completion length (TRL's sigmoid_norm at K=2)
---max_length 512              truncate prompt + completion to this many tokens
---use_peft / --lora_r 16      LoRA (on by default) and its rank; --use_peft false trains every weight
---learning_rate, --max_steps, --per_device_train_batch_size, --seed
---eval_strategy steps         evaluate on --dataset_test_split (default "test") every --eval_steps
---resume_from_checkpoint DIR|latest (docs/faults.md), --push_to_hub --hub_model_id ID
-
-All TRL DPOConfig / ModelConfig and transformers TrainingArguments flags follow.
-"""
-
-
-def main(script_args: ScriptArguments, training_args: PlackettLuceDPOConfig, model_args: LoraModelConfig):
-    """Train, save to `training_args.output_dir`, push if asked; returns the trainer."""
-    seed_before_models(training_args)  # the LoRA adapter is built before the Trainer would seed
-    check_model_path(model_args.model_name_or_path, "model_name_or_path")
-    training_args.model_init_kwargs = model_init_kwargs(model_args, training_args)
-    name = script_args.dataset_name
-    dataset = load_dataset_or_file(name, script_args.dataset_config)
-    push = hold_back_push(training_args)  # pushed once, after the card is written (rlhf_ext.publish)
-    trainer = PlackettLuceDPOTrainer(
-        model=model_args.model_name_or_path,
-        args=training_args,
-        train_dataset=train_split(dataset, script_args.dataset_train_split, name),
-        eval_dataset=eval_split(dataset, script_args.dataset_test_split, name, training_args.eval_strategy),
-        quantization_config=get_quantization_config(model_args),
-        peft_config=get_peft_config(model_args),
-    )
-    return train_save_push(trainer, training_args, name, push=push, kind="dpo", model_args=model_args)
-
-
-def make_parser():
-    return recipe_parser((ScriptArguments, PlackettLuceDPOConfig, LoraModelConfig), USAGE, DESCRIPTION)
-
+from rlhf_ext.scripts.dpo import cli
 
 if __name__ == "__main__":
-    main(*make_parser().parse_args_and_config())
+    cli()

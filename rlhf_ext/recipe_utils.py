@@ -27,14 +27,11 @@ class _UsageFirstFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawD
     """--help with the recipe's own usage block kept as written (line breaks and all) and every flag's default."""
 
 
-def recipe_parser(dataclass_types, usage: str, description: str, subparsers=None, name: str | None = None):
+def recipe_parser(dataclass_types, usage: str, description: str):
     """A TrlParser whose --help starts with a short `usage` line and a `description` block (what the recipe does,
     --config, the flags that matter) before the hundreds of TRL and transformers flags. Argparse's own usage line
     would list every flag (hundreds of lines) and never mention --config, which TrlParser handles by hand."""
-    kwargs = dict(usage=usage, description=description, formatter_class=_UsageFirstFormatter)
-    if subparsers is not None:
-        return subparsers.add_parser(name, help=description.splitlines()[0], dataclass_types=dataclass_types, **kwargs)
-    return RecipeParser(dataclass_types, **kwargs)
+    return RecipeParser(dataclass_types, usage=usage, description=description, formatter_class=_UsageFirstFormatter)
 
 
 # Keys a YAML config may give as local paths of data that must exist before anything is loaded

@@ -1,4 +1,5 @@
-"""Load a script of the repository (recipes/ and benchmarks/ are folders of scripts, not packages) as a module."""
+"""Load the recipes (modules of rlhf_ext.scripts) and the scripts of benchmarks/ and recipes/demo.py (files, not
+packages) in tests."""
 
 import importlib.util
 import sys
@@ -19,5 +20,7 @@ def load_script(relative_path: str, module_name: str) -> ModuleType:
 
 
 def load_recipe(name: str) -> ModuleType:
-    """recipes/<name>.py as the module `recipe_<name>`."""
-    return load_script(f"recipes/{name}.py", f"recipe_{name}")
+    """The recipe module `rlhf_ext.scripts.<name>` (ppo, online_kway, dpo, reward), or the script recipes/demo.py."""
+    if name == "demo":
+        return load_script("recipes/demo.py", "rlhf_ext_recipe_demo")
+    return importlib.import_module(f"rlhf_ext.scripts.{name}")

@@ -1,0 +1,7 @@
+"""The recipes as importable modules, each with `main(...)` (in-process) and `cli(argv)` (the command line).
+
+Run one as `rlhf-ext <name> --config recipes/configs/<name>.yaml ...` after `pip install`, as
+`python -m rlhf_ext.scripts.<name> ...`, on several GPUs as `accelerate launch -m rlhf_ext.scripts.<name> ...`, or from
+a clone as `accelerate launch recipes/<name>.py ...` (recipes/ holds thin launchers, the YAML configs and the
+accelerate configs). Names: ppo, online_kway, dpo, reward.
+"""
