@@ -62,9 +62,8 @@ def test_reward_rises_while_kl_stays_bounded(tmp_path):
 
 
 SYNC_CHECK = """
-import sys, torch
-sys.path.insert(0, {recipes!r})
-from ppo import main, make_parser
+import torch
+from rlhf_ext.scripts.ppo import main, make_parser
 script_args, training_args, model_args = make_parser().parse_args_and_config()
 trainer = main(script_args, training_args, model_args)
 params = [p.detach().double().sum() for p in trainer.shared_base.trainable_parameters()]
@@ -83,7 +82,7 @@ def test_recipe_with_two_cpu_processes_keeps_weights_in_sync(tmp_path):
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in ["abc", "hello", "xy", "qrs"] * 4))
     script = tmp_path / "run_and_check.py"
-    script.write_text(SYNC_CHECK.format(recipes=str(REPO / "recipes")))
+    script.write_text(SYNC_CHECK)
     output_dir = tmp_path / "out"
     command = [
         sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(script), "--use_cpu", "true",
