@@ -80,6 +80,8 @@ GRPO_ACTS = {
     "vllm_gpu_memory_utilization": "GRPOTrainer.__init__",
     "vllm_max_model_length": "GRPOTrainer.__init__",
     "vllm_tensor_parallel_size": "GRPOTrainer.__init__",
+    # multi-turn: both trainers take tools (issue 21 item 5)
+    "max_tool_calling_iterations": "GRPOTrainer.__init__",
     # rewards: our score is the reward_weights-weighted sum
     "reward_weights": "PPOTrainer._global_scores",
     # logging
@@ -94,7 +96,6 @@ ONLINE_ACTS = {
     **GRPO_ACTS,
     "reward_weights": "OnlinePlackettLuceTrainer._global_scores",  # PPOTrainer's, borrowed
     "num_iterations": "GRPOTrainer._prepare_inputs",  # reuses each generation batch (no importance weights)
-    "max_tool_calling_iterations": "GRPOTrainer.__init__",  # online K-way takes tools (issue 21 item 5)
 }
 DPO_ACTS = {
     "model_init_kwargs": "DPOTrainer.__init__",

@@ -1,8 +1,8 @@
 """GRPOTrainer's multi-turn arguments (issue 21 item 5): `tools`, `environment_factory`, `rollout_func`.
 
-Online K-way passes them to GRPOTrainer: its loss sums the log-probs of the policy's own tokens, so tool / environment
-output tokens (TRL's `tool_mask`, or a rollout function's `env_mask`) get no gradient. PPOTrainer refuses them before
-training with a message that says why, instead of Python's "unexpected keyword argument".
+Both trainers pass them to GRPOTrainer. Tool / environment output tokens (TRL's `tool_mask`, or a rollout function's
+`env_mask`) get no policy gradient: online K-way's loss sums the log-probs of the policy's own tokens; PPO runs its
+per-token rewards, GAE and loss over the policy's tokens only, bootstrapping the value across each tool output.
 """
 
 import pytest
@@ -10,6 +10,7 @@ import torch
 from datasets import Dataset
 from transformers import AutoModelForSequenceClassification
 
+from rlhf_ext.ops import gae
 from rlhf_ext.testing import tiny_causal_lm, tiny_llama_config, tiny_tokenizer
 from rlhf_ext.trainers.online_kway import OnlinePlackettLuceConfig, OnlinePlackettLuceTrainer
 from rlhf_ext.trainers.ppo_config import PPOConfig
@@ -90,7 +91,58 @@ def test_online_kway_rollout_func_trains_only_on_the_policys_tokens(tmp_path):
     trainer.train()  # and a whole step runs
 
 
-def test_online_kway_passes_tools_and_environments_to_grpo(tmp_path):
+def ppo_trainer(tmp_path, **overrides_and_multi_turn):
+    multi_turn = {k: overrides_and_multi_turn.pop(k) for k in MULTI_TURN if k in overrides_and_multi_turn}
+    args = PPOConfig(
+        output_dir=str(tmp_path / "ppo"), per_device_train_batch_size=2 * K, num_ppo_epochs=1,
+        **{**RUN, **overrides_and_multi_turn},
+    )  # fmt: skip
+    torch.manual_seed(1)
+    critic = AutoModelForSequenceClassification.from_config(tiny_llama_config(num_labels=1))
+    return PPOTrainer(
+        tiny_causal_lm(seed=0), reward_funcs=fewer_a_is_better, args=args,
+        train_dataset=Dataset.from_dict({"prompt": PROMPTS * 4}), processing_class=left_tokenizer(),
+        value_model=critic, **multi_turn,
+    )  # fmt: skip
+
+
+MULTI_TURN = ("tools", "environment_factory", "rollout_func")
+
+
+def test_ppo_gae_runs_over_the_policys_tokens_bootstrapping_across_the_tool_output(tmp_path):
+    trainer = ppo_trainer(tmp_path, rollout_func=tool_rollout, kl_coef=0.0, whiten_advantages=False, lam=0.9)
+    trainer.model.train()
+    trainer.current_gradient_accumulation_steps = 1
+    batch = trainer._generate_and_score_completions([{"prompt": p} for p in PROMPTS for _ in range(K)])
+    policy = (batch["completion_mask"] * batch["tool_mask"]).bool()
+    assert (~policy & batch["completion_mask"].bool()).any()  # tool output inside the completions
+    assert (batch["advantages"][~policy] == 0).all() and (batch["returns"][~policy] == 0).all()
+    # By hand: each row's policy tokens side by side, the score at the last of them, GAE over them alone (so
+    # V after the tool output is the next state's value of the token before it)
+    scores = trainer._last_rewards_per_func.sum(dim=1)
+    for row in range(len(policy)):
+        values = batch["old_values"][row][policy[row]][None]
+        rewards = torch.zeros_like(values)
+        rewards[0, -1] = scores[row]
+        expected, returns = gae(rewards, values, torch.ones_like(values, dtype=torch.bool), gamma=1.0, lam=0.9)
+        assert torch.allclose(batch["advantages"][row][policy[row]], expected[0], atol=1e-6)
+        assert torch.allclose(batch["returns"][row][policy[row]], returns[0], atol=1e-6)
+
+
+def test_ppo_rollout_func_trains_only_on_the_policys_tokens(tmp_path):
+    trainer = ppo_trainer(tmp_path, rollout_func=tool_rollout)
+    trainer.model.train()
+    trainer.current_gradient_accumulation_steps = 1
+    batch = trainer._generate_and_score_completions([{"prompt": p} for p in PROMPTS for _ in range(K)])
+    grads, tool_mask = policy_token_gradients(trainer, batch)
+    completion = batch["completion_mask"].bool()
+    assert grads[completion & (tool_mask == 0)].abs().max() == 0
+    assert grads[completion & (tool_mask == 1)].abs().sum() > 0
+    trainer.train()
+
+
+@pytest.mark.parametrize("build", [online_trainer, ppo_trainer], ids=["online_kway", "ppo"])
+def test_tools_and_environments_reach_grpo(tmp_path, build):
     def search(query: str) -> str:
         """Search.
 
@@ -114,16 +166,4 @@ def test_online_kway_passes_tools_and_environments_to_grpo(tmp_path):
     # GRPOTrainer's own check ran (the tiny chat template renders no tool calls), so the argument reached it
     for multi_turn in ({"tools": [search]}, {"environment_factory": Env}):
         with pytest.raises(ValueError, match="does not support tool calling"):
-            online_trainer(tmp_path, **multi_turn)
-
-
-@pytest.mark.parametrize("name", ["tools", "environment_factory", "rollout_func"])
-def test_ppo_refuses_multi_turn_arguments_saying_why(tmp_path, name):
-    args = PPOConfig(output_dir=str(tmp_path / "ppo"), per_device_train_batch_size=4, num_ppo_epochs=1, **RUN)
-    critic_config = tiny_llama_config(num_labels=1)
-    with pytest.raises(ValueError, match=rf"PPOTrainer does not support `{name}`.*GAE.*OnlinePlackettLuceTrainer"):
-        PPOTrainer(
-            tiny_causal_lm(seed=0), reward_funcs=fewer_a_is_better, args=args,
-            train_dataset=Dataset.from_dict({"prompt": PROMPTS}), processing_class=left_tokenizer(),
-            value_model=AutoModelForSequenceClassification.from_config(critic_config), **{name: tool_rollout},
-        )  # fmt: skip
+            build(tmp_path, **multi_turn)

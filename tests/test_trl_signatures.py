@@ -98,8 +98,8 @@ def test_trl_trainers_still_set_the_moe_aux_loss_switches_our_losses_read():
 
 
 def test_grpo_trainer_still_takes_the_multi_turn_arguments_and_masks_tool_tokens_by_tool_mask():
-    """Online K-way passes tools / rollout_func / environment_factory on and drops `tool_mask` tokens from its loss;
-    PPOTrainer refuses the three by name."""
+    """PPO and online K-way pass tools / rollout_func / environment_factory on and leave `tool_mask` tokens out of
+    their losses (PPO: out of its per-token rewards and GAE too)."""
     parameters = inspect.signature(GRPOTrainer.__init__).parameters
     for name in ("tools", "rollout_func", "environment_factory"):
         assert name in parameters, f"GRPOTrainer.__init__ no longer takes {name} ({VERSIONS})"

@@ -113,7 +113,6 @@ GRPO_OPTIONS_PPO_IGNORES = {
     "vllm_importance_sampling_clip_max": _PPO_VLLM_IS,
     "vllm_importance_sampling_clip_min": _PPO_VLLM_IS,
     "vllm_importance_sampling_cap": _PPO_VLLM_IS,
-    "max_tool_calling_iterations": "PPOTrainer takes no tools (docs/ppo.md, 'Multi-turn and tools')",
 }
 
 

@@ -64,6 +64,7 @@ from ..ops import (
     token_rewards,
 )
 from .fault_tolerance import FaultTolerantMixin
+from .policy_tokens import compact, expand, policy_token_order
 from .position_limits import check_prompts_leave_room, max_positions
 from .ppo_config import PPOConfig
 from .sampling import epoch_seeded
@@ -148,27 +149,6 @@ def with_router_aux_loss(trainer: GRPOTrainer, loss: torch.Tensor, aux_loss: tor
     accumulation = trainer.current_gradient_accumulation_steps if mode == "train" else 1.0
     trainer._metrics[mode]["aux_loss"].append(trainer.accelerator.gather_for_metrics(aux_loss.detach()).mean().item())
     return loss + trainer.router_aux_loss_coef * aux_loss / accumulation
-
-
-def refuse_multi_turn(**arguments) -> None:
-    """ValueError naming the first of GRPOTrainer's multi-turn arguments (`tools`, `rollout_func`,
-    `environment_factory`) that is set, and why PPOTrainer does not take it.
-
-    They put tool or environment output tokens inside a completion (TRL's `tool_mask` is 0 on them). PPO's per-token
-    rewards, GAE and clipped loss (`rlhf_ext.ops`) work on one contiguous run of policy tokens per completion; with
-    holes, GAE has to run over the policy's tokens only, bootstrapping V across each tool output, which is not built
-    (docs/ppo.md, "Multi-turn and tools"). Refused here, before the model is loaded, rather than with Python's
-    "unexpected keyword argument", or a failure at the first rollout.
-    """
-    for name, value in arguments.items():
-        if value is not None:
-            raise ValueError(
-                f"PPOTrainer does not support `{name}` (GRPOTrainer's multi-turn rollouts): tool and environment "
-                "outputs sit inside a completion, and PPO's per-token rewards and GAE need the policy's tokens as one "
-                "contiguous run (GAE over the policy's tokens only, bootstrapping the value across each tool output, "
-                "is not implemented). Train multi-turn rollouts with OnlinePlackettLuceTrainer (its sequence-level "
-                "loss masks tool tokens out) or TRL's GRPOTrainer; see docs/ppo.md, 'Multi-turn and tools'."
-            )
 
 
 def reward_texts(prompts: list, completions: list, tokenizer, chat_template_kwargs: dict) -> list[str]:
@@ -323,7 +303,9 @@ class PPOTrainer(FaultTolerantMixin, GRPOTrainer):
             (TRL PPO's value model format).
         ref_model: the reference policy for the KL penalty. Default: the policy with its adapters disabled
             when the policy is a PeftModel (or `peft_config` is given), otherwise a frozen copy of the policy.
-        tools, rollout_func, environment_factory: GRPOTrainer's multi-turn arguments, refused (`refuse_multi_turn`).
+        tools, rollout_func, environment_factory: multi-turn rollouts, as in `GRPOTrainer`. Tool and environment
+            output tokens (TRL's `tool_mask`) get no reward, KL term or policy gradient, and GAE runs over the
+            policy's tokens only (`rlhf_ext.trainers.policy_tokens`).
         Other arguments are passed to `GRPOTrainer` unchanged.
     """
 
@@ -360,7 +342,6 @@ class PPOTrainer(FaultTolerantMixin, GRPOTrainer):
         rollout_func=None,
         environment_factory=None,
     ):
-        refuse_multi_turn(tools=tools, rollout_func=rollout_func, environment_factory=environment_factory)
         if args is None:
             args = PPOConfig("ppo-output")
         if not isinstance(args, PPOConfig):
@@ -392,6 +373,9 @@ class PPOTrainer(FaultTolerantMixin, GRPOTrainer):
             callbacks=callbacks,
             optimizers=optimizers,
             peft_config=peft_config,
+            tools=tools,
+            rollout_func=rollout_func,
+            environment_factory=environment_factory,
         )
         if self.shared_base is not None:
             # GRPOTrainer casts the trainable adapters of any quantized base to bfloat16; the shared base keeps them
@@ -614,18 +598,24 @@ class PPOTrainer(FaultTolerantMixin, GRPOTrainer):
         if self._value_head_pending and mode == "train":
             values = self._initialise_value_head_bias(values, mask & scored[:, None])
 
-        rollout = self._advantages(scores, scored, logprobs, ref_logprobs, values, mask, batch["completion_ids"])
+        # The per-token ops run over the policy's tokens side by side: with tool output inside a completion, GAE then
+        # bootstraps V across it (`policy_tokens`); without, the order is the identity.
+        order, policy_mask = policy_token_order(mask)
+        logprobs_p, ref_logprobs_p, values_p, ids_p = (
+            compact(x, order) for x in (logprobs, ref_logprobs, values, batch["completion_ids"])
+        )
+        rollout = self._advantages(scores, scored, logprobs_p, ref_logprobs_p, values_p, policy_mask, ids_p)
         loss_mask = mask & scored[:, None]
         batch.update(
             old_per_token_logps=logprobs,
-            advantages=rollout["advantages"],
-            returns=rollout["returns"],
+            advantages=expand(rollout["advantages"], order, policy_mask),
+            returns=expand(rollout["returns"], order, policy_mask),
             old_values=values,
             ppo_mask=loss_mask,
             num_items_in_batch=self.accelerator.gather(loss_mask.sum()).sum(),
             num_sequences_in_batch=self.accelerator.gather(scored.sum()).sum(),
         )
-        self._log_rollout(rollout, scored, logprobs, values, mask, mode)
+        self._log_rollout(rollout, scored, logprobs_p, values_p, policy_mask, mode)
         self.last_rollout = self._rollout_records(batch, rollout["token_rewards"], scored)
         return batch
 
@@ -797,15 +787,17 @@ class PPOTrainer(FaultTolerantMixin, GRPOTrainer):
         # Critic warm-up: zero advantages and no entropy bonus make the policy term 0 with a gradient of exactly 0
         # (see `training_step` for why the policy stays in the graph), leaving vf_coef * value_loss.
         advantages = torch.zeros_like(inputs["advantages"]) if warmup else inputs["advantages"]
+        # `ppo_loss` takes right-padded rows: the policy's tokens side by side, tool output left out (`policy_tokens`)
+        order, mask = policy_token_order(inputs["ppo_mask"])
         out = ppo_loss(
-            logprobs,
-            inputs["old_per_token_logps"],
-            advantages,
-            inputs["ppo_mask"],
-            values=values,
-            old_values=inputs["old_values"],
-            returns=inputs["returns"],
-            entropy=entropy,
+            compact(logprobs, order),
+            compact(inputs["old_per_token_logps"], order),
+            compact(advantages, order),
+            mask,
+            values=compact(values, order),
+            old_values=compact(inputs["old_values"], order),
+            returns=compact(inputs["returns"], order),
+            entropy=compact(entropy, order),
             clip_range=self.args.cliprange,
             clip_range_value=self.args.cliprange_value,
             vf_coef=self.args.vf_coef,
