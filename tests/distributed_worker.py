@@ -17,18 +17,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import zlib
-from pathlib import Path
 
 import torch
 from datasets import Dataset
 from peft import LoraConfig
 from safetensors.torch import save_file
 from transformers import set_seed
-
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 
 if os.environ.get("RLHF_EXT_FSDP_ON_CPU") == "1":
     import fsdp_cpu_shim  # noqa: E402, F401  (test-only: accelerate's FSDP2 path on CPU processes)
@@ -212,7 +207,7 @@ def main() -> None:
     final = os.path.join(cli.output_dir, "final")
     trainer.save_model(final)
     if cli.trainer == "ppo":
-        from recipes.ppo import save_policy_role  # the recipe's own policy save
+        from rlhf_ext.scripts.ppo import save_policy_role  # the recipe's own policy save
 
         save_policy_role(trainer, trainer.shared_base, trainer.processing_class, final)
     report(trainer, weights, cli.output_dir)
