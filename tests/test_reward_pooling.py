@@ -10,6 +10,7 @@ import math
 import pytest
 import torch
 from datasets import Dataset
+from grpo_family import tiny_run
 from peft import LoraConfig
 
 from rlhf_ext.data.prepare import tokenize_ranked
@@ -124,19 +125,11 @@ def test_full_reward_model_is_marked_and_scored_at_its_last_real_token(model_pat
 
 @pytest.mark.parametrize("trainer_name", ["ppo", "online"])
 def test_ppo_scores_a_saved_full_reward_model_as_it_was_trained(model_path, tmp_path, trainer_name):
-    from rlhf_ext.trainers import OnlinePlackettLuceConfig, OnlinePlackettLuceTrainer, PPOConfig, PPOTrainer
-
     rm_trainer = train_reward(model_path, tmp_path, PLAIN, "eos", peft=False)
     rm_trainer.save_model(str(tmp_path / "rm"))
     expected = hand_scores(rm_trainer, PLAIN)
     shared = SharedBase.from_pretrained(model_path, SharedBaseArguments(lora_r=4, lora_alpha=8))
-    config_class, trainer_class = {
-        "ppo": (PPOConfig, PPOTrainer), "online": (OnlinePlackettLuceConfig, OnlinePlackettLuceTrainer),
-    }[trainer_name]
-    args = config_class(
-        output_dir=str(tmp_path / "ppo"), per_device_train_batch_size=4, num_generations=2, max_completion_length=4,
-        report_to=[], use_cpu=True, bf16=False, gradient_checkpointing=False, disable_tqdm=True,
-    )
+    trainer_class, args = tiny_run(trainer_name, tmp_path / "ppo")
     tok = tokenizer_with("none")
     tok.padding_side = "left"
     trainer = trainer_class(

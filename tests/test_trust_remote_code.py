@@ -4,9 +4,9 @@ import json
 
 import pytest
 from datasets import Dataset
+from grpo_family import tiny_run
 
 from rlhf_ext.testing import fraction_of_a, save_tiny_model, tiny_tokenizer
-from rlhf_ext.trainers import OnlinePlackettLuceConfig, OnlinePlackettLuceTrainer, PPOConfig, PPOTrainer
 
 # A model folder whose classes live in the folder itself, as on the Hub for models transformers does not ship.
 MODELING = '''
@@ -39,13 +39,7 @@ def remote_code_model(tmp_path):
 @pytest.mark.parametrize("trust", [True, False])
 def test_policy_path_is_loaded_with_trust_remote_code(remote_code_model, tmp_path, trainer_name, trust, monkeypatch):
     monkeypatch.setenv("HF_MODULES_CACHE", str(tmp_path / "modules"))
-    config_class, trainer_class = {
-        "ppo": (PPOConfig, PPOTrainer), "online": (OnlinePlackettLuceConfig, OnlinePlackettLuceTrainer),
-    }[trainer_name]
-    args = config_class(
-        output_dir=str(tmp_path / "out"), per_device_train_batch_size=4, num_generations=2, max_completion_length=4,
-        report_to=[], use_cpu=True, bf16=False, gradient_checkpointing=False, trust_remote_code=trust,
-    )
+    trainer_class, args = tiny_run(trainer_name, tmp_path / "out", trust_remote_code=trust)
     tok = tiny_tokenizer()
     tok.padding_side = "left"
     kwargs = dict(reward_funcs=fraction_of_a, args=args, processing_class=tok,
