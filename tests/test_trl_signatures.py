@@ -107,6 +107,14 @@ def test_grpo_trainer_still_takes_the_multi_turn_arguments_and_masks_tool_tokens
     assert '"tool_mask"' in inspect.getsource(GRPOTrainer._generate_and_score_completions), VERSIONS
 
 
+def test_dpo_trainer_still_asks_the_fused_head_for_the_token_metrics_pl_dpo_logs():
+    """PlackettLuceDPOTrainer reads entropy, mean_logits and is_top1 from the outputs of the fused LM head that
+    DPOTrainer.__init__ installs (its `entropy`, `logits/*` and `mean_token_accuracy` metrics)."""
+    source = inspect.getsource(DPOTrainer.__init__)
+    for output in ('"entropy"', '"mean_logits"', '"is_top1"'):
+        assert output in source, f"DPOTrainer no longer asks the fused head for {output} ({VERSIONS})"
+
+
 def test_peft_tuner_layers_keep_the_adapter_state_checkpointing_sets():
     """The exact checkpointing writes these two attributes directly (set_adapter would flip requires_grad)."""
     from peft import LoraConfig, get_peft_model
