@@ -7,7 +7,9 @@ The peak of one training step is the sum of four terms (docs/shared-base.md, "Me
                         plus every LoRA adapter the stage holds (PPO: policy, value, frozen reward; no value
                         adapter with value_layout="policy_trunk")
     adapters_optimizer  trainable adapters and heads: parameter + gradient + AdamW's two moments
-                        (in the parameter's dtype; one byte each with bitsandbytes' 8-bit AdamW)
+                        (in the parameter's dtype; one byte each with bitsandbytes' 8-bit AdamW); with
+                        policy_lm_head="trainable" (PPO, DPO) also the policy's copy of the LM head, vocab x
+                        hidden in the compute dtype with its gradient and moments (16 bytes a weight in float32)
     activations         what autograd keeps for backward. Counted, not guessed: one decoder layer of the real
                         architecture, with its LoRA adapters, runs forward on PyTorch's meta device (shapes, no
                         data, no memory) and every tensor it saves for backward is summed. Without
@@ -231,7 +233,7 @@ def estimate(config, stage: str = "ppo", bits: int = 16, lora_r: int = 16, batch
              prompt_length: int = 64, completion_length: int = 32, num_completions: int = 4,
              gradient_checkpointing: bool = True, device: str = "cuda", optimizer: str = "adamw_torch",
              compute_dtype: str | None = None, target_modules=None,
-             value_layout: str = "own_adapter") -> MemoryEstimate:
+             value_layout: str = "own_adapter", policy_lm_head: str = "frozen") -> MemoryEstimate:
     """Predicted peak memory of one training step of `stage` ("ppo", "dpo" or "reward") on a base of `config`.
 
     bits: 32 (float32 base), 16 (bfloat16 base), 8 or 4 (bitsandbytes, computing in `compute_dtype`, by
@@ -239,11 +241,15 @@ def estimate(config, stage: str = "ppo", bits: int = 16, lora_r: int = 16, batch
     adapters train in float32, or in bfloat16 on a quantized bfloat16 base (QLoRA, as `SharedBase` and TRL do).
     optimizer: TRL's `optim` name; "adamw_bnb_8bit" / "paged_adamw_8bit" keep the moments in one byte each.
     value_layout: PPO's critic, "own_adapter" (a value adapter and its own forward) or "policy_trunk" (neither).
+    policy_lm_head: "frozen" (the base's head) or "trainable" (`SharedBaseArguments.policy_lm_head`: the policy
+    trains a copy of the LM head, counted in `adapters_optimizer` by `policy_head_bytes`).
     """
     if stage not in STAGES:
         raise ValueError(f"stage must be one of {STAGES}, got {stage!r}")
     if bits not in (4, 8, 16, 32):
         raise ValueError(f"bits must be 4, 8, 16 or 32, got {bits!r}")
+    if policy_lm_head not in ("frozen", "trainable"):
+        raise ValueError(f"policy_lm_head must be 'frozen' or 'trainable', got {policy_lm_head!r}")
     if value_layout not in ("own_adapter", "policy_trunk"):
         raise ValueError(f"value_layout must be 'own_adapter' or 'policy_trunk', got {value_layout!r}")
     config = load_config(config)
@@ -255,6 +261,8 @@ def estimate(config, stage: str = "ppo", bits: int = 16, lora_r: int = 16, batch
     trainable = counts.lora * (1 + value_adapter)
     moment_bytes = 1 if "8bit" in optimizer else _dtype_bytes(adapter)
     adapters_optimizer = trainable * (2 * _dtype_bytes(adapter) + ADAMW_MOMENTS * moment_bytes)
+    if policy_lm_head == "trainable" and stage != "reward":  # the reward stage trains no LM head
+        adapters_optimizer += policy_head_bytes(config, compute, optimizer)
 
     length = prompt_length + completion_length
     sequences = batch_size * (num_completions if stage in ("dpo", "reward") else 1)
@@ -277,6 +285,19 @@ def estimate(config, stage: str = "ppo", bits: int = 16, lora_r: int = 16, batch
         logits=int(logits),
         runtime=CPU_RUNTIME_BYTES if device == "cpu" else 0,
     )
+
+
+def policy_head_bytes(config, compute: torch.dtype, optimizer: str = "adamw_torch") -> int:
+    """Bytes of the policy's trainable LM-head copy: vocab x hidden x (weight + gradient + AdamW's two moments).
+
+    The copy is peft's deep copy of the head, so it has the head's dtype: the compute dtype (the LM head is never
+    quantized). torch's AdamW keeps its moments in the parameter's dtype, 8-bit AdamW in one byte each. float32:
+    4 + 4 + 2 x 4 = 16 bytes a weight; bfloat16: 8. A tied head costs the same: the copy is a new tensor.
+    """
+    text = config.get_text_config()
+    weight_bytes = _dtype_bytes(compute)
+    moment_bytes = 1 if "8bit" in optimizer else weight_bytes
+    return text.vocab_size * text.hidden_size * (2 * weight_bytes + ADAMW_MOMENTS * moment_bytes)
 
 
 def fused_head_bytes(vocab_size: int, sequences: int, length: int, completion_length: int, device: str,
@@ -376,6 +397,8 @@ def main(argv=None) -> None:
     parser.add_argument("--optim", default="adamw_torch", help="TRL/transformers optim name, e.g. adamw_bnb_8bit")
     parser.add_argument("--value_layout", default="own_adapter", choices=["own_adapter", "policy_trunk"],
                         help="PPO's critic: its own value adapter, or a value head on the policy's trunk")
+    parser.add_argument("--policy_lm_head", default="frozen", choices=["frozen", "trainable"],
+                        help="the policy's LM head: the base's, or a trainable copy (PPO and DPO)")
     args = parser.parse_args(argv)
     try:
         config = load_config(args.model)
@@ -385,7 +408,7 @@ def main(argv=None) -> None:
     print(table(config, bits=args.bits, lora_r=args.lora_r, batch_size=args.batch_size,
                 prompt_length=args.prompt_length, completion_length=args.completion_length,
                 num_completions=args.num_completions, gradient_checkpointing=not args.no_gradient_checkpointing,
-                optimizer=args.optim, value_layout=args.value_layout))
+                optimizer=args.optim, value_layout=args.value_layout, policy_lm_head=args.policy_lm_head))
 
 
 if __name__ == "__main__":

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 import torch
 from peft import LoraConfig
-from transformers import BitsAndBytesConfig
+from transformers import BitsAndBytesConfig, PreTrainedModel
 
 # Target modules per `config.model_type`: every projection of attention and MLP, which is what
 # QLoRA found necessary to match full fine-tuning. SmolLM and SmolLM2 are `llama`.
@@ -37,6 +37,10 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 # Where the critic's value head reads its hidden state: the value role's own LoRA adapter, or the policy adapter's
 # trunk (one forward and one backward serve policy and value, as in trlX and LLaMA-Factory).
 VALUE_LAYOUTS = ("own_adapter", "policy_trunk")
+# The policy's output layer: the base's LM head, frozen and shared with the reference ("frozen"), or a trainable copy
+# that only the policy adapter reads ("trainable"; peft's `modules_to_save`). LoRA leaves the head frozen, which on
+# some tasks keeps the policy below the reward-KL frontier that full fine-tuning reaches (docs/benchmarks.md).
+POLICY_LM_HEADS = ("frozen", "trainable")
 
 
 @dataclass
@@ -98,6 +102,16 @@ class SharedBaseArguments:
             "choices": list(VALUE_LAYOUTS),
         },
     )
+    policy_lm_head: str = field(
+        default="frozen",
+        metadata={
+            "help": "The policy's LM head: 'frozen' (the base's, shared with the reference) or 'trainable' (a copy "
+            "trained with the policy adapter and saved with it; the reference, value and reward roles keep the "
+            "base's head, also when it is tied to the embeddings). Costs vocab x hidden weights with their gradient "
+            "and AdamW state (docs/shared-base.md).",
+            "choices": list(POLICY_LM_HEADS),
+        },
+    )
 
     def __post_init__(self):
         if self.load_in_4bit and self.load_in_8bit:
@@ -106,6 +120,8 @@ class SharedBaseArguments:
             raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}.")
         if self.value_layout not in VALUE_LAYOUTS:
             raise ValueError(f"value_layout must be one of {VALUE_LAYOUTS}, got {self.value_layout!r}.")
+        if self.policy_lm_head not in POLICY_LM_HEADS:
+            raise ValueError(f"policy_lm_head must be one of {POLICY_LM_HEADS}, got {self.policy_lm_head!r}.")
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -129,6 +145,27 @@ def lora_config(args: SharedBaseArguments, model_type: str) -> LoraConfig:
         bias="none",
         task_type="CAUSAL_LM",
     )
+
+
+def policy_lora_config(args: SharedBaseArguments, model: PreTrainedModel) -> LoraConfig:
+    """The LoraConfig of the policy role: `lora_config`, plus a trainable copy of the LM head when
+    `args.policy_lm_head == "trainable"`.
+
+    peft's `modules_to_save` keeps the original head beside the copy and runs the copy only while the policy adapter
+    is active: with adapters disabled (the reference) or another adapter active (value, reward) the original runs.
+    On a base whose head is tied to its input embeddings, the copy is a new tensor (peft's default
+    `ensure_weight_tying=False`): the policy's output layer unties, its input embeddings and the reference do not.
+    """
+    config = lora_config(args, model.config.model_type)
+    if args.policy_lm_head == "trainable":
+        config.modules_to_save = [output_layer_name(model)]
+    return config
+
+
+def output_layer_name(model: PreTrainedModel) -> str:
+    """Module name of the LM head (`get_output_embeddings()`), e.g. "lm_head"."""
+    head = model.get_output_embeddings()
+    return next(name for name, module in model.named_modules() if module is head)
 
 
 def quantization_config(args: SharedBaseArguments) -> BitsAndBytesConfig | None:

@@ -56,7 +56,8 @@ from .checkpointing import adapter_state_checkpointing
 from .fingerprint import write_base_fingerprint
 from .heads import ScalarHead
 from .hub import push_folder_to_hub, write_model_card
-from .presets import SharedBaseArguments, lora_config, quantization_config
+from .policy_head import copying_a_tied_head, has_own_head, untie_output_embeddings
+from .presets import SharedBaseArguments, lora_config, policy_lora_config, quantization_config
 from .quantization import adapter_dtype_for, disable_cpu_4bit_repacking, is_quantized, prepare_kbit_base
 from .role_checks import check_role_folder
 from .role_folder import (
@@ -97,12 +98,18 @@ def load_base_model(args: SharedBaseArguments, trust_remote_code: bool = False) 
 
 
 def is_adapter_parameter(name: str, adapter_name: str) -> bool:
-    """Whether parameter `name` of a peft model belongs to adapter `adapter_name` (e.g. '...lora_A.policy.weight').
+    """Whether parameter `name` of a peft model belongs to adapter `adapter_name` (e.g. '...lora_A.policy.weight', or
+    the policy's LM head copy '...lm_head.modules_to_save.policy.weight').
 
-    The adapter name is matched right after the `lora_*` container, so a base module that happens
-    to be called "value" (BERT-style attention) is not mistaken for the value adapter.
+    The adapter name is matched right after the `lora_*` or `modules_to_save` container, so a base module that
+    happens to be called "value" (BERT-style attention) is not mistaken for the value adapter.
     """
-    return re.search(rf"\.lora_[A-Za-z_]+\.{re.escape(adapter_name)}(\.|$)", name) is not None
+    return re.search(rf"\.(lora_[A-Za-z_]+|modules_to_save)\.{re.escape(adapter_name)}(\.|$)", name) is not None
+
+
+def is_role_weight(name: str) -> bool:
+    """Whether parameter `name` of a peft model is a role's own weight (LoRA, or an adapter's copy of a module)."""
+    return ".lora_" in name or ".modules_to_save." in name
 
 
 class SharedBase(nn.Module):
@@ -150,8 +157,12 @@ class SharedBase(nn.Module):
             base_name = args.model_name_or_path or model.config._name_or_path or None
             check_role_folder(args.policy_adapter_path, "policy", model, base_name)
             check_adapter_fits(model, args.policy_adapter_path)
-            return PeftModel.from_pretrained(model, args.policy_adapter_path, adapter_name="policy", is_trainable=True)
-        return get_peft_model(model, lora_config(args, model.config.model_type), adapter_name="policy")
+            with copying_a_tied_head():  # the folder's config says whether the policy has its own LM head
+                return PeftModel.from_pretrained(
+                    model, args.policy_adapter_path, adapter_name="policy", is_trainable=True
+                )
+        with copying_a_tied_head():
+            return get_peft_model(model, policy_lora_config(args, model), adapter_name="policy")
 
     def _add_value_role(self, args: SharedBaseArguments) -> None:
         """Add the "value" head, and its adapter unless the head sits on the policy's trunk; fresh or loaded from
@@ -233,7 +244,7 @@ class SharedBase(nn.Module):
         """Set requires_grad back to True exactly on the trainable set, False on every other adapter weight."""
         trainable_names = {name for params in self._trainable.values() for name in params}
         for name, param in self.peft_model.named_parameters():
-            if ".lora_" in name:
+            if is_role_weight(name):
                 param.requires_grad_(name in trainable_names)
 
     def _activate(self, role: str) -> None:
@@ -404,7 +415,8 @@ class SharedBase(nn.Module):
             if other is not None:
                 self._activate(other)
             self.peft_model.delete_adapter(role)
-        self.peft_model.load_adapter(str(directory), adapter_name=role, is_trainable=role in TRAINABLE_ROLES)
+        with copying_a_tied_head():
+            self.peft_model.load_adapter(str(directory), adapter_name=role, is_trainable=role in TRAINABLE_ROLES)
         if head is not None:
             self.heads[role] = head.to(self.device).requires_grad_(role in TRAINABLE_ROLES)
         self._trainable = self._collect_trainable()
@@ -429,12 +441,15 @@ class SharedBase(nn.Module):
         fresh = self._fresh_base(base, dtype or torch.float32)
         config = copy.deepcopy(self.peft_model.peft_config["policy"])
         config.inference_mode = True
-        merged_source = get_peft_model(fresh, config)
+        with copying_a_tied_head():
+            merged_source = get_peft_model(fresh, config)
         state = get_peft_model_state_dict(self.peft_model, adapter_name="policy", save_embedding_layers=False)
         result = set_peft_model_state_dict(merged_source, state)
         if result.unexpected_keys:
             raise ValueError(f"The fresh base does not have modules for policy weights {result.unexpected_keys[:3]}.")
         merged = merged_source.merge_and_unload()
+        if has_own_head(self.peft_model, "policy"):
+            untie_output_embeddings(merged)  # the policy's head is its own: saved, and not re-tied on load
         directory = Path(directory)
         merged.save_pretrained(directory)
         if tokenizer is not None:

@@ -53,6 +53,7 @@ from ..distributed import (
     parameters_from_state_dict,
 )
 from ..models import SharedBase
+from ..models.policy_head import adapter_view_of, has_own_head, is_modules_to_save_parameter, ties_output_embeddings
 from ..models.role_checks import check_trainer_reward_models
 from ..models.scoring import reads_last_real_token, right_padded, sequence_classifier_scores
 from ..ops import (
@@ -230,11 +231,17 @@ def merged_adapter_weights(peft_model: PeftModel, adapter: str) -> Iterator[tupl
     4-bit or 8-bit base) and cast to that weight's dtype, so the live model is only read: its other adapters, its
     active adapter and its base stay exactly as they were. The parameters are the base model's in `named_parameters`
     order, each once (tied weights once, as vLLM expects), without peft's `lora_*` weights and with `.base_layer`
-    dropped from the names; nothing attached outside the base (such as the trainer's critic) is included.
+    dropped from the names; nothing attached outside the base (such as the trainer's critic) is included. A module
+    `adapter` trains a copy of (`modules_to_save`: the policy's own LM head) is sent as that copy, under its name.
     """
     base = peft_model.get_base_model()
     for name, param in base.named_parameters():
         if ".lora_" in name:  # adapter weights: vLLM has no such parameters; `adapter`'s are merged below
+            continue
+        if is_modules_to_save_parameter(name):
+            view = adapter_view_of(base, name, param.detach(), adapter)  # None: not what `adapter` runs
+            if view is not None:
+                yield view
             continue
         module_name, _, param_name = name.rpartition(".")
         if param_name != "weight":
@@ -284,6 +291,14 @@ class SharedBaseVLLMGeneration(VLLMGeneration):
         # body of the value and reward roles. Here the policy is merged on the side, by name.
         if self._dist.is_fsdp:
             raise NotImplementedError("The shared base's vLLM weight sync does not support FSDP; use DDP or ZeRO.")
+        if has_own_head(self.model, "policy") and ties_output_embeddings(self.model.get_base_model()):
+            # vLLM builds a tied model from the base's config and skips a sent `lm_head.weight`: it would sample with
+            # the reference's head while the trainer scores with the policy's.
+            raise NotImplementedError(
+                "policy_lm_head='trainable' on a base with tie_word_embeddings=True cannot be synced to vLLM, which "
+                "ties lm_head to embed_tokens and ignores a sent lm_head.weight; generate without vLLM, or serve an "
+                "untied copy of the base (export_merged_policy writes one)."
+            )
         with self._dist.gather_params(list(self.model.parameters())):  # ZeRO-3: the whole model, as TRL gathers it
             for name, tensor in merged_adapter_weights(self.model, "policy"):
                 yield self._fix_param_name_to_vllm(name), tensor
