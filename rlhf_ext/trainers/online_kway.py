@@ -52,7 +52,7 @@ import torch
 from accelerate.utils import is_peft_model
 from datasets import Dataset
 from torch import nn
-from transformers import AutoModelForCausalLM, PreTrainedModel
+from transformers import PreTrainedModel
 from trl import GRPOConfig, GRPOTrainer
 
 from ..distributed import check_engine_supports
@@ -71,8 +71,8 @@ from .config_checks import (
     refuse_unused_options,
     warn_if_warmup_outlasts_run,
 )
-from .hub_token import NoStoredHubToken
 from .fault_tolerance import FaultTolerantMixin
+from .hub_token import NoStoredHubToken
 from .kway_common import TOP_M_HELP, ranking_stats
 from .position_limits import check_prompts_leave_room, max_positions
 from .ppo_trainer import (
@@ -82,6 +82,7 @@ from .ppo_trainer import (
     check_eos_token,
     check_reward_batch,
     checked_reward_function,
+    load_policy,
     scored_as_trained,
     with_router_aux_loss,
 )
@@ -359,7 +360,7 @@ class OnlinePlackettLuceTrainer(FaultTolerantMixin, GRPOTrainer):
         if reward_funcs is None:
             raise ValueError("OnlinePlackettLuceTrainer needs `reward_funcs`, or a SharedBase with a reward role.")
         if isinstance(model, str):
-            model = AutoModelForCausalLM.from_pretrained(model, **(args.model_init_kwargs or {}))
+            model = load_policy(model, args)
         if ref_model is None and not (is_peft_model(model) or peft_config is not None):
             # A full fine-tune moves every weight, so the reference must be a copy taken before training.
             ref_model = copy.deepcopy(model).eval().requires_grad_(False)

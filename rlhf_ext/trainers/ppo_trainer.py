@@ -38,11 +38,11 @@ from peft import PeftModel
 from peft.tuners.lora import LoraLayer
 from peft.utils.integrations import dequantize_module_weight
 from torch import nn
-from transformers import AutoModelForCausalLM, PreTrainedModel
+from transformers import PreTrainedModel
 from trl import GRPOTrainer
 from trl.data_utils import apply_chat_template, is_conversational
 from trl.generation.vllm_generation import VLLMGeneration
-from trl.trainer.utils import add_fused_lm_head, disable_dropout_in_model, is_async_callable
+from trl.trainer.utils import add_fused_lm_head, create_model_from_path, disable_dropout_in_model, is_async_callable
 
 from ..data.ranked import role_problem
 from ..distributed import (
@@ -134,6 +134,19 @@ class SharedBaseCritic(nn.Module):
 
     def load(self, path: str) -> None:
         self.shared.load_role("value", path)
+
+
+def load_policy(model_id: str, args) -> PreTrainedModel:
+    """The policy from a path or Hub id, loaded as GRPOTrainer.__init__ loads one: TRL's `create_model_from_path` with
+    `args.model_init_kwargs`, `args.trust_remote_code` and no device_map under DDP or DeepSpeed.
+
+    Loaded here rather than by GRPOTrainer because a full fine-tune's reference copy is taken before `super().__init__`.
+    """
+    kwargs = dict(args.model_init_kwargs or {})
+    if args.distributed_state.distributed_type in ("MULTI_GPU", "DEEPSPEED"):
+        kwargs["device_map"] = None  # as TRL: "auto" fails under distributed training
+    kwargs.setdefault("trust_remote_code", args.trust_remote_code)
+    return create_model_from_path(model_id, **kwargs)
 
 
 def with_router_aux_loss(trainer: GRPOTrainer, loss: torch.Tensor, aux_loss: torch.Tensor | None) -> torch.Tensor:
@@ -372,7 +385,7 @@ class PPOTrainer(FaultTolerantMixin, GRPOTrainer):
         if value_model is None:
             raise ValueError("PPOTrainer needs a critic: pass `value_model`, or a SharedBase as `model`.")
         if isinstance(model, str):
-            model = AutoModelForCausalLM.from_pretrained(model, **(args.model_init_kwargs or {}))
+            model = load_policy(model, args)
         uses_adapters = is_peft_model(model) or peft_config is not None
         if ref_model is None and not uses_adapters:
             # A full fine-tune moves every weight, so the reference must be a copy taken before training.
