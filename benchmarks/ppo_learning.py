@@ -17,6 +17,8 @@ hyperparameters, for three seeds (the seed drives sampling and prompt order):
     shared_trunk  (d) as (c) with `SharedBaseArguments(value_layout="policy_trunk")`: the value head on the policy
                   adapter's last hidden state
     shared_lora_lr10  (c') as (c) with 10x the learning rate (LoRA usually wants a larger one than full fine-tuning)
+    shared_lora_head  (c+) as (c) with `SharedBaseArguments(policy_lm_head="trainable")`: the policy also trains its
+                  own copy of the LM head (the reference, value and reward roles keep the base's)
     separate_frozen_io  (b') as (b) with the embeddings and the LM head frozen, the parameters LoRA leaves alone
                   (a diagnostic for the gap of (c))
 
@@ -86,6 +88,8 @@ VARIANTS = {
                                   color="tab:brown", frozen=("model.embed_tokens.", "lm_head.")),
     "shared_lora_lr10": Variant("(c') as (c), 10x learning rate", "rlhf_ext", shared={}, color="tab:purple",
                                 lr_scale=10.0),
+    "shared_lora_head": Variant("(c+) as (c), with a trainable LM-head copy in the policy role", "rlhf_ext",
+                                shared={"policy_lm_head": "trainable"}, color="tab:olive"),
 }  # fmt: skip
 DEFAULT_VARIANTS = ["trl", "separate", "shared_lora", "shared_trunk", "shared_lora_lr10", "separate_frozen_io"]
 
@@ -372,7 +376,7 @@ def explained_variance(returns, values, mask) -> float:
 
 def run_rlhf_ext(directory: Path, s: Settings, seed: int, variant: Variant) -> dict:
     from datasets import Dataset
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     from rlhf_ext.trainers.ppo_config import PPOConfig
     from rlhf_ext.trainers.ppo_trainer import PPOTrainer
@@ -392,17 +396,7 @@ def run_rlhf_ext(directory: Path, s: Settings, seed: int, variant: Variant) -> d
     )  # fmt: skip
     reward = TokenReward(AutoModelForSequenceClassification.from_pretrained(directory / "reward", num_labels=1),
                          tokenizer)  # fmt: skip
-    if variant.shared is None:
-        model = AutoModelForCausalLM.from_pretrained(directory / "policy")
-        for name, param in model.named_parameters():
-            if name.startswith(variant.frozen):
-                param.requires_grad_(False)
-        value_model = AutoModelForSequenceClassification.from_pretrained(directory / "value", num_labels=1)
-    else:
-        from rlhf_ext.models import SharedBase, SharedBaseArguments
-
-        shared_args = SharedBaseArguments(lora_r=s.lora_r, lora_alpha=s.lora_alpha, lora_dropout=0.0, **variant.shared)
-        model, value_model = SharedBase.from_pretrained(str(directory / "policy"), shared_args), None
+    model, value_model = build_models(directory, s, seed, variant)
     records: list[dict] = []
     trainer = PPOTrainer(
         model,
@@ -416,6 +410,27 @@ def run_rlhf_ext(directory: Path, s: Settings, seed: int, variant: Variant) -> d
     trainer.train()
     return {"records": records, "special_tokens_before_eos": reward.special_tokens_before_eos,
             "args": _effective_args(config)}  # fmt: skip
+
+
+def build_models(directory: Path, s: Settings, seed: int, variant: Variant) -> tuple:
+    """(policy, value model) of an rlhf_ext variant: separate full models, or a `SharedBase` and None.
+
+    Seeded first: the shared base draws its LoRA A matrices and value head when it is built, before the Trainer
+    seeds, so without it two runs with the same seed would start from different adapters.
+    """
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, set_seed
+
+    set_seed(seed)
+    if variant.shared is not None:
+        from rlhf_ext.models import SharedBase, SharedBaseArguments
+
+        shared_args = SharedBaseArguments(lora_r=s.lora_r, lora_alpha=s.lora_alpha, lora_dropout=0.0, **variant.shared)
+        return SharedBase.from_pretrained(str(directory / "policy"), shared_args), None
+    model = AutoModelForCausalLM.from_pretrained(directory / "policy")
+    for name, param in model.named_parameters():
+        if name.startswith(variant.frozen):
+            param.requires_grad_(False)
+    return model, AutoModelForSequenceClassification.from_pretrained(directory / "value", num_labels=1)
 
 
 def _effective_args(config) -> dict:
@@ -494,6 +509,51 @@ def seed_average_gap(runs: list[dict], variant: str, reference: str, metric: str
     se = math.sqrt((statistics.variance(a) / len(a) if len(a) > 1 else 0.0)
                    + (statistics.variance(b) / len(b) if len(b) > 1 else 0.0))  # fmt: skip
     return {"reference": a, "variant": b, "difference": diff, "standard_error": se, "t": diff / se if se else math.nan}
+
+
+FRONTIER_KLS = (0.2, 0.5, 1.0)
+
+
+def score_at_kl(rewards: list[float], kls: list[float], target: float) -> float:
+    """A run's score when its KL first reaches `target`, linearly interpolated in KL between that update and the one
+    before (Gao et al. 2022 compare methods at matched KL, not at matched steps); NaN if it never does."""
+    for u, kl in enumerate(kls):
+        if kl >= target:
+            if u == 0 or kls[u - 1] >= kl:
+                return rewards[u]
+            w = (target - kls[u - 1]) / (kl - kls[u - 1])
+            return rewards[u - 1] + w * (rewards[u] - rewards[u - 1])
+    return math.nan
+
+
+def frontier(runs: list[dict], variant: str, kls=FRONTIER_KLS) -> dict:
+    """Per KL target, then "final" (score, KL at the last update): the seeds' values (run order), their median and
+    how many seeds reached the target."""
+    per_seed = [r for r in runs if r["variant"] == variant]
+    rows = {f"kl {t:g}": [score_at_kl(r["reward"], r["kl"], t) for r in per_seed] for t in kls}
+    rows["final"] = [r["reward"][-1] for r in per_seed]
+    rows["final kl"] = [r["kl"][-1] for r in per_seed]
+    out = {}
+    for name, values in rows.items():
+        finite = [v for v in values if math.isfinite(v)]
+        out[name] = {"seeds": values, "reached": len(finite),
+                     "median": statistics.median(finite) if finite else math.nan}  # fmt: skip
+    return out
+
+
+def format_frontier(runs: list[dict], variants: list[str]) -> str:
+    """Score at KL 0.2 / 0.5 / 1.0 and the final score and KL per variant: median [min, max] over the seeds that
+    reached it (n/N when not all did)."""
+    lines = [f"{'variant':<18}" + "".join(f"{'score at KL ' + format(t, 'g'):>26}" for t in FRONTIER_KLS)
+             + f"{'final score':>26}{'final KL':>26}"]  # fmt: skip
+    for v in variants:
+        cells = []
+        for entry in frontier(runs, v).values():
+            finite = [x for x in entry["seeds"] if math.isfinite(x)]
+            n = f" {entry['reached']}/{len(entry['seeds'])}" if entry["reached"] < len(entry["seeds"]) else ""
+            cells.append(f"{entry['median']:.3f} [{min(finite):.3f},{max(finite):.3f}]{n}" if finite else "not reached")
+        lines.append(f"{v:<18}" + "".join(f"{c:>26}" for c in cells))
+    return "\n".join(lines)
 
 
 def format_table(summary: dict, variants: list[str], every: int = 1) -> str:
@@ -642,6 +702,8 @@ def main() -> None:
         print(f"  {v:<13} {VARIANTS[v].label}")
     print()
     print(format_table(summary, variants))
+    print("\nScore against KL to the reference, median [min, max] over seeds:\n")
+    print(format_frontier(runs, variants))
     checks = {}
     if "trl" in variants:
         for v in variants:
@@ -666,7 +728,8 @@ def main() -> None:
     args.output.write_text(json.dumps({
         "command": command.strip(), "git": git.stdout.strip(), "wall_seconds": wall, "settings": settings.__dict__,
         "preparation": preparation,
-        "variants": {v: VARIANTS[v].label for v in variants}, "summary": summary, "checks": checks, "runs": runs,
+        "variants": {v: VARIANTS[v].label for v in variants}, "summary": summary, "checks": checks,
+        "frontier": {v: frontier(runs, v) for v in variants}, "runs": runs,
     }, indent=1) + "\n")  # fmt: skip
     plot(summary, variants, args.plot, title)
     print(f"\nwrote {args.output} and {args.plot}")

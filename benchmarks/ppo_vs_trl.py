@@ -141,7 +141,7 @@ def run_trl(directory: Path, args) -> list[float]:
 
 def run_rlhf_ext(directory: Path, args, value_layout: str = "own_adapter") -> list[float]:
     from datasets import Dataset
-    from transformers import AutoTokenizer
+    from transformers import AutoTokenizer, set_seed
 
     from rlhf_ext.models import SharedBase, SharedBaseArguments
     from rlhf_ext.trainers.ppo_config import PPOConfig
@@ -149,6 +149,8 @@ def run_rlhf_ext(directory: Path, args, value_layout: str = "own_adapter") -> li
 
     tokenizer = AutoTokenizer.from_pretrained(directory / "base", padding_side="left")
     prompts = json.loads((directory / "prompts.json").read_text())
+    # Seeded as the trainer is (seed=0), but before the shared base draws its LoRA A matrices and value head.
+    set_seed(0)
     shared = SharedBase.from_pretrained(
         str(directory / "base"),
         SharedBaseArguments(

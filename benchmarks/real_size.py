@@ -329,7 +329,8 @@ def child_ppo_shared(spec: Configuration, cli, output_dir: str) -> dict:
     stage("load base")
     clock = Clock()
     args = SharedBaseArguments(lora_r=cli.lora_r, lora_alpha=2 * cli.lora_r, lora_dropout=0.0, dtype=spec.dtype,
-                               load_in_4bit=spec.bits == 4, reward_adapter_path=cli.reward_dir)  # fmt: skip
+                               load_in_4bit=spec.bits == 4, reward_adapter_path=cli.reward_dir,
+                               policy_lm_head=cli.policy_lm_head)  # fmt: skip
     shared = SharedBase.from_pretrained(cli.base_dir, args)
     tokenizer = AutoTokenizer.from_pretrained(cli.base_dir, padding_side="left")
     load_s, _ = clock.lap()
@@ -531,7 +532,7 @@ def child_command(python: str, name: str, cli, base_dir: Path, reward_dir: Path)
             "--batch", str(cli.batch), "--prompt_length", str(cli.prompt_length),
             "--completion_length", str(cli.completion_length), "--num_completions", str(cli.num_completions),
             "--lora_r", str(cli.lora_r), "--steps", str(cli.steps), "--threads", str(cli.threads),
-            "--dtype", cli.dtype]  # fmt: skip
+            "--dtype", cli.dtype, "--policy_lm_head", cli.policy_lm_head]  # fmt: skip
 
 
 # glibc raises its mmap threshold (up to 32 MiB) after freeing large blocks, and then keeps later freed buffers of
@@ -578,6 +579,8 @@ def memory_estimate(spec: Configuration, config, cli) -> tuple[dict | None, str 
                   prompt_length=cli.prompt_length, completion_length=cli.completion_length,
                   num_completions=1 if spec.stage == "ppo" else cli.num_completions,
                   gradient_checkpointing=spec.gradient_checkpointing, device="cpu")  # fmt: skip
+    if spec.stage == "ppo" and cli.policy_lm_head != "frozen":
+        kwargs["policy_lm_head"] = cli.policy_lm_head
     if spec.bits == 4 and "compute_dtype" in inspect.signature(estimate).parameters:
         kwargs["compute_dtype"] = spec.dtype
     try:
@@ -662,6 +665,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--lora_r", type=int, default=16, help="LoRA rank (alpha = 2r, no dropout)")
     parser.add_argument("--dtype", default="float32", choices=sorted(DTYPE_BITS),
                         help="compute dtype of the 4-bit base")
+    parser.add_argument("--policy_lm_head", default="frozen", choices=["frozen", "trainable"],
+                        help="PPO rows: the policy's LM head, the base's or a trainable copy (SharedBaseArguments)")
     parser.add_argument("--threads", type=int, default=2, help="torch threads in each configuration's process")
     parser.add_argument("--glibc_default_malloc", action="store_true",
                         help="keep glibc's adaptive mmap threshold (peak RSS then includes freed buffers glibc keeps)")

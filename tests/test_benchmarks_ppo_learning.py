@@ -94,3 +94,37 @@ def test_seed_average_gap_compares_per_seed_averages():
     gap = m.seed_average_gap(runs, "separate", "trl")
     assert gap["reference"] == pytest.approx([0.1, 0.3]) and gap["variant"] == pytest.approx([0.3, 0.5])
     assert abs(gap["difference"] - 0.2) < 1e-9 and abs(gap["standard_error"] - math.sqrt(0.02)) < 1e-9
+
+
+@pytest.mark.parametrize("variant", ["shared_lora", "shared_lora_head"])
+def test_models_are_built_after_seeding_so_runs_reproduce(tmp_path, variant):
+    # The shared base draws its LoRA A matrices and value head when it is built, before the Trainer seeds: without a
+    # seed first, two runs with the same seed start from different adapters (issue 22 item 5).
+    from rlhf_ext.testing import save_tiny_model
+
+    m = load_ppo_learning()
+    save_tiny_model(tmp_path / "policy", seed=0, hidden_size=64)
+    settings = m.Settings()
+
+    def adapter_weights() -> dict:
+        model, _ = m.build_models(tmp_path, settings, seed=1, variant=m.VARIANTS[variant])
+        named = [*model.peft_model.named_parameters(), *model.heads.named_parameters()]
+        return {n: p.detach().clone() for n, p in named if p.requires_grad}
+
+    first = adapter_weights()
+    torch.randn(100)  # whatever ran before in the process moves the global RNG
+    second = adapter_weights()
+    assert first.keys() == second.keys() and any(".lora_A." in n for n in first)
+    for name in first:
+        assert torch.equal(first[name], second[name]), name
+
+
+def test_score_at_kl_interpolates_at_the_first_crossing():
+    m = load_ppo_learning()
+    assert m.score_at_kl([0.1, 0.2, 0.4], [0.0, 0.1, 0.3], 0.2) == pytest.approx(0.3)  # halfway from 0.1 to 0.3
+    assert m.score_at_kl([0.1, 0.2, 0.4], [0.0, 0.6, 0.1], 0.5) == pytest.approx(0.1 + 0.1 * 5 / 6)
+    assert math.isnan(m.score_at_kl([0.1, 0.2], [0.0, 0.1], 0.5))
+    runs = [run("c", 0, [0.1, 0.3], kl=[0.0, 0.4]), run("c", 1, [0.1, 0.2], kl=[0.0, 0.1])]
+    f = m.frontier(runs, "c")
+    assert f["kl 0.2"]["reached"] == 1 and f["kl 0.2"]["median"] == pytest.approx(0.2)
+    assert f["final"]["median"] == pytest.approx(0.25) and "not reached" in m.format_frontier(runs, ["c"])

@@ -3,7 +3,7 @@
 peft's `modules_to_save` wraps the LM head in a `ModulesToSaveWrapper` holding the original module and one copy per
 adapter that asked for it; the copy runs only while that adapter is active. Its parameters are named
 `lm_head.original_module.weight` and `lm_head.modules_to_save.<adapter>.weight`; these helpers map them back to the
-transformers name (`lm_head.weight`) for what leaves the live model (the vLLM sync, the merged export).
+transformers name (`lm_head.weight`) for what leaves the live model (the vLLM sync).
 """
 
 from __future__ import annotations
@@ -42,16 +42,6 @@ def adapter_view_of(base: nn.Module, name: str, param: torch.Tensor, adapter: st
 def has_own_head(peft_model: nn.Module, adapter: str) -> bool:
     """Whether `adapter` trains its own copy of a module (the policy's LM head with policy_lm_head="trainable")."""
     return bool(getattr(peft_model.peft_config[adapter], "modules_to_save", None))
-
-
-def untie_output_embeddings(model: nn.Module) -> None:
-    """Mark `model`'s config as untied, so that save and load keep an LM head that differs from the embeddings.
-
-    A tied config makes transformers drop `lm_head.weight` on save and re-tie it to the embeddings on load: a merged
-    policy with its own head would come back with the reference's.
-    """
-    for config in {id(c): c for c in (model.config, model.config.get_text_config())}.values():
-        config.tie_word_embeddings = False
 
 
 def ties_output_embeddings(model: nn.Module) -> bool:

@@ -56,7 +56,7 @@ from .checkpointing import adapter_state_checkpointing
 from .fingerprint import write_base_fingerprint
 from .heads import ScalarHead
 from .hub import push_folder_to_hub, write_model_card
-from .policy_head import copying_a_tied_head, has_own_head, untie_output_embeddings
+from .policy_head import copying_a_tied_head
 from .presets import SharedBaseArguments, lora_config, policy_lora_config, quantization_config
 from .quantization import adapter_dtype_for, disable_cpu_4bit_repacking, is_quantized, prepare_kbit_base
 from .role_checks import check_role_folder
@@ -435,8 +435,10 @@ class SharedBase(nn.Module):
         The merge happens on a fresh copy (`base`: a path, a freshly built model, or by default the
         path this base was loaded from), never in the live container, whose base is also the
         reference. A quantized container is merged into the unquantized weights (loaded in `dtype`,
-        default float32), so the export is the policy without quantization error. `tokenizer`, if
-        given, is saved beside the weights so the folder is a complete model.
+        default float32), so the export is the policy without quantization error. With
+        policy_lm_head="trainable" the policy's head copy becomes the export's LM head (untied from the
+        embeddings on a tied base). `tokenizer`, if given, is saved beside the weights so the folder is a
+        complete model.
         """
         fresh = self._fresh_base(base, dtype or torch.float32)
         config = copy.deepcopy(self.peft_model.peft_config["policy"])
@@ -448,8 +450,6 @@ class SharedBase(nn.Module):
         if result.unexpected_keys:
             raise ValueError(f"The fresh base does not have modules for policy weights {result.unexpected_keys[:3]}.")
         merged = merged_source.merge_and_unload()
-        if has_own_head(self.peft_model, "policy"):
-            untie_output_embeddings(merged)  # the policy's head is its own: saved, and not re-tied on load
         directory = Path(directory)
         merged.save_pretrained(directory)
         if tokenizer is not None:
