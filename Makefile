@@ -31,7 +31,7 @@ test-slow: install-demo
 	$(PY) -m pytest -q -m slow
 
 demo: install-demo
-	$(PY) recipes/demo.py --config recipes/configs/demo.yaml
+	$(PY) -m demo --config recipes/configs/demo.yaml
 
 clean:
 	rm -rf $(VENV) outputs .pytest_cache

@@ -1,16 +1,16 @@
 """Online K-way DPO on the demo's parts, with PPO's sampling budget, evaluated like the demo's policies.
 
-Uses what `make demo` (recipes/demo.py) left in `--demo_dir`: SmolLM2-135M-Instruct converted to safetensors
+Uses what `make demo` (`python -m demo`) left in `--demo_dir`: SmolLM2-135M-Instruct converted to safetensors
 (the demo's model cache), the reward role folder (`reward/`, the K-way reward adapter + head, frozen here as the
 judge) and the training prompts (`prompts/train.jsonl`). Trains `recipes/online_kway.py` on one shared base with
 the demo's PPO settings where they carry over (learning rate and schedule, LoRA shape, 32 new tokens, temperature
 1, micro-batch of 8 sequences, 2 micro-batches per generation batch, 2 passes over each, 32 optimizer steps), so
 that it generates exactly as many completions as the demo's PPO stage (asserted below). Then evaluates base and the
-online policy on the 60 held-out prompts with the demo's own code (`rlhf_ext.demo.evaluation`, same seed, samples
+online policy on the 60 held-out prompts with the demo's own code (`demo.evaluation`, same seed, samples
 per prompt and generation batch), so the base row is the demo's base row.
 
-    python benchmarks/online_kway_demo.py --demo_dir outputs/demo          # after `make demo`
-    python benchmarks/online_kway_demo.py --demo_dir outputs/demo --learning_rate 1e-3
+    python -m benchmarks.online_kway_demo --demo_dir outputs/demo          # after `make demo`
+    python -m benchmarks.online_kway_demo --demo_dir outputs/demo --learning_rate 1e-3
 
 Writes `<output_dir>/policy` (adapter), `log_history.json`, `samples.json` and `metrics.json`; prints the table.
 """
@@ -19,31 +19,24 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import importlib.util
+import importlib
 import json
 import logging
-import sys
 import time
 from pathlib import Path
 
 import yaml
 
-from rlhf_ext.demo.evaluation import BASE, PolicySpec, evaluate_policies
-from rlhf_ext.demo.prompts import as_conversation, demo_split
-from rlhf_ext.demo.smollm2 import smollm2_path
+from demo.evaluation import BASE, PolicySpec, evaluate_policies
+from demo.prompts import as_conversation, demo_split
+from demo.smollm2 import smollm2_path
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def load_demo_module():
-    """recipes/demo.py as a module (recipes/ is a folder of scripts): its DemoConfig, run_recipe, summarize_policy."""
-    name = "rlhf_ext_recipe_demo"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, ROOT / "recipes" / "demo.py")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[name]
+    """The demo's driver (demo/__main__.py) as a module: its DemoConfig, run_recipe, summarize_policy."""
+    return importlib.import_module("demo.__main__")
 
 
 def completions_generated(max_steps: int, batch: int, steps_per_generation: int, iterations: int) -> int:

@@ -1,17 +1,17 @@
 """The critic on the demo's parts: GAE lambda 0.95 against 1.0, with and without the critic options (issue 13).
 
-Uses what `make demo` (recipes/demo.py) left in `--demo_dir`: SmolLM2-135M-Instruct converted to safetensors (the
+Uses what `make demo` (`python -m demo`) left in `--demo_dir`: SmolLM2-135M-Instruct converted to safetensors (the
 demo's model cache), the reward role folder (`reward/`, the K-way reward adapter + head, frozen as the judge) and the
 training prompts (`prompts/train.jsonl`). Trains the demo's PPO stage (`recipes/ppo.py` with the demo YAML's
 `ppo_args`, run in this process as the demo runs it) once per setting, each setting a few overrides of those
 arguments, with the same budget: the demo's 32 optimizer steps, 8 rollouts of 16 prompts, 128 sampled completions
 (a critic warm-up spends the first of those steps on the critic alone: it adds no rollout). Then evaluates base and
-every policy on the 60 held-out prompts with the demo's own code (`rlhf_ext.demo.evaluation`: same seed, samples per
+every policy on the 60 held-out prompts with the demo's own code (`demo.evaluation`: same seed, samples per
 prompt and generation batch; the base is sampled once), so the numbers are comparable to the demo's table.
 
-    python benchmarks/ppo_critic_demo.py --demo_dir outputs/demo                     # after `make demo`
-    python benchmarks/ppo_critic_demo.py --demo_dir outputs/demo --settings demo lam0.95+critic
-    python benchmarks/ppo_critic_demo.py --list                                      # the settings
+    python -m benchmarks.ppo_critic_demo --demo_dir outputs/demo                     # after `make demo`
+    python -m benchmarks.ppo_critic_demo --demo_dir outputs/demo --settings demo lam0.95+critic
+    python -m benchmarks.ppo_critic_demo --list                                      # the settings
 
 Besides the trainer's `val/explained_variance` (1 - Var(R - V) / Var(R) over the rollout's tokens, R the GAE
 returns: with lambda < 1 they contain the critic's own values), the trainer logs `val/explained_variance_mc`,
@@ -36,12 +36,12 @@ import time
 from pathlib import Path
 
 import yaml
-from online_kway_demo import load_demo_module  # noqa: E402 (a sibling script: benchmarks/ is on sys.path)
 
-from rlhf_ext.demo.evaluation import BASE, PolicySamples, policy_metrics, sample_policy
-from rlhf_ext.demo.generation import load_model_and_tokenizer
-from rlhf_ext.demo.prompts import as_conversation, demo_split
-from rlhf_ext.demo.smollm2 import smollm2_path
+from benchmarks.online_kway_demo import load_demo_module
+from demo.evaluation import BASE, PolicySamples, policy_metrics, sample_policy
+from demo.generation import load_model_and_tokenizer
+from demo.prompts import as_conversation, demo_split
+from demo.smollm2 import smollm2_path
 
 ROOT = Path(__file__).resolve().parents[1]
 logger = logging.getLogger("ppo_critic_demo")

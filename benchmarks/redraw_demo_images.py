@@ -6,7 +6,7 @@
 
 demo_dpo.png is not redrawn: no file here keeps that run's DPO log history (rerun `make demo` for it).
 
-    python benchmarks/redraw_demo_images.py
+    python -m benchmarks.redraw_demo_images
 """
 
 from __future__ import annotations
@@ -15,8 +15,8 @@ import json
 import re
 from pathlib import Path
 
-from rlhf_ext.demo.labels import POLICY_LABELS
-from rlhf_ext.demo.plots import plot_comparison, plot_ppo_curves
+from demo.labels import POLICY_LABELS
+from demo.plots import plot_comparison, plot_ppo_curves
 
 ROOT = Path(__file__).resolve().parents[1]
 MAX_NEW_TOKENS = 32  # recipes/configs/demo.yaml's, the cap of that run's held-out samples

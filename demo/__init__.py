@@ -1,2 +1,2 @@
 """Pieces only the offline demo needs: SmolLM2 from its GGUF, the project's prompts, VADER ranking,
-sampling, evaluation, plots and the report. `recipes/demo.py` wires them to the other recipes."""
+sampling, evaluation, plots and the report. `demo/__main__.py` (`python -m demo`) wires them to the recipes."""

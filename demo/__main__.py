@@ -1,8 +1,8 @@
 """The offline demo: the whole RLHF pipeline on SmolLM2-135M-Instruct, on a CPU, with no Hub access.
 
-    python recipes/demo.py --config recipes/configs/demo.yaml          # the real run (`make demo`)
-    python recipes/demo.py --config recipes/configs/demo_tiny.yaml     # CI: tiny random model, minutes
-    python recipes/demo.py --help
+    python -m demo --config recipes/configs/demo.yaml          # the real run (`make demo`)
+    python -m demo --config recipes/configs/demo_tiny.yaml     # CI: tiny random model, minutes
+    python -m demo --help
 
 Stages, each cached under `<output_dir>` and skipped on a rerun when its configuration (and every
 upstream stage's) is unchanged:
@@ -33,19 +33,19 @@ from typing import Any
 
 import torch
 
-from rlhf_ext.demo import cache
-from rlhf_ext.demo.evaluation import BASE, PolicySamples, PolicySpec, evaluate_policies
-from rlhf_ext.demo.generation import SamplingConfig, load_model_and_tokenizer
-from rlhf_ext.demo.plots import plot_comparison, plot_dpo_curves, plot_ppo_curves
-from rlhf_ext.demo.prompts import PromptSplit, as_conversation, demo_split
-from rlhf_ext.demo.report import render_report, write_report
-from rlhf_ext.demo.sampling import build_ranked_dataset
-from rlhf_ext.demo.smollm2 import smollm2_path
-from rlhf_ext.demo.tiny import save_tiny_word_model
+from demo import cache
+from demo.evaluation import BASE, PolicySamples, PolicySpec, evaluate_policies
+from demo.generation import SamplingConfig, load_model_and_tokenizer
+from demo.plots import plot_comparison, plot_dpo_curves, plot_ppo_curves
+from demo.prompts import PromptSplit, as_conversation, demo_split
+from demo.report import render_report, write_report
+from demo.sampling import build_ranked_dataset
+from demo.smollm2 import smollm2_path
+from demo.tiny import save_tiny_word_model
 from rlhf_ext.recipe_utils import recipe_parser
 
-logger = logging.getLogger("rlhf_ext.demo")
-USAGE = "demo.py --config recipes/configs/demo.yaml [--FLAG VALUE ...]"
+logger = logging.getLogger("demo")
+USAGE = "python -m demo --config recipes/configs/demo.yaml [--FLAG VALUE ...]"
 DESCRIPTION = """\
 The offline RLHF demo on SmolLM2-135M-Instruct, on a CPU, with no Hub access (`make demo`): sample K replies per
 prompt and rank them with VADER, train a K-way reward adapter, run PPO on one shared base, run K-way DPO, and

@@ -69,7 +69,7 @@ def _setup_section(metrics: dict[str, Any]) -> str:
         "",
         f"- Base model: {metrics['base_model']}.",
         f"- Prompts: {metrics['n_train_prompts']} training and {metrics['n_heldout_prompts']} held-out prompts "
-        "written for this project (`rlhf_ext/demo/prompts.txt`).",
+        "written for this project (`demo/prompts.txt`).",
         f"- Stage 1 sampled K={config['k']} completions per training prompt (temperature "
         f"{config['temperature']}, up to {config['max_new_tokens']} new tokens) and ranked them by VADER "
         f"compound score: {train['n_written']} ranked lists kept; {train['n_empty_completions']} empty completions "

@@ -1,5 +1,5 @@
-"""Load the recipes (modules of rlhf_ext.scripts) and the scripts of benchmarks/ and recipes/demo.py (files, not
-packages) in tests."""
+"""Load the recipes (modules of rlhf_ext.scripts), the demo's driver (demo/__main__.py) and the scripts of benchmarks/
+(files, not a package) in tests."""
 
 import importlib.util
 import sys
@@ -20,7 +20,5 @@ def load_script(relative_path: str, module_name: str) -> ModuleType:
 
 
 def load_recipe(name: str) -> ModuleType:
-    """The recipe module `rlhf_ext.scripts.<name>` (ppo, online_kway, dpo, reward), or the script recipes/demo.py."""
-    if name == "demo":
-        return load_script("recipes/demo.py", "rlhf_ext_recipe_demo")
-    return importlib.import_module(f"rlhf_ext.scripts.{name}")
+    """The recipe module `rlhf_ext.scripts.<name>` (ppo, online_kway, dpo, reward), or the demo's driver (`demo`)."""
+    return importlib.import_module("demo.__main__" if name == "demo" else f"rlhf_ext.scripts.{name}")

@@ -1,10 +1,10 @@
-"""The CI variant of the demo: every stage of recipes/demo.py on a tiny random model, and a cached rerun."""
+"""The CI variant of the demo: every stage of the demo (demo/__main__.py) on a tiny random model, and a cached rerun."""
 
 import json
 from pathlib import Path
 
 import pytest
-from scripts import load_script
+from scripts import load_recipe
 from trl import TrlParser
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -13,7 +13,7 @@ STAGES = ("sample", "reward", "ppo", "dpo", "eval")
 
 @pytest.fixture(scope="module")
 def demo():
-    return load_script("recipes/demo.py", "rlhf_ext_recipe_demo")
+    return load_recipe("demo")
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,4 @@
-from rlhf_ext.demo.cache import is_done, mark_done, read_summary
+from demo.cache import is_done, mark_done, read_summary
 
 
 def test_stage_is_done_only_with_the_same_config(tmp_path):

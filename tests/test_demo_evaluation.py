@@ -2,21 +2,21 @@ import json
 
 import pytest
 
-from rlhf_ext.demo.evaluation import (
+from demo.evaluation import (
     PolicySamples,
     PolicySpec,
     evaluate_policies,
     policy_metrics,
     win_rate,
 )
-from rlhf_ext.demo.generation import SamplingConfig, load_model_and_tokenizer
-from rlhf_ext.demo.prompts import as_conversation
-from rlhf_ext.demo.sampling import (
+from demo.generation import SamplingConfig, load_model_and_tokenizer
+from demo.prompts import as_conversation
+from demo.sampling import (
     build_ranked_dataset,
     read_ranked_dataset,
     write_ranked_dataset,
 )
-from rlhf_ext.demo.tiny import save_tiny_word_model
+from demo.tiny import save_tiny_word_model
 
 PROMPTS = ["How was your weekend?", "Describe a rainy afternoon.", "What is your favourite fruit?", "Hi."]
 

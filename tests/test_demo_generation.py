@@ -1,14 +1,14 @@
 import torch
 
-from rlhf_ext.demo.generation import (
+from demo.generation import (
     SamplingConfig,
     completion_logprobs,
     load_model_and_tokenizer,
     mask_after_first_eos,
     sample_batch,
 )
-from rlhf_ext.demo.prompts import as_conversation
-from rlhf_ext.demo.tiny import save_tiny_word_model
+from demo.prompts import as_conversation
+from demo.tiny import save_tiny_word_model
 
 
 def test_mask_after_first_eos_keeps_the_eos_and_drops_what_follows():

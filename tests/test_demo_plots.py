@@ -6,14 +6,14 @@ import math
 import matplotlib.pyplot as plt
 import pytest
 
-from rlhf_ext.demo.plots import (
+from demo.plots import (
     comparison_figure,
     dpo_curves_figure,
     plot_dpo_curves,
     ppo_curves_figure,
     rollout_means,
 )
-from rlhf_ext.demo.report import comparison_table
+from demo.report import comparison_table
 
 KEYS = ("mean_vader", "vader_stderr", "win_rate_vs_base", "kl_to_base", "mean_length_tokens")
 AT_CAP = {

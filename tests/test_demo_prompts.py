@@ -2,7 +2,7 @@ import random
 
 import pytest
 
-from rlhf_ext.demo.prompts import (
+from demo.prompts import (
     as_conversation,
     demo_split,
     load_prompts,

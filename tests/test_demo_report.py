@@ -1,14 +1,14 @@
 import pytest
 
-from rlhf_ext.demo.evaluation import PolicySamples
-from rlhf_ext.demo.plots import (
+from demo.evaluation import PolicySamples
+from demo.plots import (
     metric_series,
     plot_comparison,
     plot_dpo_curves,
     plot_ppo_curves,
     ppo_curves_figure,
 )
-from rlhf_ext.demo.report import comparison_table, render_report
+from demo.report import comparison_table, render_report
 
 PNG_MAGIC = b"\x89PNG"
 KEYS = ("mean_vader", "vader_stderr", "win_rate_vs_base", "kl_to_base", "mean_length_tokens")

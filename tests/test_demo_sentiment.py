@@ -2,14 +2,14 @@ import math
 
 import pytest
 
-from rlhf_ext.data import normalize_record
-from rlhf_ext.demo.sentiment import (
+from demo.sentiment import (
     completion_text,
     is_all_tied,
     rank_best_first,
     ranked_record,
     vader_compound,
 )
+from rlhf_ext.data import normalize_record
 
 
 def test_vader_compound_of_one_rated_word_is_its_normalised_valence():

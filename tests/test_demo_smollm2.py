@@ -3,7 +3,7 @@ import importlib.util
 import pytest
 import torch
 
-from rlhf_ext.demo import smollm2
+from demo import smollm2
 
 
 def test_missing_package_error_says_how_to_install(monkeypatch):

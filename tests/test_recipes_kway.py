@@ -130,7 +130,7 @@ def test_two_runs_with_the_same_seed_give_identical_adapters(workdir, tmp_path, 
 def test_lora_is_on_by_default(recipe):
     parser = load_recipe(recipe).make_parser()
     assert parser.parse_args_and_config(["--use_cpu"])[2].use_peft
-    assert parser.parse_dict({"use_cpu": True})[2].use_peft  # also in-process (recipes/demo.py parses dicts)
+    assert parser.parse_dict({"use_cpu": True})[2].use_peft  # also in-process (the demo parses dicts)
     assert not parser.parse_args_and_config(["--use_cpu", "--use_peft", "false"])[2].use_peft
 
 

@@ -32,7 +32,7 @@ def test_demo_help_starts_with_a_usage_block(capsys):
     assert exit_info.value.code == 0
     out = capsys.readouterr().out
     head = out[: out.index("options:")]
-    assert out.startswith("usage: demo.py --config") and len(head.splitlines()) < 30
+    assert out.startswith("usage: python -m demo --config") and len(head.splitlines()) < 30
     assert "recipes/configs/demo.yaml" in head and "--tiny" in head
 
 
@@ -83,7 +83,7 @@ def test_docs_demo_names_the_dpo_steps_demo_yaml_ships():
 
 
 def test_demo_report_points_at_samples_where_they_are():
-    from rlhf_ext.demo import report
+    from demo import report
 
     for text in (report.CAVEATS if hasattr(report, "CAVEATS") else Path(report.__file__).read_text(),
                  (ROOT / "docs" / "demo-report.md").read_text()):
