@@ -22,8 +22,8 @@ from rlhf_ext.trainers import (
     PlackettLuceDPOTrainer,
     PlackettLuceRewardConfig,
     PlackettLuceRewardTrainer,
+    grpo_base,
     kway_common,
-    ppo_trainer,
 )
 from rlhf_ext.trainers.online_kway import OnlinePlackettLuceConfig, OnlinePlackettLuceTrainer
 from rlhf_ext.trainers.ppo_config import PPOConfig
@@ -35,17 +35,17 @@ OWNERS = {
     for cls in (GRPOTrainer, GRPOConfig, DPOTrainer, RewardTrainer, SyncRefModelCallback, PPOTrainer,
                 OnlinePlackettLuceTrainer, PlackettLuceDPOTrainer, PlackettLuceRewardTrainer)
 }  # fmt: skip
-OWNERS.update(ppo_trainer=ppo_trainer, kway_common=kway_common)
+OWNERS.update(grpo_base=grpo_base, kway_common=kway_common)
 
 # GRPOConfig fields that act in both PPOTrainer and OnlinePlackettLuceTrainer, with where.
 GRPO_ACTS = {
     # loading and preparing the policy
-    "model_init_kwargs": "ppo_trainer.load_policy",
-    "trust_remote_code": "ppo_trainer.load_policy",
+    "model_init_kwargs": "grpo_base.load_policy",
+    "trust_remote_code": "grpo_base.load_policy",
     "disable_dropout": "GRPOTrainer.__init__",
     "cast_lm_head_to_fp32": "GRPOTrainer.__init__",  # the fused LM head, policy and (ours) reference
     # the MoE router loss, added by our losses (issue 21 item 2)
-    "router_aux_loss_coef": "ppo_trainer.with_router_aux_loss",
+    "router_aux_loss_coef": "grpo_base.with_router_aux_loss",
     # sampling: how many, how batched, how generated
     "num_generations": "GRPOTrainer._get_train_sampler",
     "num_generations_eval": "GRPOTrainer._get_eval_sampler",

@@ -18,8 +18,8 @@ from scripts import load_recipe
 from rlhf_ext.models import SharedBase, SharedBaseArguments, save_adapter_with_head
 from rlhf_ext.ops import dpo_plackett_luce_loss
 from rlhf_ext.testing import StopAfter, fraction_of_a, randomize_lora, save_tiny_model, tiny_causal_lm
+from rlhf_ext.trainers import SharedBaseReward
 from rlhf_ext.trainers.online_kway import OnlinePlackettLuceConfig, OnlinePlackettLuceTrainer, rank_groups
-from rlhf_ext.trainers.ppo_trainer import SharedBaseReward
 
 ROOT = Path(__file__).resolve().parents[1]
 LORA = dict(lora_r=4, lora_alpha=8, lora_dropout=0.0)

@@ -15,7 +15,7 @@ from transformers import AutoModelForCausalLM
 from rlhf_ext.memory import estimate
 from rlhf_ext.models import SharedBase, SharedBaseArguments
 from rlhf_ext.testing import randomize_lora, tiny_causal_lm, tiny_llama_config
-from rlhf_ext.trainers.ppo_trainer import merged_adapter_weights
+from rlhf_ext.trainers.vllm_sync import merged_adapter_weights
 
 LORA = dict(lora_r=4, lora_alpha=8, lora_dropout=0.0)
 TIED = pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied_embeddings"])

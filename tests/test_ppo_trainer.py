@@ -12,8 +12,9 @@ from transformers import AutoModelForSequenceClassification
 from rlhf_ext.models import SharedBase, SharedBaseArguments, save_adapter_with_head
 from rlhf_ext.ops import gae, masked_whiten, ppo_loss, token_rewards
 from rlhf_ext.testing import StopAfter, fraction_of_a, randomize_lora, tiny_causal_lm, tiny_llama_config
+from rlhf_ext.trainers import SharedBaseReward
 from rlhf_ext.trainers.ppo_config import PPOConfig
-from rlhf_ext.trainers.ppo_trainer import PPOTrainer, SharedBaseReward
+from rlhf_ext.trainers.ppo_trainer import PPOTrainer
 
 LORA = dict(lora_r=4, lora_alpha=8, lora_dropout=0.0)
 PROMPTS = ["abc", "hello", "xy", "qrs"]

@@ -315,7 +315,7 @@ def test_trl_and_peft_methods_the_vllm_sync_relies_on_keep_their_signatures(what
     actual = list(inspect.signature(function).parameters)
     assert actual == parameters, (
         f"{what} now takes {actual}, not {parameters} (trl {trl.__version__}, peft {peft.__version__}): check "
-        "PPOTrainer's vLLM weight sync (rlhf_ext/trainers/ppo_trainer.py, SharedBaseVLLMGeneration)."
+        "the shared base's vLLM weight sync (rlhf_ext/trainers/vllm_sync.py, SharedBaseVLLMGeneration)."
     )
 
 
@@ -338,5 +338,5 @@ def test_peft_still_merges_plain_lora_as_base_weight_plus_get_delta_weight(layer
     merge_source = inspect.getsource(layer.merge)
     assert "self.get_delta_weight(active_adapter)" in merge_source and "lora_variant" in merge_source, (
         f"peft {peft.__version__}: {layer.__qualname__}.merge no longer adds get_delta_weight to the base weight for a "
-        "plain LoRA adapter; check PPOTrainer's vLLM weight sync (rlhf_ext/trainers/ppo_trainer.py)"
+        "plain LoRA adapter; check the shared base's vLLM weight sync (rlhf_ext/trainers/vllm_sync.py)"
     )

@@ -8,7 +8,7 @@ import pytest
 import torch
 from test_ppo_trainer import make_shared, ppo_args, prompts, reward_folder  # noqa: F401 (reward_folder: a fixture)
 
-from rlhf_ext.trainers import ppo_trainer as ppo_module
+from rlhf_ext.trainers.grpo_base import check_reward_batch
 from rlhf_ext.trainers.online_kway import OnlinePlackettLuceConfig, OnlinePlackettLuceTrainer
 from rlhf_ext.trainers.ppo_trainer import PPOTrainer
 
@@ -58,7 +58,7 @@ def test_check_reward_batch_counts_the_skipped_completions_per_function(caplog):
     nan = math.nan
     rewards = torch.tensor([[1.0, nan], [2.0, 0.5], [nan, nan], [0.0, 1.0]])
     with caplog.at_level("WARNING"):
-        ppo_module.check_reward_batch(rewards, ["length", "judge"], torch.tensor([1.0, 1.0]))
+        check_reward_batch(rewards, ["length", "judge"], torch.tensor([1.0, 1.0]))
     assert "2 of 4 completions got no reward" in caplog.text
     assert "'length': 1, 'judge': 2" in caplog.text
 
@@ -66,20 +66,20 @@ def test_check_reward_batch_counts_the_skipped_completions_per_function(caplog):
 def test_check_reward_batch_refuses_a_batch_without_any_reward():
     rewards = torch.tensor([[1.0, math.nan], [2.0, math.nan]])
     with pytest.raises(ValueError, match=r"none of the 2 completions .* got a reward.*'judge': 2 of 2"):
-        ppo_module.check_reward_batch(rewards, ["length", "judge"], torch.tensor([1.0, 1.0]))
+        check_reward_batch(rewards, ["length", "judge"], torch.tensor([1.0, 1.0]))
 
 
 @pytest.mark.parametrize("value", [math.inf, -math.inf])
 def test_check_reward_batch_refuses_infinite_rewards_naming_function_and_completion(value):
     rewards = torch.tensor([[1.0, 0.0], [2.0, value]])
     with pytest.raises(ValueError, match=rf"Reward function 'judge' returned {value} for completion 1 .*large finite"):
-        ppo_module.check_reward_batch(rewards, ["length", "judge"], torch.tensor([1.0, 1.0]))
+        check_reward_batch(rewards, ["length", "judge"], torch.tensor([1.0, 1.0]))
 
 
 def test_check_reward_batch_refuses_a_weighted_sum_that_overflows():
     rewards = torch.tensor([[3e38, 3e38]])
     with pytest.raises(ValueError, match="weighted sum of the rewards of completion 0 overflows"):
-        ppo_module.check_reward_batch(rewards, ["a", "b"], torch.tensor([1.0, 1.0]))
+        check_reward_batch(rewards, ["a", "b"], torch.tensor([1.0, 1.0]))
 
 
 # ----------------------------------------------------------------------------- PPO

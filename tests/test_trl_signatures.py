@@ -23,7 +23,7 @@ VERSIONS = f"trl {trl.__version__}, transformers {transformers.__version__}, pef
 
 # (owner, method, the leading parameters rlhf_ext relies on, in order)
 SIGNATURES = [
-    # PPOTrainer (rlhf_ext/trainers/ppo_trainer.py) overrides ...
+    # PPOTrainer and its base SharedBaseGRPOTrainer (rlhf_ext/trainers/ppo_trainer.py, grpo_base.py) override ...
     (GRPOTrainer, "_calculate_rewards", ["self", "inputs", "prompts", "completions", "completion_ids_list"]),
     (GRPOTrainer, "_tokenize_prompts", ["self", "prompts"]),
     (GRPOTrainer, "_generate_and_score_completions", ["self", "inputs"]),

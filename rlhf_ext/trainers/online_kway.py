@@ -1,4 +1,4 @@
-r"""Online K-way (Plackett-Luce) DPO, as a thin subclass of TRL's GRPOTrainer.
+r"""Online K-way (Plackett-Luce) DPO, as a thin subclass of TRL's GRPOTrainer (through `SharedBaseGRPOTrainer`).
 
 The seed post ("Navigating the RLHF Landscape: From Policy Gradients to PPO, GAE, and DPO for LLM Alignment"),
 section 5.2, derives DPO for K ranked completions from the Plackett-Luce model; here the K completions are sampled
@@ -23,7 +23,10 @@ over `steps_per_generation` micro-batches, logs and checkpoints. This subclass c
     _generate_and_score_completions   super() samples and scores; we add the reference log-probs, sort every group
                                       by its reward and regroup the batch as [groups, K, ...] in ranked order
     _compute_loss                     policy forward, then the Plackett-Luce DPO loss per group
-    _calculate_rewards, _save         keep the raw rewards for the ranking; save only a shared base's policy adapter
+    _save                             save only a shared base's policy adapter
+
+What it shares with PPO (the shared base's roles, the reward functions and their checks, the reference, the raw
+rewards, the prompt checks' tokenization) is `SharedBaseGRPOTrainer` (grpo_base.py), its base class.
 
 Regrouping matters: GRPO shuffles a generation batch along its first dimension and splits it into micro-batches;
 with one group per row the shuffle permutes whole groups and each micro-batch holds whole groups, which a
@@ -43,21 +46,17 @@ is removed from the shared base's trainable set, so it is neither in the optimiz
 
 from __future__ import annotations
 
-import copy
 import textwrap
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
-from accelerate.utils import is_peft_model
 from datasets import Dataset
 from torch import nn
 from transformers import PreTrainedModel
-from trl import GRPOConfig, GRPOTrainer
+from trl import GRPOConfig
 
-from ..distributed import check_engine_supports
 from ..models import SharedBase
-from ..models.role_checks import check_trainer_reward_models
 from ..ops import dpo_plackett_luce_loss
 from .checkpointing_name import ActivationCheckpointingByDefault
 from .config_checks import (
@@ -71,22 +70,10 @@ from .config_checks import (
     refuse_unused_options,
     warn_if_warmup_outlasts_run,
 )
-from .fault_tolerance import FaultTolerantMixin
+from .grpo_base import SharedBaseGRPOTrainer, with_router_aux_loss
 from .hub_token import NoStoredHubToken
 from .kway_common import TOP_M_HELP, ranking_stats
 from .position_limits import check_prompts_leave_room, max_positions
-from .ppo_trainer import (
-    PPOTrainer,
-    SharedBaseReward,
-    SharedBaseVLLMGeneration,
-    check_eos_token,
-    check_reward_batch,
-    checked_reward_function,
-    load_policy,
-    scored_as_trained,
-    with_router_aux_loss,
-)
-from .sampling import epoch_seeded
 
 # GRPO options the online K-way trainer never reads (its loss is the Plackett-Luce DPO loss of each group's reward
 # ranking: no advantages, ratio, clipping or entropy term), and what to set instead; a value other than the default is
@@ -284,7 +271,7 @@ def freeze_value_role(shared: SharedBase) -> None:
 # ---------------------------------------------------------------- the trainer
 
 
-class OnlinePlackettLuceTrainer(FaultTolerantMixin, GRPOTrainer):
+class OnlinePlackettLuceTrainer(SharedBaseGRPOTrainer):
     r"""Online K-way DPO: sample K completions per prompt, rank them by reward, minimise the Plackett-Luce DPO loss.
 
     Args:
@@ -317,19 +304,6 @@ class OnlinePlackettLuceTrainer(FaultTolerantMixin, GRPOTrainer):
             }"""),  # noqa: E501 (the BibTeX author list is one line of data)
     }
 
-    # Reused from PPOTrainer as they are (they read only `shared_base`, `ppo_ref_model`, `model`, `args`, `temperature`
-    # and the accelerator): the reference (a ref model, the shared base's reference role, or peft's adapters off) and
-    # saving only the policy adapter of a shared base.
-    _prepare_reference = PPOTrainer._prepare_reference
-    # NaN-scored completions leave the ranking and are counted in `objective/skipped_completions`, as in PPO
-    _global_scores = PPOTrainer._global_scores
-    _local_scores = PPOTrainer._local_scores
-    _reference_logprobs = PPOTrainer._reference_logprobs
-    _saving_only_the_policy_adapter = PPOTrainer._saving_only_the_policy_adapter
-    # prompts tokenized as generation will tokenize them, for the check that they leave room for the completion
-    _prompt_lengths = PPOTrainer._prompt_lengths
-    _prompts_known_upfront = PPOTrainer._prompts_known_upfront
-
     def __init__(
         self,
         model: str | PreTrainedModel | nn.Module,
@@ -351,41 +325,14 @@ class OnlinePlackettLuceTrainer(FaultTolerantMixin, GRPOTrainer):
             args = OnlinePlackettLuceConfig("online-kway-output")
         if not isinstance(args, OnlinePlackettLuceConfig):
             raise TypeError(f"OnlinePlackettLuceTrainer needs an OnlinePlackettLuceConfig, got {type(args).__name__}.")
-        check_trainer_reward_models(reward_funcs, args)  # before TRL loads a path as a sequence classifier
-        self.shared_base = model if isinstance(model, SharedBase) else None
-        if self.shared_base is not None:
-            if reward_funcs is None and "reward" in self.shared_base.heads:
-                reward_funcs = SharedBaseReward(self.shared_base, processing_class, args.chat_template_kwargs)
-            model = self.shared_base.peft_model
-        if reward_funcs is None:
-            raise ValueError("OnlinePlackettLuceTrainer needs `reward_funcs`, or a SharedBase with a reward role.")
-        if isinstance(model, str):
-            model = load_policy(model, args)
-        if ref_model is None and not (is_peft_model(model) or peft_config is not None):
-            # A full fine-tune moves every weight, so the reference must be a copy taken before training.
-            ref_model = copy.deepcopy(model).eval().requires_grad_(False)
         super().__init__(
-            model=model, reward_funcs=reward_funcs, args=args, train_dataset=train_dataset, eval_dataset=eval_dataset,
-            processing_class=processing_class, reward_processing_classes=reward_processing_classes,
-            callbacks=callbacks, optimizers=optimizers, peft_config=peft_config, tools=tools, rollout_func=rollout_func,
+            model, reward_funcs, args, ref_model=ref_model, processing_class=processing_class, peft_config=peft_config,
+            train_dataset=train_dataset, eval_dataset=eval_dataset, reward_processing_classes=reward_processing_classes,
+            callbacks=callbacks, optimizers=optimizers, tools=tools, rollout_func=rollout_func,
             environment_factory=environment_factory,
         )  # fmt: skip
         if self.shared_base is not None:
-            # GRPOTrainer casts trainable adapters of a quantized base to bfloat16; the shared base keeps its dtype.
-            self.shared_base.match_adapter_dtype()
             freeze_value_role(self.shared_base)  # before `train()` builds the optimizer from requires_grad
-            if self.use_vllm:
-                self.vllm_generation.__class__ = SharedBaseVLLMGeneration  # sync the policy only (see PPOTrainer)
-        self.ppo_ref_model = self._prepare_reference(ref_model)
-        check_engine_supports(model, self.accelerator, type(self).__name__, shared_base=self.shared_base is not None)
-        self._last_rewards_per_func = None
-        self.reward_funcs = [
-            checked_reward_function(scored_as_trained(func, tokenizer, self.chat_template_kwargs), name)
-            for func, tokenizer, name in zip(
-                self.reward_funcs, self.reward_processing_classes, self.reward_func_names, strict=True
-            )
-        ]
-        check_eos_token(self.processing_class)
         self._check_prompts_leave_room()
 
     def _check_prompts_leave_room(self) -> None:
@@ -401,19 +348,6 @@ class OnlinePlackettLuceTrainer(FaultTolerantMixin, GRPOTrainer):
                 check_prompts_leave_room(lengths, self.max_completion_length, limit, split, fix)
 
     # ---------------------------------------------------------------- rollout: rewards, reference, ranking
-
-    def _get_train_sampler(self, dataset=None):
-        # Extends GRPOTrainer._get_train_sampler: each epoch's shuffle seeded by the epoch, so resuming is exact.
-        return epoch_seeded(super()._get_train_sampler(dataset))
-
-    def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
-        # Extends GRPOTrainer._calculate_rewards: keep the gathered [N_global, n_funcs] rewards, which super() turns
-        # into group-relative advantages and drops; the ranking needs each completion's raw weighted reward. (Not
-        # borrowed from PPOTrainer like the methods above: its zero-argument super() is bound to PPOTrainer.)
-        rewards_per_func = super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)
-        check_reward_batch(rewards_per_func, self.reward_func_names, self.reward_weights)  # no inf, not all missing
-        self._last_rewards_per_func = rewards_per_func
-        return rewards_per_func
 
     def _generate_and_score_completions(self, inputs):
         # Extends GRPOTrainer._generate_and_score_completions: super() samples and scores (and logs `reward`); we add
@@ -498,8 +432,8 @@ class OnlinePlackettLuceTrainer(FaultTolerantMixin, GRPOTrainer):
     # ---------------------------------------------------------------- checkpoints
 
     def _save(self, output_dir: str | None = None, state_dict=None):
-        # Extends Trainer._save: on a shared base only the policy adapter is written (PPOTrainer's reason: peft would
-        # also write the frozen reward adapter without its head, and the unused value adapter).
+        # Extends Trainer._save: on a shared base only the policy adapter is written (peft would also write the frozen
+        # reward adapter without its head, and the unused value adapter: `_saving_only_the_policy_adapter`).
         with self._saving_only_the_policy_adapter():
             super()._save(output_dir, state_dict=state_dict)
 

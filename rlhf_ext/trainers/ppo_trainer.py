@@ -21,41 +21,27 @@ whose weight sync sends vLLM the policy merged into the base and nothing else (d
 
 from __future__ import annotations
 
-import copy
 import functools
 import logging
 import math
-import numbers
 import os
 import textwrap
-from collections.abc import Callable, Iterator, Mapping
-from contextlib import contextmanager, nullcontext
+from collections.abc import Callable, Mapping
 
 import torch
-from accelerate.utils import gather, gather_object, is_peft_model
+from accelerate.utils import gather, gather_object
 from datasets import Dataset
-from peft import PeftModel
-from peft.tuners.lora import LoraLayer
-from peft.utils.integrations import dequantize_module_weight
 from torch import nn
 from transformers import PreTrainedModel
-from trl import GRPOTrainer
-from trl.data_utils import apply_chat_template, is_conversational
-from trl.generation.vllm_generation import VLLMGeneration
-from trl.trainer.utils import add_fused_lm_head, create_model_from_path, disable_dropout_in_model, is_async_callable
+from trl.trainer.utils import disable_dropout_in_model
 
-from ..data.ranked import role_problem
 from ..distributed import (
-    check_engine_supports,
     fill_full_parameter,
     full_parameters,
     full_tensor,
     parameters_from_state_dict,
 )
 from ..models import SharedBase
-from ..models.policy_head import adapter_view_of, has_own_head, is_modules_to_save_parameter, ties_output_embeddings
-from ..models.role_checks import check_trainer_reward_models
-from ..models.scoring import reads_last_real_token, right_padded, sequence_classifier_scores
 from ..ops import (
     gae,
     masked_mean,
@@ -64,20 +50,15 @@ from ..ops import (
     rewards_to_go,
     token_rewards,
 )
-from .fault_tolerance import FaultTolerantMixin
+from .grpo_base import SharedBaseGRPOTrainer, with_router_aux_loss
 from .policy_tokens import compact, expand, policy_token_order
-from .position_limits import check_prompts_leave_room, max_positions
+from .position_limits import check_prompts_leave_room
 from .ppo_config import PPOConfig
-from .sampling import epoch_seeded
 
 logger = logging.getLogger(__name__)
 
 VALUE_DIR = "value"
 VALUE_WEIGHTS = "model.safetensors"  # a critic's weights in VALUE_DIR, unless it saves itself (`save`)
-POLICY_ADAPTER = "policy"
-# Prompts tokenized per call by the up-front length check: large enough to amortise the tokenizer call, small
-# enough that a huge dataset never sits in memory as token ids.
-PROMPT_CHECK_BATCH = 1024
 # What else to change when the longest prompt + max_completion_length passes the model's positions.
 PROMPT_ROOM_FIX = "set max_prompt_length to {prompt_room} or less, with long_prompts='drop' to skip longer prompts."
 
@@ -136,188 +117,7 @@ class SharedBaseCritic(nn.Module):
         self.shared.load_role("value", path)
 
 
-def load_policy(model_id: str, args) -> PreTrainedModel:
-    """The policy from a path or Hub id, loaded as GRPOTrainer.__init__ loads one: TRL's `create_model_from_path` with
-    `args.model_init_kwargs`, `args.trust_remote_code` and no device_map under DDP or DeepSpeed.
-
-    Loaded here rather than by GRPOTrainer because a full fine-tune's reference copy is taken before `super().__init__`.
-    """
-    kwargs = dict(args.model_init_kwargs or {})
-    if args.distributed_state.distributed_type in ("MULTI_GPU", "DEEPSPEED"):
-        kwargs["device_map"] = None  # as TRL: "auto" fails under distributed training
-    kwargs.setdefault("trust_remote_code", args.trust_remote_code)
-    return create_model_from_path(model_id, **kwargs)
-
-
-def with_router_aux_loss(trainer: GRPOTrainer, loss: torch.Tensor, aux_loss: torch.Tensor | None) -> torch.Tensor:
-    """`loss` plus a MoE policy's router load-balancing loss, added and logged (`aux_loss`) as GRPOTrainer._compute_loss
-    (TRL 1.16) does: router_aux_loss_coef * aux_loss, divided in training by the gradient-accumulation steps, because
-    `loss` already is (Trainer's own scaling is off for GRPO trainers). `loss` as it is when the policy has no router
-    or the coefficient is 0 (`aux_loss_enabled`, set by GRPOTrainer.__init__).
-
-    A function, not TRL's code: PPO and online K-way replace `_compute_loss` whole, so TRL's addition never runs.
-    """
-    if not trainer.aux_loss_enabled:
-        return loss
-    mode = "train" if trainer.model.training else "eval"
-    accumulation = trainer.current_gradient_accumulation_steps if mode == "train" else 1.0
-    trainer._metrics[mode]["aux_loss"].append(trainer.accelerator.gather_for_metrics(aux_loss.detach()).mean().item())
-    return loss + trainer.router_aux_loss_coef * aux_loss / accumulation
-
-
-def reward_texts(prompts: list, completions: list, tokenizer, chat_template_kwargs: dict) -> list[str]:
-    """The text a reward model scores: the chat template over prompt + completion messages, or prompt + completion +
-    EOS for plain text, as the K-way reward trainer's tokenization (`rlhf_ext.data.prepare`, like TRL's) built the
-    sequences it trained on."""
-    if is_conversational({"prompt": prompts[0]}):
-        return [
-            apply_chat_template({"messages": p + c}, tokenizer, **chat_template_kwargs)["text"]
-            for p, c in zip(prompts, completions, strict=True)
-        ]
-    return [p + c + tokenizer.eos_token for p, c in zip(prompts, completions, strict=True)]
-
-
-def tokenized_for_scoring(texts: list[str], tokenizer, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """(input_ids, attention_mask) of `texts`, right-padded by hand: a tokenizer without a pad token (GPT-2, Llama 3)
-    cannot pad, and the padding id does not matter since scores are read by the mask."""
-    sequences = tokenizer(text=texts, add_special_tokens=False)["input_ids"]
-    input_ids, attention_mask = right_padded(sequences, tokenizer.pad_token_id)
-    return input_ids.to(device), attention_mask.to(device)
-
-
-class SharedBaseReward:
-    """The reward role of a `SharedBase` as a TRL reward function: the score of prompt + completion text [N].
-
-    Like TRL's reward-model path, the text is re-tokenized (with the chat template for conversations); it is scored
-    at its last real token (`rlhf_ext.models.scoring`), the token the K-way reward trainer trains at. A plain-text
-    completion gets the EOS token appended, as the reward trainer's tokenization appended it.
-    """
-
-    __name__ = "reward_role"
-
-    def __init__(self, shared: SharedBase, tokenizer, chat_template_kwargs: dict | None = None):
-        self.shared = shared
-        self.tokenizer = tokenizer
-        self.chat_template_kwargs = chat_template_kwargs or {}
-
-    def __call__(self, prompts: list, completions: list, **kwargs) -> list[float]:
-        texts = reward_texts(prompts, completions, self.tokenizer, self.chat_template_kwargs)
-        input_ids, attention_mask = tokenized_for_scoring(texts, self.tokenizer, self.shared.device)
-        return self.shared.reward_scores(input_ids, attention_mask).tolist()
-
-
-class TrainedRewardModel:
-    """A full sequence-classification reward model saved by the K-way reward trainer, as a TRL reward function.
-
-    TRL would score it by transformers' pad-based pooling on prompt + completion without the EOS; this scores it as
-    it was trained: the text of `reward_texts`, read at its last real token.
-    """
-
-    def __init__(self, model: nn.Module, tokenizer, chat_template_kwargs: dict | None = None):
-        self.model = model
-        self.tokenizer = tokenizer
-        self.chat_template_kwargs = chat_template_kwargs or {}
-        self.__name__ = getattr(getattr(model, "config", None), "_name_or_path", "") or "reward_model"
-
-    @torch.inference_mode()
-    def __call__(self, prompts: list, completions: list, **kwargs) -> list[float]:
-        texts = reward_texts(prompts, completions, self.tokenizer, self.chat_template_kwargs)
-        device = next(self.model.parameters()).device
-        input_ids, attention_mask = tokenized_for_scoring(texts, self.tokenizer, device)
-        return sequence_classifier_scores(self.model, input_ids, attention_mask)[:, 0].float().tolist()
-
-
-def scored_as_trained(func, tokenizer, chat_template_kwargs: dict | None):
-    """`func`, or a `TrainedRewardModel` around it when it is a reward model the K-way reward trainer saved.
-
-    A reward model from elsewhere is left to TRL, which scores it as TRL's GRPOTrainer does.
-    """
-    if isinstance(func, nn.Module) and reads_last_real_token(func):
-        return TrainedRewardModel(func, tokenizer, chat_template_kwargs)
-    return func
-
-
-def merged_adapter_weights(peft_model: PeftModel, adapter: str) -> Iterator[tuple[str, torch.Tensor]]:
-    """(name, tensor) of every parameter of the base with `adapter` merged in, under transformers' names.
-
-    The merge is computed on the side, W + delta_W(adapter) summed in float32 on the base weight (dequantized on a
-    4-bit or 8-bit base) and cast to that weight's dtype, so the live model is only read: its other adapters, its
-    active adapter and its base stay exactly as they were. The parameters are the base model's in `named_parameters`
-    order, each once (tied weights once, as vLLM expects), without peft's `lora_*` weights and with `.base_layer`
-    dropped from the names; nothing attached outside the base (such as the trainer's critic) is included. A module
-    `adapter` trains a copy of (`modules_to_save`: the policy's own LM head) is sent as that copy, under its name.
-    """
-    base = peft_model.get_base_model()
-    for name, param in base.named_parameters():
-        if ".lora_" in name:  # adapter weights: vLLM has no such parameters; `adapter`'s are merged below
-            continue
-        if is_modules_to_save_parameter(name):
-            view = adapter_view_of(base, name, param.detach(), adapter)  # None: not what `adapter` runs
-            if view is not None:
-                yield view
-            continue
-        module_name, _, param_name = name.rpartition(".")
-        if param_name != "weight":
-            yield name.replace(".base_layer", ""), param.detach()
-            continue
-        weight = dequantize_module_weight(base.get_submodule(module_name)).detach()
-        tuner = _lora_layer_wrapping(base, module_name)
-        if tuner is not None and (adapter in tuner.lora_A or adapter in tuner.lora_embedding_A):
-            _check_plain_lora(tuner, adapter, module_name)
-            weight = (weight.float() + tuner.get_delta_weight(adapter).float()).to(weight.dtype)
-        yield name.replace(".base_layer", ""), weight
-
-
-def _lora_layer_wrapping(base: nn.Module, module_name: str) -> LoraLayer | None:
-    """The LoRA layer whose `base_layer` is the module `module_name`, or None for a module peft did not wrap."""
-    if not module_name.endswith(".base_layer"):
-        return None
-    layer = base.get_submodule(module_name.removesuffix(".base_layer"))
-    return layer if isinstance(layer, LoraLayer) else None
-
-
-def _check_plain_lora(tuner: LoraLayer, adapter: str, module_name: str) -> None:
-    """Refuse what `W + get_delta_weight` does not merge exactly: LoRA variants (DoRA), LoRA biases, merged layers."""
-    if adapter in tuner.lora_variant or tuner.lora_bias.get(adapter, False):
-        raise NotImplementedError(
-            f"Adapter {adapter!r} of {module_name} is not plain LoRA (DoRA or lora_bias); the shared base's vLLM "
-            "weight sync merges plain LoRA only."
-        )
-    if tuner.merged_adapters:
-        raise RuntimeError(f"{module_name} has adapters merged in place ({tuner.merged_adapters}); unmerge them first.")
-
-
-class SharedBaseVLLMGeneration(VLLMGeneration):
-    """TRL's vLLM backend for a `SharedBase`: a weight sync sends the policy merged into the base, nothing else.
-
-    PPOTrainer turns the backend GRPOTrainer builds into this class; only the weight iteration differs, so TRL's
-    `sync_weights` (server and colocate modes) and its generation are unchanged. The vLLM path itself is unverified
-    until a GPU run (docs/ppo.md); tests/test_ppo_vllm_sync.py checks what is sent, on CPU, with vLLM stood in for.
-    """
-
-    def _iter_named_params(self):
-        # Replaces VLLMGeneration._iter_named_params (TRL 1.16). For a peft model it merges the *active* adapter into
-        # the live base in place, sends every parameter of the trainer's model and unmerges. On a shared base that sends
-        # the critic attached as `value_model` (its value and reward heads), sends the value adapter merged if that is
-        # the active one, and round-trips the base through merge and unmerge: a bfloat16 base moves by a rounding step
-        # per sync and a 4-bit base is requantized (and sent packed), though the base is also the reference and the
-        # body of the value and reward roles. Here the policy is merged on the side, by name.
-        if self._dist.is_fsdp:
-            raise NotImplementedError("The shared base's vLLM weight sync does not support FSDP; use DDP or ZeRO.")
-        if has_own_head(self.model, "policy") and ties_output_embeddings(self.model.get_base_model()):
-            # vLLM builds a tied model from the base's config and skips a sent `lm_head.weight`: it would sample with
-            # the reference's head while the trainer scores with the policy's.
-            raise NotImplementedError(
-                "policy_lm_head='trainable' on a base with tie_word_embeddings=True cannot be synced to vLLM, which "
-                "ties lm_head to embed_tokens and ignores a sent lm_head.weight; generate without vLLM, or serve an "
-                "untied copy of the base (export_merged_policy writes one)."
-            )
-        with self._dist.gather_params(list(self.model.parameters())):  # ZeRO-3: the whole model, as TRL gathers it
-            for name, tensor in merged_adapter_weights(self.model, "policy"):
-                yield self._fix_param_name_to_vllm(name), tensor
-
-
-class PPOTrainer(FaultTolerantMixin, GRPOTrainer):
+class PPOTrainer(SharedBaseGRPOTrainer):
     r"""PPO with a value function, GAE and a KL-penalised per-token reward, on top of TRL's GRPOTrainer.
 
     Args:
@@ -375,50 +175,20 @@ class PPOTrainer(FaultTolerantMixin, GRPOTrainer):
         if not isinstance(args, PPOConfig):
             raise TypeError(f"PPOTrainer needs a PPOConfig, got {type(args).__name__}.")
         _check_train_dataset(train_dataset)
-        check_trainer_reward_models(reward_funcs, args)  # before TRL loads a path as a sequence classifier
-        self.shared_base = model if isinstance(model, SharedBase) else None
-        if self.shared_base is not None:
-            value_model = value_model or SharedBaseCritic(self.shared_base)
-            if reward_funcs is None and "reward" in self.shared_base.heads:
-                reward_funcs = SharedBaseReward(self.shared_base, processing_class, args.chat_template_kwargs)
-            model = self.shared_base.peft_model
+        if isinstance(model, SharedBase):
+            value_model = value_model or SharedBaseCritic(model)
         if value_model is None:
             raise ValueError("PPOTrainer needs a critic: pass `value_model`, or a SharedBase as `model`.")
-        if isinstance(model, str):
-            model = load_policy(model, args)
-        uses_adapters = is_peft_model(model) or peft_config is not None
-        if ref_model is None and not uses_adapters:
-            # A full fine-tune moves every weight, so the reference must be a copy taken before training.
-            ref_model = copy.deepcopy(model).eval().requires_grad_(False)
         super().__init__(
-            model=model,
-            reward_funcs=reward_funcs,
-            args=args,
-            train_dataset=train_dataset,
-            eval_dataset=eval_dataset,
-            processing_class=processing_class,
-            reward_processing_classes=reward_processing_classes,
-            callbacks=callbacks,
-            optimizers=optimizers,
-            peft_config=peft_config,
-            tools=tools,
-            rollout_func=rollout_func,
+            model, reward_funcs, args, ref_model=ref_model, processing_class=processing_class, peft_config=peft_config,
+            train_dataset=train_dataset, eval_dataset=eval_dataset, reward_processing_classes=reward_processing_classes,
+            callbacks=callbacks, optimizers=optimizers, tools=tools, rollout_func=rollout_func,
             environment_factory=environment_factory,
-        )
-        if self.shared_base is not None:
-            # GRPOTrainer casts the trainable adapters of any quantized base to bfloat16; the shared base keeps them
-            # in its compute dtype (float32 when asked for).
-            self.shared_base.match_adapter_dtype()
-            if self.use_vllm:
-                # GRPOTrainer.__init__ built a plain VLLMGeneration; only its weight sync must change (see the class,
-                # which adds no state, so re-classing the instance keeps everything TRL set up).
-                self.vllm_generation.__class__ = SharedBaseVLLMGeneration
-        self.ppo_ref_model = self._prepare_reference(ref_model)
+        )  # fmt: skip
         # Attached after super().__init__ so that a `peft_config` never injects LoRA into the critic.
         self.model.add_module("value_model", value_model.to(self.args.device))
         if self.args.disable_dropout:
             disable_dropout_in_model(value_model)
-        self._last_rewards_per_func = None
         self.last_rollout: list[dict] = []
         self._value_head_pending = self.args.value_head_init == "first_rollout_mean"
         if self._value_head_pending and value_head_bias(value_model) is None:
@@ -427,15 +197,6 @@ class PPOTrainer(FaultTolerantMixin, GRPOTrainer):
                 "has none (a transformers `score` head is built with bias=False). Use the shared base's value role "
                 "or a critic whose `score` is an nn.Linear with a bias."
             )
-        # Bad input found now, before the first step, rather than steps into the run with nothing saved.
-        check_engine_supports(model, self.accelerator, type(self).__name__, shared_base=self.shared_base is not None)
-        self.reward_funcs = [
-            checked_reward_function(scored_as_trained(func, tokenizer, self.chat_template_kwargs), name)
-            for func, tokenizer, name in zip(
-                self.reward_funcs, self.reward_processing_classes, self.reward_func_names, strict=True
-            )
-        ]
-        check_eos_token(self.processing_class)
         self.train_dataset = self._checked_prompts(self.train_dataset, "train")
         if isinstance(self.eval_dataset, Mapping):
             self.eval_dataset = {key: self._checked_prompts(d, f"eval {key}") for key, d in self.eval_dataset.items()}
@@ -444,11 +205,6 @@ class PPOTrainer(FaultTolerantMixin, GRPOTrainer):
 
     # ---------------------------------------------------------------- setup
 
-    def _prepare_reference(self, ref_model):
-        if ref_model is None:
-            return None
-        add_fused_lm_head(ref_model, temperature=self.temperature, cast_lm_head_to_fp32=self.args.cast_lm_head_to_fp32)
-        return self.accelerator.prepare_model(ref_model, evaluation_mode=True)
 
     @property
     def value_model(self) -> nn.Module:
@@ -484,10 +240,6 @@ class PPOTrainer(FaultTolerantMixin, GRPOTrainer):
             split_param_groups(optimizer, self.critic_parameters(), lr=self.args.value_learning_rate)
         return optimizer
 
-    def _get_train_sampler(self, dataset=None):
-        # Extends GRPOTrainer._get_train_sampler: the same RepeatSampler, with each epoch's shuffle seeded by the
-        # epoch, so a run resumed after its first epoch sees the prompts an uninterrupted run sees.
-        return epoch_seeded(super()._get_train_sampler(dataset))
 
     # ---------------------------------------------------------------- critic warm-up (VAPO, VC-PPO)
 
@@ -510,11 +262,8 @@ class PPOTrainer(FaultTolerantMixin, GRPOTrainer):
     # ---------------------------------------------------------------- rollout (seed 4, steps 1-5)
 
     def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
-        # Extends GRPOTrainer._calculate_rewards: keep the gathered [N_global, n_funcs] rewards, which super() turns
-        # into group-relative advantages and then drops; PPO needs the raw weighted score of every completion.
+        # Extends SharedBaseGRPOTrainer._calculate_rewards (which keeps the raw rewards): remember the largest |score|.
         rewards_per_func = super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)
-        check_reward_batch(rewards_per_func, self.reward_func_names, self.reward_weights)
-        self._last_rewards_per_func = rewards_per_func
         finite = rewards_per_func.isfinite().all(dim=1)
         scores = (rewards_per_func[finite] * self.reward_weights.to(rewards_per_func.device)).sum(dim=1)
         self._reward_magnitude = scores.abs().max().item()  # named if the loss overflows (`_check_finite`)
@@ -534,9 +283,6 @@ class PPOTrainer(FaultTolerantMixin, GRPOTrainer):
                 )
         return (prompt_ids, *rest)
 
-    def _position_limit(self) -> int | None:
-        """The policy's max_position_embeddings (None if its config sets none)."""
-        return max_positions(self.accelerator.unwrap_model(self.model).config)
 
     def _max_prompt_length(self) -> int:
         if self.args.max_prompt_length is not None:
@@ -579,26 +325,6 @@ class PPOTrainer(FaultTolerantMixin, GRPOTrainer):
         dropped = set(too_long)
         return dataset.select([i for i in range(len(lengths)) if i not in dropped])
 
-    def _prompts_known_upfront(self, dataset: Dataset) -> bool:
-        """Whether the dataset's prompts are exactly what generation tokenizes (no environment, rollout function or
-        images changing them at rollout time)."""
-        changed_at_rollout = self.environment_factories is not None or self.rollout_func is not None
-        return not changed_at_rollout and not {"image", "images"} & set(dataset.column_names)
-
-    def _prompt_lengths(self, dataset: Dataset, split: str) -> list[int]:
-        """Token count of every prompt of `dataset`, tokenized by GRPOTrainer (not this class's per-batch check);
-        ValueError naming the record for a prompt that is not text or chat messages, or that has no tokens."""
-        lengths = []
-        for batch in dataset.select_columns("prompt").iter(batch_size=PROMPT_CHECK_BATCH):
-            prompts = batch["prompt"]
-            for i, prompt in enumerate(prompts, start=len(lengths)):
-                check_prompt(prompt, split, i)
-            prompt_ids = GRPOTrainer._tokenize_prompts(self, prompts)[0]
-            for i, ids in enumerate(prompt_ids, start=len(lengths)):
-                if len(ids) == 0:
-                    raise ValueError(f"{split} dataset, record {i} (0-based): field 'prompt' has no tokens.")
-            lengths.extend(len(ids) for ids in prompt_ids)
-        return lengths
 
     def _generate_and_score_completions(self, inputs):
         # super() samples with theta_old, runs the reward functions and builds GRPO's outputs; we replace its
@@ -674,39 +400,6 @@ class PPOTrainer(FaultTolerantMixin, GRPOTrainer):
         values = self.value_model.heads["value"](torch.cat(hidden))  # chunks of `batch_size` rows, in order
         return logprobs, entropies, values[:, -completion_length - 1 : -1], router_loss
 
-    def _reference_logprobs(self, input_ids, attention_mask, completion_length):
-        """log pi_ref of the sampled tokens [B, C]: the reference model, or the policy with its adapters off."""
-        if self.ppo_ref_model is not None:
-            model, context = self.ppo_ref_model, nullcontext()
-        elif self.shared_base is not None:
-            # The shared base's own switch: peft's disable_adapter alone would freeze the value adapter on exit.
-            model, context = self.model, self.shared_base.role("reference")
-        else:
-            model, context = self.model, self.accelerator.unwrap_model(self.model).disable_adapter()
-        with context:
-            logps, _, _ = self._get_per_token_logps_and_entropies(
-                model, input_ids, attention_mask, completion_length, batch_size=self.args.per_device_train_batch_size
-            )
-        return logps
-
-    def _global_scores(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """[N_global] weighted reward sums of the generation batch (all processes) and where they are finite."""
-        rewards_per_func = self._last_rewards_per_func
-        weights = self.reward_weights.to(rewards_per_func.device)
-        scores_global = (rewards_per_func * weights).sum(dim=1)
-        return scores_global, torch.isfinite(scores_global)
-
-    def _local_scores(self, batch_size: int, mode: str) -> tuple[torch.Tensor, torch.Tensor]:
-        """This process's [B] weighted reward sums and a [B] bool marking the completions with a finite score.
-
-        A completion whose reward is NaN or None under any reward function is skipped (its tokens leave the loss)
-        and counted in `objective/skipped_completions`, rather than being scored with a partial sum.
-        """
-        scores_global, scored_global = self._global_scores()
-        self._metrics[mode]["objective/skipped_completions"].append((~scored_global).sum().item())
-        start = self.accelerator.process_index * batch_size
-        local = slice(start, start + batch_size)
-        return scores_global[local].nan_to_num(0.0), scored_global[local]
 
     def _initialise_value_head_bias(self, values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """value_head_init="first_rollout_mean": shift the value head's bias so that the first training rollout's
@@ -970,26 +663,6 @@ class PPOTrainer(FaultTolerantMixin, GRPOTrainer):
             with parameters_from_state_dict(self.accelerator.unwrap_model(self.model), state_dict):
                 save_value_model(self.value_model, os.path.join(output_dir, VALUE_DIR))
 
-    @contextmanager
-    def _saving_only_the_policy_adapter(self):
-        """While active, the shared base's peft model saves only the policy adapter (in `<output_dir>/policy`).
-
-        Trainer._save calls peft's `save_pretrained`, which writes every adapter, each but "default" in a subfolder
-        named after it: the frozen reward adapter landed in `<output_dir>/reward` without its head, looking like a
-        reward role folder but not loadable as one, and the value adapter is written with its head by `_save` anyway.
-        The reward role is read from `reward_adapter_path` again on resume, so a checkpoint needs neither.
-        """
-        if self.shared_base is None:
-            yield
-            return
-        peft_model = self.shared_base.peft_model
-        peft_model.save_pretrained = functools.partial(
-            type(peft_model).save_pretrained, peft_model, selected_adapters=[POLICY_ADAPTER]
-        )
-        try:
-            yield
-        finally:
-            del peft_model.save_pretrained  # back to the class's method
 
     def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
         # Extends Trainer._load_from_checkpoint, which restores only the policy, with the critic saved by `_save`.
@@ -1071,125 +744,3 @@ def long_prompt_error(dataset, split: str, lengths: list[int], too_long: list[in
     )
 
 
-def check_prompt(prompt, split: str, index: int) -> None:
-    """ValueError naming the record unless `prompt` is text or a list of chat messages ({"role", "content"})."""
-    where = f"{split} dataset, record {index} (0-based): field 'prompt'"
-    if isinstance(prompt, str):
-        return
-    if not isinstance(prompt, list) or not prompt:
-        raise ValueError(f"{where} must be text or a non-empty list of chat messages, got {prompt!r:.100}.")
-    for turn, message in enumerate(prompt):
-        is_message = isinstance(message, Mapping) and isinstance(message.get("role"), str)
-        if not is_message or message.get("content") is None:
-            raise ValueError(
-                f"{where}, message {turn}: a chat message needs a 'role' (text) and a 'content', got {message!r:.100}."
-            )
-        if role_problem(message["role"]):  # the chat template would render it as a literal turn, or fail
-            raise ValueError(f"{where}, message {turn}: {role_problem(message['role'])}.")
-
-
-def check_eos_token(processing_class) -> None:
-    """ValueError unless the tokenizer has an EOS token: sampling stops at it (transformers' generation fails on
-    None at the first step) and a plain-text completion's reward text ends with it."""
-    tokenizer = getattr(processing_class, "tokenizer", processing_class)  # a processor holds its tokenizer
-    if tokenizer is not None and getattr(tokenizer, "eos_token_id", None) is None:
-        raise ValueError(
-            "The tokenizer (processing_class) has no eos_token: sampling stops at the EOS token and the reward reads "
-            "plain-text completions ending with it, so generation would fail at the first step. Set "
-            "tokenizer.eos_token to the token that ends your model's answers."
-        )
-
-
-def checked_reward_function(func, name: str):
-    """`func` with what it returns checked by `check_rewards` (async stays async); a module is returned unchanged,
-    since TRL reads a reward model's logits itself."""
-    if isinstance(func, nn.Module):
-        return func
-    if is_async_callable(func):
-
-        async def checked(*args, **kwargs):
-            return check_rewards(await func(*args, **kwargs), name)
-    else:
-
-        def checked(*args, **kwargs):
-            return check_rewards(func(*args, **kwargs), name)
-
-    checked.__name__ = checked.__qualname__ = name
-    checked.__wrapped__ = func
-    return checked
-
-
-def check_rewards(rewards, name: str):
-    """`rewards` unchanged if it holds one number (or None, to skip) per completion; a TypeError naming the reward
-    function and the first bad value otherwise, instead of torch's "too many dimensions 'str'" from inside TRL.
-
-    Accepted is what TRL's conversion reads correctly: a list, tuple, array or tensor whose items are None, Python or
-    numpy numbers, or one-element torch tensors (so a [N] or [N, 1] tensor). The count is left to TRL, whose error
-    already names the function.
-    """
-    advice = "a reward function must return one number (or None to skip the completion) per completion"
-    is_sequence = hasattr(rewards, "__len__") and getattr(rewards, "ndim", 1) > 0  # a 0-d array has __len__ too
-    if isinstance(rewards, (str, bytes, Mapping)) or not is_sequence:
-        raise TypeError(f"Reward function {name!r} returned {type(rewards).__name__} {rewards!r:.100}; {advice}.")
-    for i, reward in enumerate(rewards):
-        if not _is_scalar_reward(reward):
-            raise TypeError(
-                f"Reward function {name!r} returned {type(reward).__name__} {reward!r:.100} for completion {i}; "
-                f"{advice}."
-            )
-    return rewards
-
-
-def check_reward_batch(rewards_per_func: torch.Tensor, names: list[str], weights: torch.Tensor) -> None:
-    """Refuse rewards that would make training silently stop learning; warn when some completions go unscored.
-
-    `rewards_per_func` [N, F] is the generation batch of all processes (TRL turns None into NaN), so every process
-    raises alike. NaN / None means "no reward for this completion": it is skipped (its tokens leave the loss). But
-    - +-inf is refused: skipped like NaN it would never push the policy away from a "forbidden" completion, and kept
-      it would make the returns, advantages and value loss inf or NaN; a large finite penalty does what was meant;
-    - a batch where no completion has a reward is refused: every step would be a no-op and the run would "succeed";
-    - a weighted sum sum_f w_f r_f that overflows to +-inf is refused for the same reason as an inf reward.
-    A completion is skipped when any function gives it no reward (a partial sum would be a different reward).
-    """
-    infinite = torch.isinf(rewards_per_func)
-    if infinite.any():
-        row, col = infinite.nonzero()[0].tolist()
-        raise ValueError(
-            f"Reward function {names[col]!r} returned {rewards_per_func[row, col].item()} for completion {row} of the "
-            "generation batch (0-based, all processes in order). Infinite rewards are not allowed: skipped, the policy "
-            "would never be pushed away from such a completion, and kept, they make the returns and losses inf or "
-            "NaN. Return a large finite penalty instead (e.g. -10 times your usual reward scale), or None to skip it."
-        )
-    missing = torch.isnan(rewards_per_func)
-    skipped, total = missing.any(dim=1), len(rewards_per_func)
-    counts = missing.sum(dim=0).tolist()
-    if skipped.all():
-        per_func = ", ".join(f"{name!r}: {n} of {total}" for name, n in zip(names, counts, strict=True))
-        raise ValueError(
-            f"none of the {total} completions of this generation batch got a reward (NaN or None from a reward "
-            f"function; completions without a reward, per function: {per_func}). Every step would be a no-op. Check "
-            "the reward functions (an API that fails, a parser that never matches)."
-        )
-    if skipped.any():
-        logger.warning(
-            "%d of %d completions got no reward (NaN or None) and are skipped; per reward function: %s",
-            int(skipped.sum()), total, ", ".join(f"{name!r}: {n}" for name, n in zip(names, counts, strict=True)),
-        )  # fmt: skip
-    scores = (rewards_per_func * weights.to(rewards_per_func.device)).sum(dim=1)
-    overflow = torch.isinf(scores)
-    if overflow.any():
-        row = overflow.nonzero()[0].item()
-        raise ValueError(
-            f"The weighted sum of the rewards of completion {row} overflows to {scores[row].item()} "
-            f"(rewards {rewards_per_func[row].tolist()}, weights {weights.tolist()}); scale the rewards to order 1."
-        )
-
-
-def _is_scalar_reward(reward) -> bool:
-    """None, a real number (Python or numpy), a 0-d numpy array or a one-element torch tensor."""
-    if reward is None or isinstance(reward, numbers.Real):
-        return True
-    if torch.is_tensor(reward):
-        return reward.numel() == 1 and not reward.is_complex()
-    numpy_kind = getattr(getattr(reward, "dtype", None), "kind", None)  # bool, signed, unsigned, float
-    return getattr(reward, "ndim", None) == 0 and numpy_kind in ("b", "i", "u", "f")

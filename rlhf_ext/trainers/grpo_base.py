@@ -1,0 +1,434 @@
+"""What PPO and online K-way share on TRL's GRPOTrainer: `SharedBaseGRPOTrainer`, their common base.
+
+Both sample completions with GRPOTrainer and then replace its group-relative advantages: PPO with a critic and GAE,
+online K-way with a Plackett-Luce ranking of each group. What they share is here, once:
+
+    __init__                         a `SharedBase` as the model (its reward role as the default reward, its
+                                     reference role), a policy path loaded with TRL's `create_model_from_path`, the
+                                     reward functions checked (and a reward model the K-way trainer saved scored as
+                                     it was trained), the tokenizer's EOS, the vLLM weight sync of a shared base
+    _calculate_rewards               keeps the raw rewards of the generation batch (refusing inf or all-missing)
+    _global_scores, _local_scores    the weighted reward sums, all processes' and this process's slice
+    _reference_logprobs              the reference: a ref model, the shared base's reference role, or adapters off
+    _prompt_lengths                  prompts tokenized as generation tokenizes them, for the up-front checks
+    _get_train_sampler               each epoch's shuffle seeded by the epoch (exact resume)
+    _saving_only_the_policy_adapter  a shared base's checkpoint holds the policy adapter, not the frozen reward
+
+The reward functions' and prompts' checks are module functions here, so their errors are the same in both trainers.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import logging
+import numbers
+from collections.abc import Callable, Mapping
+from contextlib import contextmanager, nullcontext
+
+import torch
+from accelerate.utils import is_peft_model
+from datasets import Dataset
+from torch import nn
+from transformers import PreTrainedModel
+from trl import GRPOTrainer
+from trl.data_utils import apply_chat_template, is_conversational
+from trl.trainer.utils import add_fused_lm_head, create_model_from_path, is_async_callable
+
+from ..data.ranked import role_problem
+from ..distributed import check_engine_supports
+from ..models import SharedBase
+from ..models.role_checks import check_trainer_reward_models
+from ..models.scoring import reads_last_real_token, right_padded, sequence_classifier_scores
+from .fault_tolerance import FaultTolerantMixin
+from .position_limits import max_positions
+from .sampling import epoch_seeded
+from .vllm_sync import SharedBaseVLLMGeneration
+
+logger = logging.getLogger(__name__)
+
+POLICY_ADAPTER = "policy"
+# Prompts tokenized per call by the up-front length check: large enough to amortise the tokenizer call, small
+# enough that a huge dataset never sits in memory as token ids.
+PROMPT_CHECK_BATCH = 1024
+
+
+class SharedBaseGRPOTrainer(FaultTolerantMixin, GRPOTrainer):
+    """The base of `PPOTrainer` and `OnlinePlackettLuceTrainer` (see the module docstring); not used on its own.
+
+    `model` is a `SharedBase`, or the policy as GRPOTrainer takes it (id or path, `PreTrainedModel`, `PeftModel`);
+    without adapters, the reference is a frozen copy of the policy taken before training.
+    """
+
+    def __init__(
+        self,
+        model: str | PreTrainedModel | nn.Module,
+        reward_funcs: Callable | nn.Module | str | list | None,
+        args,
+        *,
+        ref_model: PreTrainedModel | None = None,
+        processing_class=None,
+        peft_config=None,
+        **grpo_kwargs,
+    ):
+        check_trainer_reward_models(reward_funcs, args)  # before TRL loads a path as a sequence classifier
+        self.shared_base = model if isinstance(model, SharedBase) else None
+        if self.shared_base is not None:
+            if reward_funcs is None and "reward" in self.shared_base.heads:
+                reward_funcs = SharedBaseReward(self.shared_base, processing_class, args.chat_template_kwargs)
+            model = self.shared_base.peft_model
+        if reward_funcs is None:
+            raise ValueError(f"{type(self).__name__} needs `reward_funcs`, or a SharedBase with a reward role.")
+        if isinstance(model, str):
+            model = load_policy(model, args)
+        if ref_model is None and not (is_peft_model(model) or peft_config is not None):
+            # A full fine-tune moves every weight, so the reference must be a copy taken before training.
+            ref_model = copy.deepcopy(model).eval().requires_grad_(False)
+        super().__init__(
+            model=model, reward_funcs=reward_funcs, args=args, processing_class=processing_class,
+            peft_config=peft_config, **grpo_kwargs,
+        )  # fmt: skip
+        if self.shared_base is not None:
+            # GRPOTrainer casts the trainable adapters of any quantized base to bfloat16; the shared base keeps them
+            # in its compute dtype (float32 when asked for).
+            self.shared_base.match_adapter_dtype()
+            if self.use_vllm:
+                # GRPOTrainer.__init__ built a plain VLLMGeneration; only its weight sync must change (see the class,
+                # which adds no state, so re-classing the instance keeps everything TRL set up).
+                self.vllm_generation.__class__ = SharedBaseVLLMGeneration
+        self.ppo_ref_model = self._prepare_reference(ref_model)
+        # Bad input found now, before the first step, rather than steps into the run with nothing saved.
+        check_engine_supports(model, self.accelerator, type(self).__name__, shared_base=self.shared_base is not None)
+        self._last_rewards_per_func = None
+        self.reward_funcs = [
+            checked_reward_function(scored_as_trained(func, tokenizer, self.chat_template_kwargs), name)
+            for func, tokenizer, name in zip(
+                self.reward_funcs, self.reward_processing_classes, self.reward_func_names, strict=True
+            )
+        ]
+        check_eos_token(self.processing_class)
+
+    def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
+        # Extends GRPOTrainer._calculate_rewards: keep the gathered [N_global, n_funcs] rewards, which super() turns
+        # into group-relative advantages and then drops; PPO's GAE and online K-way's ranking need the raw weighted
+        # reward of every completion.
+        rewards_per_func = super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)
+        check_reward_batch(rewards_per_func, self.reward_func_names, self.reward_weights)  # no inf, not all missing
+        self._last_rewards_per_func = rewards_per_func
+        return rewards_per_func
+
+    def _prepare_reference(self, ref_model):
+        if ref_model is None:
+            return None
+        add_fused_lm_head(ref_model, temperature=self.temperature, cast_lm_head_to_fp32=self.args.cast_lm_head_to_fp32)
+        return self.accelerator.prepare_model(ref_model, evaluation_mode=True)
+
+    def _get_train_sampler(self, dataset=None):
+        # Extends GRPOTrainer._get_train_sampler: the same RepeatSampler, with each epoch's shuffle seeded by the
+        # epoch, so a run resumed after its first epoch sees the prompts an uninterrupted run sees.
+        return epoch_seeded(super()._get_train_sampler(dataset))
+
+    def _reference_logprobs(self, input_ids, attention_mask, completion_length):
+        """log pi_ref of the sampled tokens [B, C]: the reference model, or the policy with its adapters off."""
+        if self.ppo_ref_model is not None:
+            model, context = self.ppo_ref_model, nullcontext()
+        elif self.shared_base is not None:
+            # The shared base's own switch: peft's disable_adapter alone would freeze the value adapter on exit.
+            model, context = self.model, self.shared_base.role("reference")
+        else:
+            model, context = self.model, self.accelerator.unwrap_model(self.model).disable_adapter()
+        with context:
+            logps, _, _ = self._get_per_token_logps_and_entropies(
+                model, input_ids, attention_mask, completion_length, batch_size=self.args.per_device_train_batch_size
+            )
+        return logps
+
+    def _global_scores(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """[N_global] weighted reward sums of the generation batch (all processes) and where they are finite."""
+        rewards_per_func = self._last_rewards_per_func
+        weights = self.reward_weights.to(rewards_per_func.device)
+        scores_global = (rewards_per_func * weights).sum(dim=1)
+        return scores_global, torch.isfinite(scores_global)
+
+    def _local_scores(self, batch_size: int, mode: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """This process's [B] weighted reward sums and a [B] bool marking the completions with a finite score.
+
+        A completion whose reward is NaN or None under any reward function is skipped (its tokens leave the loss)
+        and counted in `objective/skipped_completions`, rather than being scored with a partial sum.
+        """
+        scores_global, scored_global = self._global_scores()
+        self._metrics[mode]["objective/skipped_completions"].append((~scored_global).sum().item())
+        start = self.accelerator.process_index * batch_size
+        local = slice(start, start + batch_size)
+        return scores_global[local].nan_to_num(0.0), scored_global[local]
+
+    @contextmanager
+    def _saving_only_the_policy_adapter(self):
+        """While active, the shared base's peft model saves only the policy adapter (in `<output_dir>/policy`).
+
+        Trainer._save calls peft's `save_pretrained`, which writes every adapter, each but "default" in a subfolder
+        named after it: the frozen reward adapter landed in `<output_dir>/reward` without its head, looking like a
+        reward role folder but not loadable as one, and the value adapter is written with its head by `_save` anyway.
+        The reward role is read from `reward_adapter_path` again on resume, so a checkpoint needs neither.
+        """
+        if self.shared_base is None:
+            yield
+            return
+        peft_model = self.shared_base.peft_model
+        peft_model.save_pretrained = functools.partial(
+            type(peft_model).save_pretrained, peft_model, selected_adapters=[POLICY_ADAPTER]
+        )
+        try:
+            yield
+        finally:
+            del peft_model.save_pretrained  # back to the class's method
+
+    def _prompts_known_upfront(self, dataset: Dataset) -> bool:
+        """Whether the dataset's prompts are exactly what generation tokenizes (no environment, rollout function or
+        images changing them at rollout time)."""
+        changed_at_rollout = self.environment_factories is not None or self.rollout_func is not None
+        return not changed_at_rollout and not {"image", "images"} & set(dataset.column_names)
+
+    def _prompt_lengths(self, dataset: Dataset, split: str) -> list[int]:
+        """Token count of every prompt of `dataset`, tokenized by GRPOTrainer (not this class's per-batch check);
+        ValueError naming the record for a prompt that is not text or chat messages, or that has no tokens."""
+        lengths = []
+        for batch in dataset.select_columns("prompt").iter(batch_size=PROMPT_CHECK_BATCH):
+            prompts = batch["prompt"]
+            for i, prompt in enumerate(prompts, start=len(lengths)):
+                check_prompt(prompt, split, i)
+            prompt_ids = GRPOTrainer._tokenize_prompts(self, prompts)[0]
+            for i, ids in enumerate(prompt_ids, start=len(lengths)):
+                if len(ids) == 0:
+                    raise ValueError(f"{split} dataset, record {i} (0-based): field 'prompt' has no tokens.")
+            lengths.extend(len(ids) for ids in prompt_ids)
+        return lengths
+
+    def _position_limit(self) -> int | None:
+        """The policy's max_position_embeddings (None if its config sets none)."""
+        return max_positions(self.accelerator.unwrap_model(self.model).config)
+
+
+def load_policy(model_id: str, args) -> PreTrainedModel:
+    """The policy from a path or Hub id, loaded as GRPOTrainer.__init__ loads one: TRL's `create_model_from_path` with
+    `args.model_init_kwargs`, `args.trust_remote_code` and no device_map under DDP or DeepSpeed.
+
+    Loaded here rather than by GRPOTrainer because a full fine-tune's reference copy is taken before `super().__init__`.
+    """
+    kwargs = dict(args.model_init_kwargs or {})
+    if args.distributed_state.distributed_type in ("MULTI_GPU", "DEEPSPEED"):
+        kwargs["device_map"] = None  # as TRL: "auto" fails under distributed training
+    kwargs.setdefault("trust_remote_code", args.trust_remote_code)
+    return create_model_from_path(model_id, **kwargs)
+
+
+def with_router_aux_loss(trainer: GRPOTrainer, loss: torch.Tensor, aux_loss: torch.Tensor | None) -> torch.Tensor:
+    """`loss` plus a MoE policy's router load-balancing loss, added and logged (`aux_loss`) as GRPOTrainer._compute_loss
+    (TRL 1.16) does: router_aux_loss_coef * aux_loss, divided in training by the gradient-accumulation steps, because
+    `loss` already is (Trainer's own scaling is off for GRPO trainers). `loss` as it is when the policy has no router
+    or the coefficient is 0 (`aux_loss_enabled`, set by GRPOTrainer.__init__).
+
+    A function, not TRL's code: PPO and online K-way replace `_compute_loss` whole, so TRL's addition never runs.
+    """
+    if not trainer.aux_loss_enabled:
+        return loss
+    mode = "train" if trainer.model.training else "eval"
+    accumulation = trainer.current_gradient_accumulation_steps if mode == "train" else 1.0
+    trainer._metrics[mode]["aux_loss"].append(trainer.accelerator.gather_for_metrics(aux_loss.detach()).mean().item())
+    return loss + trainer.router_aux_loss_coef * aux_loss / accumulation
+
+
+def reward_texts(prompts: list, completions: list, tokenizer, chat_template_kwargs: dict) -> list[str]:
+    """The text a reward model scores: the chat template over prompt + completion messages, or prompt + completion +
+    EOS for plain text, as the K-way reward trainer's tokenization (`rlhf_ext.data.prepare`, like TRL's) built the
+    sequences it trained on."""
+    if is_conversational({"prompt": prompts[0]}):
+        return [
+            apply_chat_template({"messages": p + c}, tokenizer, **chat_template_kwargs)["text"]
+            for p, c in zip(prompts, completions, strict=True)
+        ]
+    return [p + c + tokenizer.eos_token for p, c in zip(prompts, completions, strict=True)]
+
+
+def tokenized_for_scoring(texts: list[str], tokenizer, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(input_ids, attention_mask) of `texts`, right-padded by hand: a tokenizer without a pad token (GPT-2, Llama 3)
+    cannot pad, and the padding id does not matter since scores are read by the mask."""
+    sequences = tokenizer(text=texts, add_special_tokens=False)["input_ids"]
+    input_ids, attention_mask = right_padded(sequences, tokenizer.pad_token_id)
+    return input_ids.to(device), attention_mask.to(device)
+
+
+class SharedBaseReward:
+    """The reward role of a `SharedBase` as a TRL reward function: the score of prompt + completion text [N].
+
+    Like TRL's reward-model path, the text is re-tokenized (with the chat template for conversations); it is scored
+    at its last real token (`rlhf_ext.models.scoring`), the token the K-way reward trainer trains at. A plain-text
+    completion gets the EOS token appended, as the reward trainer's tokenization appended it.
+    """
+
+    __name__ = "reward_role"
+
+    def __init__(self, shared: SharedBase, tokenizer, chat_template_kwargs: dict | None = None):
+        self.shared = shared
+        self.tokenizer = tokenizer
+        self.chat_template_kwargs = chat_template_kwargs or {}
+
+    def __call__(self, prompts: list, completions: list, **kwargs) -> list[float]:
+        texts = reward_texts(prompts, completions, self.tokenizer, self.chat_template_kwargs)
+        input_ids, attention_mask = tokenized_for_scoring(texts, self.tokenizer, self.shared.device)
+        return self.shared.reward_scores(input_ids, attention_mask).tolist()
+
+
+class TrainedRewardModel:
+    """A full sequence-classification reward model saved by the K-way reward trainer, as a TRL reward function.
+
+    TRL would score it by transformers' pad-based pooling on prompt + completion without the EOS; this scores it as
+    it was trained: the text of `reward_texts`, read at its last real token.
+    """
+
+    def __init__(self, model: nn.Module, tokenizer, chat_template_kwargs: dict | None = None):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.chat_template_kwargs = chat_template_kwargs or {}
+        self.__name__ = getattr(getattr(model, "config", None), "_name_or_path", "") or "reward_model"
+
+    @torch.inference_mode()
+    def __call__(self, prompts: list, completions: list, **kwargs) -> list[float]:
+        texts = reward_texts(prompts, completions, self.tokenizer, self.chat_template_kwargs)
+        device = next(self.model.parameters()).device
+        input_ids, attention_mask = tokenized_for_scoring(texts, self.tokenizer, device)
+        return sequence_classifier_scores(self.model, input_ids, attention_mask)[:, 0].float().tolist()
+
+
+def scored_as_trained(func, tokenizer, chat_template_kwargs: dict | None):
+    """`func`, or a `TrainedRewardModel` around it when it is a reward model the K-way reward trainer saved.
+
+    A reward model from elsewhere is left to TRL, which scores it as TRL's GRPOTrainer does.
+    """
+    if isinstance(func, nn.Module) and reads_last_real_token(func):
+        return TrainedRewardModel(func, tokenizer, chat_template_kwargs)
+    return func
+
+
+def check_prompt(prompt, split: str, index: int) -> None:
+    """ValueError naming the record unless `prompt` is text or a list of chat messages ({"role", "content"})."""
+    where = f"{split} dataset, record {index} (0-based): field 'prompt'"
+    if isinstance(prompt, str):
+        return
+    if not isinstance(prompt, list) or not prompt:
+        raise ValueError(f"{where} must be text or a non-empty list of chat messages, got {prompt!r:.100}.")
+    for turn, message in enumerate(prompt):
+        is_message = isinstance(message, Mapping) and isinstance(message.get("role"), str)
+        if not is_message or message.get("content") is None:
+            raise ValueError(
+                f"{where}, message {turn}: a chat message needs a 'role' (text) and a 'content', got {message!r:.100}."
+            )
+        if role_problem(message["role"]):  # the chat template would render it as a literal turn, or fail
+            raise ValueError(f"{where}, message {turn}: {role_problem(message['role'])}.")
+
+
+def check_eos_token(processing_class) -> None:
+    """ValueError unless the tokenizer has an EOS token: sampling stops at it (transformers' generation fails on
+    None at the first step) and a plain-text completion's reward text ends with it."""
+    tokenizer = getattr(processing_class, "tokenizer", processing_class)  # a processor holds its tokenizer
+    if tokenizer is not None and getattr(tokenizer, "eos_token_id", None) is None:
+        raise ValueError(
+            "The tokenizer (processing_class) has no eos_token: sampling stops at the EOS token and the reward reads "
+            "plain-text completions ending with it, so generation would fail at the first step. Set "
+            "tokenizer.eos_token to the token that ends your model's answers."
+        )
+
+
+def checked_reward_function(func, name: str):
+    """`func` with what it returns checked by `check_rewards` (async stays async); a module is returned unchanged,
+    since TRL reads a reward model's logits itself."""
+    if isinstance(func, nn.Module):
+        return func
+    if is_async_callable(func):
+
+        async def checked(*args, **kwargs):
+            return check_rewards(await func(*args, **kwargs), name)
+    else:
+
+        def checked(*args, **kwargs):
+            return check_rewards(func(*args, **kwargs), name)
+
+    checked.__name__ = checked.__qualname__ = name
+    checked.__wrapped__ = func
+    return checked
+
+
+def check_rewards(rewards, name: str):
+    """`rewards` unchanged if it holds one number (or None, to skip) per completion; a TypeError naming the reward
+    function and the first bad value otherwise, instead of torch's "too many dimensions 'str'" from inside TRL.
+
+    Accepted is what TRL's conversion reads correctly: a list, tuple, array or tensor whose items are None, Python or
+    numpy numbers, or one-element torch tensors (so a [N] or [N, 1] tensor). The count is left to TRL, whose error
+    already names the function.
+    """
+    advice = "a reward function must return one number (or None to skip the completion) per completion"
+    is_sequence = hasattr(rewards, "__len__") and getattr(rewards, "ndim", 1) > 0  # a 0-d array has __len__ too
+    if isinstance(rewards, (str, bytes, Mapping)) or not is_sequence:
+        raise TypeError(f"Reward function {name!r} returned {type(rewards).__name__} {rewards!r:.100}; {advice}.")
+    for i, reward in enumerate(rewards):
+        if not _is_scalar_reward(reward):
+            raise TypeError(
+                f"Reward function {name!r} returned {type(reward).__name__} {reward!r:.100} for completion {i}; "
+                f"{advice}."
+            )
+    return rewards
+
+
+def check_reward_batch(rewards_per_func: torch.Tensor, names: list[str], weights: torch.Tensor) -> None:
+    """Refuse rewards that would make training silently stop learning; warn when some completions go unscored.
+
+    `rewards_per_func` [N, F] is the generation batch of all processes (TRL turns None into NaN), so every process
+    raises alike. NaN / None means "no reward for this completion": it is skipped (its tokens leave the loss). But
+    - +-inf is refused: skipped like NaN it would never push the policy away from a "forbidden" completion, and kept
+      it would make the returns, advantages and value loss inf or NaN; a large finite penalty does what was meant;
+    - a batch where no completion has a reward is refused: every step would be a no-op and the run would "succeed";
+    - a weighted sum sum_f w_f r_f that overflows to +-inf is refused for the same reason as an inf reward.
+    A completion is skipped when any function gives it no reward (a partial sum would be a different reward).
+    """
+    infinite = torch.isinf(rewards_per_func)
+    if infinite.any():
+        row, col = infinite.nonzero()[0].tolist()
+        raise ValueError(
+            f"Reward function {names[col]!r} returned {rewards_per_func[row, col].item()} for completion {row} of the "
+            "generation batch (0-based, all processes in order). Infinite rewards are not allowed: skipped, the policy "
+            "would never be pushed away from such a completion, and kept, they make the returns and losses inf or "
+            "NaN. Return a large finite penalty instead (e.g. -10 times your usual reward scale), or None to skip it."
+        )
+    missing = torch.isnan(rewards_per_func)
+    skipped, total = missing.any(dim=1), len(rewards_per_func)
+    counts = missing.sum(dim=0).tolist()
+    if skipped.all():
+        per_func = ", ".join(f"{name!r}: {n} of {total}" for name, n in zip(names, counts, strict=True))
+        raise ValueError(
+            f"none of the {total} completions of this generation batch got a reward (NaN or None from a reward "
+            f"function; completions without a reward, per function: {per_func}). Every step would be a no-op. Check "
+            "the reward functions (an API that fails, a parser that never matches)."
+        )
+    if skipped.any():
+        logger.warning(
+            "%d of %d completions got no reward (NaN or None) and are skipped; per reward function: %s",
+            int(skipped.sum()), total, ", ".join(f"{name!r}: {n}" for name, n in zip(names, counts, strict=True)),
+        )  # fmt: skip
+    scores = (rewards_per_func * weights.to(rewards_per_func.device)).sum(dim=1)
+    overflow = torch.isinf(scores)
+    if overflow.any():
+        row = overflow.nonzero()[0].item()
+        raise ValueError(
+            f"The weighted sum of the rewards of completion {row} overflows to {scores[row].item()} "
+            f"(rewards {rewards_per_func[row].tolist()}, weights {weights.tolist()}); scale the rewards to order 1."
+        )
+
+
+def _is_scalar_reward(reward) -> bool:
+    """None, a real number (Python or numpy), a 0-d numpy array or a one-element torch tensor."""
+    if reward is None or isinstance(reward, numbers.Real):
+        return True
+    if torch.is_tensor(reward):
+        return reward.numel() == 1 and not reward.is_complex()
+    numpy_kind = getattr(getattr(reward, "dtype", None), "kind", None)  # bool, signed, unsigned, float
+    return getattr(reward, "ndim", None) == 0 and numpy_kind in ("b", "i", "u", "f")
