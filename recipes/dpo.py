@@ -3,7 +3,7 @@
     accelerate launch recipes/dpo.py --config recipes/configs/dpo.yaml [--FLAG VALUE ...]
 """
 
-from rlhf_ext.scripts.dpo import cli
+from rlhf_ext.scripts.cli import run
 
 if __name__ == "__main__":
-    cli()
+    run("dpo")

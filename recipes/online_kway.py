@@ -3,7 +3,7 @@
     accelerate launch recipes/online_kway.py --config recipes/configs/online_kway.yaml [--FLAG VALUE ...]
 """
 
-from rlhf_ext.scripts.online_kway import cli
+from rlhf_ext.scripts.cli import run
 
 if __name__ == "__main__":
-    cli()
+    run("online_kway")

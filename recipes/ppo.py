@@ -3,7 +3,7 @@
     accelerate launch recipes/ppo.py --config recipes/configs/ppo.yaml [--FLAG VALUE ...]
 """
 
-from rlhf_ext.scripts.ppo import cli
+from rlhf_ext.scripts.cli import run
 
 if __name__ == "__main__":
-    cli()
+    run("ppo")

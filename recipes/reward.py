@@ -3,7 +3,7 @@
     accelerate launch recipes/reward.py --config recipes/configs/reward.yaml [--FLAG VALUE ...]
 """
 
-from rlhf_ext.scripts.reward import cli
+from rlhf_ext.scripts.cli import run
 
 if __name__ == "__main__":
-    cli()
+    run("reward")

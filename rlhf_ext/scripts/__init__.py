@@ -1,4 +1,4 @@
-"""The recipes as importable modules, each with `main(...)` (in-process) and `cli(argv)` (the command line).
+"""The recipes as importable modules, each with `make_parser()` and `main(*parsed)` (in-process; `cli.run` runs one).
 
 Run one as `rlhf-ext <name> --config recipes/configs/<name>.yaml ...` after `pip install`, as
 `python -m rlhf_ext.scripts.<name> ...`, on several GPUs as `accelerate launch -m rlhf_ext.scripts.<name> ...`, or from

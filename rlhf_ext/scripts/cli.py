@@ -30,8 +30,14 @@ def usage() -> str:
     )
 
 
+def run(command: str, argv: list[str] | None = None):
+    """Parse `argv` (default: the command line) with the recipe's parser and run it; returns its trainer."""
+    recipe = import_module(f"rlhf_ext.scripts.{command}")
+    return recipe.main(*recipe.make_parser().parse_args_and_config(argv))
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Dispatch `argv[0]` to `rlhf_ext.scripts.<command>.cli(argv[1:])`; exit status 2 for an unknown command."""
+    """Run the recipe `argv[0]` with the flags `argv[1:]`; exit status 2 for an unknown command."""
     argv = sys.argv[1:] if argv is None else list(argv)
     if not argv or argv[0] in ("-h", "--help"):
         print(usage())
@@ -41,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"rlhf-ext: unknown command {command!r}; the commands are {', '.join(COMMANDS)}.\n", file=sys.stderr)
         print(usage(), file=sys.stderr)
         return 2
-    import_module(f"rlhf_ext.scripts.{command}").cli(rest)
+    run(command, rest)
     return 0
 
 

@@ -70,10 +70,5 @@ def make_parser():
     return recipe_parser((ScriptArguments, PlackettLuceDPOConfig, LoraModelConfig), USAGE, DESCRIPTION)
 
 
-def cli(argv: list[str] | None = None):
-    """`rlhf-ext dpo ...`, `python -m rlhf_ext.scripts.dpo ...` and recipes/dpo.py."""
-    return main(*make_parser().parse_args_and_config(argv))
-
-
 if __name__ == "__main__":
-    cli()
+    main(*make_parser().parse_args_and_config())

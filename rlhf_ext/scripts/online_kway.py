@@ -79,10 +79,5 @@ def make_parser():
     return recipe_parser(dataclass_types, USAGE, DESCRIPTION)
 
 
-def cli(argv: list[str] | None = None):
-    """`rlhf-ext online_kway ...`, `python -m rlhf_ext.scripts.online_kway ...` and recipes/online_kway.py."""
-    return main(*make_parser().parse_args_and_config(argv))
-
-
 if __name__ == "__main__":
-    cli()
+    main(*make_parser().parse_args_and_config())

@@ -264,10 +264,5 @@ def make_parser():
     return recipe_parser(dataclass_types, USAGE, DESCRIPTION)
 
 
-def cli(argv: list[str] | None = None):
-    """`rlhf-ext ppo ...`, `python -m rlhf_ext.scripts.ppo ...` and recipes/ppo.py."""
-    return main(*make_parser().parse_args_and_config(argv))
-
-
 if __name__ == "__main__":
-    cli()
+    main(*make_parser().parse_args_and_config())

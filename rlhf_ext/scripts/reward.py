@@ -73,10 +73,5 @@ def make_parser():
     return recipe_parser((ScriptArguments, PlackettLuceRewardConfig, LoraModelConfig), USAGE, DESCRIPTION)
 
 
-def cli(argv: list[str] | None = None):
-    """`rlhf-ext reward ...`, `python -m rlhf_ext.scripts.reward ...` and recipes/reward.py."""
-    return main(*make_parser().parse_args_and_config(argv))
-
-
 if __name__ == "__main__":
-    cli()
+    main(*make_parser().parse_args_and_config())
