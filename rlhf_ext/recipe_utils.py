@@ -13,12 +13,12 @@ import transformers
 import yaml
 from packaging.version import Version
 from transformers import enable_full_determinism, set_seed
-from trl import ModelConfig, TrlParser
+from trl import ModelConfig, ScriptArguments, TrlParser, get_peft_config, get_quantization_config
 
 from .cards import CardInfo, list_sizes, trained_card, write_card
-from .data.loading import LOCAL_FORMATS
+from .data.loading import LOCAL_FORMATS, load_dataset_or_file
 from .names import looks_like_local_path
-from .publish import push_layout, repo_id_for, training_record
+from .publish import hold_back_push, push_layout, repo_id_for, training_record
 
 # -- the parser ------------------------------------------------------------------------------------------------------
 
@@ -181,3 +181,24 @@ def kway_card(kind: str, trainer, training_args, model_args, dataset_name: str |
         log_history=trainer.state.log_history, k=list_sizes(trainer.train_dataset),
         repo_id=repo_id_for(training_args) if push else None, peft=bool(getattr(model_args, "use_peft", True)),
     )  # fmt: skip
+
+
+def run_kway_recipe(trainer_class, kind: str, script_args: ScriptArguments, training_args, model_args):
+    """The K-way DPO and reward recipes: seed (the LoRA adapter and a reward model's score head are built before the
+    Trainer would seed), load the data, train, save to `training_args.output_dir` with a card, push once if asked;
+    returns the trainer."""
+    seed_before_models(training_args)
+    check_model_path(model_args.model_name_or_path, "model_name_or_path")
+    training_args.model_init_kwargs = model_init_kwargs(model_args, training_args)
+    name = script_args.dataset_name
+    dataset = load_dataset_or_file(name, script_args.dataset_config)
+    push = hold_back_push(training_args)  # pushed once, after the card is written (rlhf_ext.publish)
+    trainer = trainer_class(
+        model=model_args.model_name_or_path,
+        args=training_args,
+        train_dataset=train_split(dataset, script_args.dataset_train_split, name),
+        eval_dataset=eval_split(dataset, script_args.dataset_test_split, name, training_args.eval_strategy),
+        quantization_config=get_quantization_config(model_args),
+        peft_config=get_peft_config(model_args),
+    )
+    return train_save_push(trainer, training_args, name, push=push, kind=kind, model_args=model_args)

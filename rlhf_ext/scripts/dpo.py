@@ -10,19 +10,12 @@ plus `top_m`, `length_normalization`, `tie_policy`). LoRA is on by default (`--u
 weight). In-process: `main(script_args, training_args, model_args)`.
 """
 
-from trl import ScriptArguments, get_peft_config, get_quantization_config
+from trl import ScriptArguments
 
-from rlhf_ext.data import load_dataset_or_file
-from rlhf_ext.publish import hold_back_push
 from rlhf_ext.recipe_utils import (
     LoraModelConfig,
-    check_model_path,
-    eval_split,
-    model_init_kwargs,
     recipe_parser,
-    seed_before_models,
-    train_save_push,
-    train_split,
+    run_kway_recipe,
 )
 from rlhf_ext.trainers import PlackettLuceDPOConfig, PlackettLuceDPOTrainer
 
@@ -49,21 +42,7 @@ All TRL DPOConfig / ModelConfig and transformers TrainingArguments flags follow.
 
 def main(script_args: ScriptArguments, training_args: PlackettLuceDPOConfig, model_args: LoraModelConfig):
     """Train, save to `training_args.output_dir`, push if asked; returns the trainer."""
-    seed_before_models(training_args)  # the LoRA adapter is built before the Trainer would seed
-    check_model_path(model_args.model_name_or_path, "model_name_or_path")
-    training_args.model_init_kwargs = model_init_kwargs(model_args, training_args)
-    name = script_args.dataset_name
-    dataset = load_dataset_or_file(name, script_args.dataset_config)
-    push = hold_back_push(training_args)  # pushed once, after the card is written (rlhf_ext.publish)
-    trainer = PlackettLuceDPOTrainer(
-        model=model_args.model_name_or_path,
-        args=training_args,
-        train_dataset=train_split(dataset, script_args.dataset_train_split, name),
-        eval_dataset=eval_split(dataset, script_args.dataset_test_split, name, training_args.eval_strategy),
-        quantization_config=get_quantization_config(model_args),
-        peft_config=get_peft_config(model_args),
-    )
-    return train_save_push(trainer, training_args, name, push=push, kind="dpo", model_args=model_args)
+    return run_kway_recipe(PlackettLuceDPOTrainer, "dpo", script_args, training_args, model_args)
 
 
 def make_parser():
