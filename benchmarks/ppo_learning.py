@@ -21,6 +21,10 @@ hyperparameters, for three seeds (the seed drives sampling and prompt order):
                   own copy of the LM head (the reference, value and reward roles keep the base's)
     separate_frozen_io  (b') as (b) with the embeddings and the LM head frozen, the parameters LoRA leaves alone
                   (a diagnostic for the gap of (c))
+    shared_lora_vemb  (c-v) as (c) with `SharedBaseArguments(value_lora_embeddings=True)`: the value adapter's LoRA
+                  also on the input embeddings (the policy, reference and reward roles keep the base's)
+    shared_lora_vemb_vlr3  (c-v') as (c-v) with the critic's learning rate 3e-3 (`value_learning_rate`)
+    shared_lora_head_vemb  (c+v) (c+) and (c-v') together: the policy's LM-head copy and the value's embedding LoRA
 
 The task, built in a temp dir before the runs (1-4 minutes): a character-level tiny Llama (`rlhf_ext.testing`) trained
 briefly on random letter strings that end with EOS (the initial policy); a tiny `LlamaForSequenceClassification`
@@ -74,6 +78,7 @@ class Variant:
     color: str = "black"
     lr_scale: float = 1.0  # learning rate = lr_scale * --learning_rate (1: the same hyperparameters as TRL)
     frozen: tuple = ()  # separate models: policy parameters (name prefixes) kept frozen, for diagnostics
+    value_learning_rate: float | None = None  # the critic's own learning rate (PPOConfig); None: the policy's
 
 
 VARIANTS = {
@@ -90,6 +95,14 @@ VARIANTS = {
                                 lr_scale=10.0),
     "shared_lora_head": Variant("(c+) as (c), with a trainable LM-head copy in the policy role", "rlhf_ext",
                                 shared={"policy_lm_head": "trainable"}, color="tab:olive"),
+    "shared_lora_vemb": Variant("(c-v) as (c), with the value adapter's LoRA on the input embeddings", "rlhf_ext",
+                                shared={"value_lora_embeddings": True}, color="tab:cyan"),
+    "shared_lora_vemb_vlr3": Variant("(c-v') as (c-v), critic learning rate 3e-3", "rlhf_ext",
+                                     shared={"value_lora_embeddings": True}, color="tab:pink",
+                                     value_learning_rate=3e-3),
+    "shared_lora_head_vemb": Variant("(c+v) (c+) with (c-v')'s critic: LM-head copy, value embedding LoRA, "
+                                     "value lr 3e-3", "rlhf_ext", color="tab:gray", value_learning_rate=3e-3,
+                                     shared={"policy_lm_head": "trainable", "value_lora_embeddings": True}),
 }  # fmt: skip
 DEFAULT_VARIANTS = ["trl", "separate", "shared_lora", "shared_trunk", "shared_lora_lr10", "separate_frozen_io"]
 
@@ -392,7 +405,7 @@ def run_rlhf_ext(directory: Path, s: Settings, seed: int, variant: Variant) -> d
         max_steps=s.updates * steps_per_update,
         max_completion_length=s.response_length, whiten_advantages=True, max_grad_norm=0.0,
         gradient_checkpointing=False, logging_steps=steps_per_update, loss_aggregation="token", top_k=0, top_p=1.0,
-        **_common_training_args(s, seed),
+        **_common_training_args(s, seed), **value_learning_rate_args(variant),
     )  # fmt: skip
     reward = TokenReward(AutoModelForSequenceClassification.from_pretrained(directory / "reward", num_labels=1),
                          tokenizer)  # fmt: skip
@@ -410,6 +423,11 @@ def run_rlhf_ext(directory: Path, s: Settings, seed: int, variant: Variant) -> d
     trainer.train()
     return {"records": records, "special_tokens_before_eos": reward.special_tokens_before_eos,
             "args": _effective_args(config)}  # fmt: skip
+
+
+def value_learning_rate_args(variant: Variant) -> dict:
+    """PPOConfig's `value_learning_rate` when the variant gives the critic its own, else nothing (the policy's lr)."""
+    return {} if variant.value_learning_rate is None else {"value_learning_rate": variant.value_learning_rate}
 
 
 def build_models(directory: Path, s: Settings, seed: int, variant: Variant) -> tuple:

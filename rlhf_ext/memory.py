@@ -9,7 +9,8 @@ The peak of one training step is the sum of four terms (docs/shared-base.md, "Me
     adapters_optimizer  trainable adapters and heads: parameter + gradient + AdamW's two moments
                         (in the parameter's dtype; one byte each with bitsandbytes' 8-bit AdamW); with
                         policy_lm_head="trainable" (PPO, DPO) also the policy's copy of the LM head, vocab x
-                        hidden in the compute dtype with its gradient and moments (16 bytes a weight in float32)
+                        hidden in the compute dtype with its gradient and moments (16 bytes a weight in float32);
+                        with value_lora_embeddings (PPO) also the value's LoRA on the embeddings, r x (vocab + hidden)
     activations         what autograd keeps for backward. Counted, not guessed: one decoder layer of the real
                         architecture, with its LoRA adapters, runs forward on PyTorch's meta device (shapes, no
                         data, no memory) and every tensor it saves for backward is summed. Without
@@ -233,7 +234,8 @@ def estimate(config, stage: str = "ppo", bits: int = 16, lora_r: int = 16, batch
              prompt_length: int = 64, completion_length: int = 32, num_completions: int = 4,
              gradient_checkpointing: bool = True, device: str = "cuda", optimizer: str = "adamw_torch",
              compute_dtype: str | None = None, target_modules=None,
-             value_layout: str = "own_adapter", policy_lm_head: str = "frozen") -> MemoryEstimate:
+             value_layout: str = "own_adapter", policy_lm_head: str = "frozen",
+             value_lora_embeddings: bool = False) -> MemoryEstimate:
     """Predicted peak memory of one training step of `stage` ("ppo", "dpo" or "reward") on a base of `config`.
 
     bits: 32 (float32 base), 16 (bfloat16 base), 8 or 4 (bitsandbytes, computing in `compute_dtype`, by
@@ -243,6 +245,8 @@ def estimate(config, stage: str = "ppo", bits: int = 16, lora_r: int = 16, batch
     value_layout: PPO's critic, "own_adapter" (a value adapter and its own forward) or "policy_trunk" (neither).
     policy_lm_head: "frozen" (the base's head) or "trainable" (`SharedBaseArguments.policy_lm_head`: the policy
     trains a copy of the LM head, counted in `adapters_optimizer` by `policy_head_bytes`).
+    value_lora_embeddings: `SharedBaseArguments.value_lora_embeddings` (PPO with a value adapter): the value role's
+    LoRA on the input embeddings, counted in `adapters_optimizer` by `embedding_lora_bytes`.
     """
     if stage not in STAGES:
         raise ValueError(f"stage must be one of {STAGES}, got {stage!r}")
@@ -252,6 +256,8 @@ def estimate(config, stage: str = "ppo", bits: int = 16, lora_r: int = 16, batch
         raise ValueError(f"policy_lm_head must be 'frozen' or 'trainable', got {policy_lm_head!r}")
     if value_layout not in ("own_adapter", "policy_trunk"):
         raise ValueError(f"value_layout must be 'own_adapter' or 'policy_trunk', got {value_layout!r}")
+    if value_lora_embeddings and value_layout != "own_adapter":
+        raise ValueError("value_lora_embeddings needs value_layout='own_adapter' (a value adapter to hold it)")
     config = load_config(config)
     compute = _compute_dtype(bits, compute_dtype, device)
     adapter = torch.bfloat16 if bits in (4, 8) and compute == torch.bfloat16 else torch.float32
@@ -263,6 +269,8 @@ def estimate(config, stage: str = "ppo", bits: int = 16, lora_r: int = 16, batch
     adapters_optimizer = trainable * (2 * _dtype_bytes(adapter) + ADAMW_MOMENTS * moment_bytes)
     if policy_lm_head == "trainable" and stage != "reward":  # the reward stage trains no LM head
         adapters_optimizer += policy_head_bytes(config, compute, optimizer)
+    if value_lora_embeddings and value_adapter:
+        adapters_optimizer += embedding_lora_bytes(config, lora_r, adapter, optimizer)
 
     length = prompt_length + completion_length
     sequences = batch_size * (num_completions if stage in ("dpo", "reward") else 1)
@@ -285,6 +293,14 @@ def estimate(config, stage: str = "ppo", bits: int = 16, lora_r: int = 16, batch
         logits=int(logits),
         runtime=CPU_RUNTIME_BYTES if device == "cpu" else 0,
     )
+
+
+def embedding_lora_bytes(config, lora_r: int, adapter: torch.dtype, optimizer: str = "adamw_torch") -> int:
+    """Bytes of a LoRA pair on the input embeddings (the value role's with value_lora_embeddings): r x (vocab +
+    hidden) weights in the adapters' dtype, with gradient and AdamW's two moments (16 bytes a weight in float32)."""
+    text = config.get_text_config()
+    moment_bytes = 1 if "8bit" in optimizer else _dtype_bytes(adapter)
+    return lora_r * (text.vocab_size + text.hidden_size) * (2 * _dtype_bytes(adapter) + ADAMW_MOMENTS * moment_bytes)
 
 
 def policy_head_bytes(config, compute: torch.dtype, optimizer: str = "adamw_torch") -> int:
@@ -399,6 +415,8 @@ def main(argv=None) -> None:
                         help="PPO's critic: its own value adapter, or a value head on the policy's trunk")
     parser.add_argument("--policy_lm_head", default="frozen", choices=["frozen", "trainable"],
                         help="the policy's LM head: the base's, or a trainable copy (PPO and DPO)")
+    parser.add_argument("--value_lora_embeddings", action="store_true",
+                        help="PPO's value adapter also has LoRA on the input embeddings")
     args = parser.parse_args(argv)
     try:
         config = load_config(args.model)
@@ -408,7 +426,8 @@ def main(argv=None) -> None:
     print(table(config, bits=args.bits, lora_r=args.lora_r, batch_size=args.batch_size,
                 prompt_length=args.prompt_length, completion_length=args.completion_length,
                 num_completions=args.num_completions, gradient_checkpointing=not args.no_gradient_checkpointing,
-                optimizer=args.optim, value_layout=args.value_layout, policy_lm_head=args.policy_lm_head))
+                optimizer=args.optim, value_layout=args.value_layout, policy_lm_head=args.policy_lm_head,
+                value_lora_embeddings=args.value_lora_embeddings))
 
 
 if __name__ == "__main__":

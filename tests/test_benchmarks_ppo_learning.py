@@ -87,6 +87,17 @@ def test_every_variant_has_a_trainer_and_the_default_set_starts_with_trl():
     assert all(m.VARIANTS[v].trainer in ("trl", "rlhf_ext") for v in m.VARIANTS)
 
 
+def test_value_embedding_variants_build_the_option_and_set_the_value_learning_rate():
+    m = load_ppo_learning()
+    for name in ("shared_lora_vemb", "shared_lora_vemb_vlr3", "shared_lora_head_vemb"):
+        assert m.VARIANTS[name].shared["value_lora_embeddings"] is True
+    assert m.VARIANTS["shared_lora_vemb"].value_learning_rate is None
+    assert m.VARIANTS["shared_lora_vemb_vlr3"].value_learning_rate == 3e-3
+    assert m.VARIANTS["shared_lora_head_vemb"].shared["policy_lm_head"] == "trainable"
+    assert m.value_learning_rate_args(m.VARIANTS["shared_lora_vemb_vlr3"]) == {"value_learning_rate": 3e-3}
+    assert m.value_learning_rate_args(m.VARIANTS["shared_lora"]) == {}
+
+
 def test_seed_average_gap_compares_per_seed_averages():
     m = load_ppo_learning()
     runs = [run("trl", 0, [0.0, 0.2]), run("trl", 1, [0.2, 0.4]), run("separate", 0, [0.2, 0.4]),
@@ -96,7 +107,7 @@ def test_seed_average_gap_compares_per_seed_averages():
     assert abs(gap["difference"] - 0.2) < 1e-9 and abs(gap["standard_error"] - math.sqrt(0.02)) < 1e-9
 
 
-@pytest.mark.parametrize("variant", ["shared_lora", "shared_lora_head"])
+@pytest.mark.parametrize("variant", ["shared_lora", "shared_lora_head", "shared_lora_vemb"])
 def test_models_are_built_after_seeding_so_runs_reproduce(tmp_path, variant):
     # The shared base draws its LoRA A matrices and value head when it is built, before the Trainer seeds: without a
     # seed first, two runs with the same seed start from different adapters (issue 22 item 5).

@@ -51,8 +51,9 @@ def ties_output_embeddings(model: nn.Module) -> bool:
 
 @contextmanager
 def copying_a_tied_head() -> Iterator[None]:
-    """Silence peft's warning that a tied layer is in `modules_to_save` without `ensure_weight_tying`: untying only
-    the policy's copy is the intent (the embeddings, the reference and the other roles keep the tied original)."""
+    """Silence peft's warning that a tied layer is adapted without `ensure_weight_tying`: untying only the policy's
+    copy of the LM head (or only the value role's LoRA on the embeddings) is the intent; the reference and the other
+    roles keep the tied original."""
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*ensure_weight_tying.*")
         yield

@@ -8,6 +8,7 @@ swap one for the other; it replaces `ModelConfig` in recipes that build a `Share
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, field
 
 import torch
@@ -112,6 +113,15 @@ class SharedBaseArguments:
             "choices": list(POLICY_LM_HEADS),
         },
     )
+    value_lora_embeddings: bool = field(
+        default=False,
+        metadata={
+            "help": "Also put the value adapter's LoRA on the input embeddings (rank lora_r), so the critic can move "
+            "how tokens enter it; the policy, reference and reward roles keep the base's embeddings. Without it the "
+            "shared-base critic learns little more than the mean value on some tasks (docs/benchmarks.md). Costs "
+            "lora_r x (vocab + hidden) weights. Needs value_layout='own_adapter'.",
+        },
+    )
 
     def __post_init__(self):
         if self.load_in_4bit and self.load_in_8bit:
@@ -122,6 +132,9 @@ class SharedBaseArguments:
             raise ValueError(f"value_layout must be one of {VALUE_LAYOUTS}, got {self.value_layout!r}.")
         if self.policy_lm_head not in POLICY_LM_HEADS:
             raise ValueError(f"policy_lm_head must be one of {POLICY_LM_HEADS}, got {self.policy_lm_head!r}.")
+        if self.value_lora_embeddings and self.value_layout != "own_adapter":
+            # in policy_trunk the value head reads the policy adapter, so there is no value adapter to extend
+            raise ValueError("value_lora_embeddings needs value_layout='own_adapter' (a value adapter to hold it).")
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -160,6 +173,37 @@ def policy_lora_config(args: SharedBaseArguments, model: PreTrainedModel) -> Lor
     if args.policy_lm_head == "trainable":
         config.modules_to_save = [output_layer_name(model)]
     return config
+
+
+def value_lora_config(args: SharedBaseArguments, model: PreTrainedModel) -> LoraConfig:
+    """The LoraConfig of the value role: `lora_config`, plus the input embeddings as a LoRA target when
+    `args.value_lora_embeddings`.
+
+    A LoRA factor pair on the embeddings (peft's `lora_embedding_A/B`) runs only while the value adapter is active, so
+    the policy, the reference (adapters disabled) and the reward role look up the base's embeddings; on a tied base
+    the LM head keeps reading the unchanged base weight.
+    """
+    config = lora_config(args, model.config.model_type)
+    if args.value_lora_embeddings:
+        config.target_modules = [*linear_target_names(config, model), input_embeddings_name(model)]
+    return config
+
+
+def linear_target_names(config: LoraConfig, model: PreTrainedModel) -> list[str]:
+    """`config.target_modules` as a list of names, "all-linear" expanded to the model's linear layers by peft (a
+    string target cannot be extended by one more module)."""
+    if isinstance(config.target_modules, str):
+        from peft.tuners.tuners_utils import _maybe_include_all_linear_layers
+
+        config = _maybe_include_all_linear_layers(copy.deepcopy(config), model)
+    return sorted(config.target_modules)
+
+
+def input_embeddings_name(model: PreTrainedModel) -> str:
+    """Full module name of the input embeddings (`get_input_embeddings()`), e.g. "model.embed_tokens": a full name,
+    because peft matches target modules by suffix."""
+    embeddings = model.get_input_embeddings()
+    return next(name for name, module in model.named_modules() if module is embeddings)
 
 
 def output_layer_name(model: PreTrainedModel) -> str:

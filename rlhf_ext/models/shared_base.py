@@ -57,7 +57,7 @@ from .fingerprint import write_base_fingerprint
 from .heads import ScalarHead
 from .hub import push_folder_to_hub, write_model_card
 from .policy_head import copying_a_tied_head
-from .presets import SharedBaseArguments, lora_config, policy_lora_config, quantization_config
+from .presets import SharedBaseArguments, policy_lora_config, quantization_config, value_lora_config
 from .quantization import adapter_dtype_for, disable_cpu_4bit_repacking, is_quantized, prepare_kbit_base
 from .role_checks import check_role_folder
 from .role_folder import (
@@ -176,8 +176,8 @@ class SharedBase(nn.Module):
                 self._load_adapter_and_head("value", args.value_adapter_path, is_trainable=True)
             return
         if self.value_layout == "own_adapter":
-            config = lora_config(args, self.peft_model.get_base_model().config.model_type)
-            self.peft_model.add_adapter("value", config)
+            with copying_a_tied_head():  # value_lora_embeddings on a tied base: only the value's input side moves
+                self.peft_model.add_adapter("value", value_lora_config(args, self.peft_model.get_base_model()))
         self.heads["value"] = ScalarHead(self.hidden_size).to(self.device)
 
     def _add_reward_role(self, directory: str | os.PathLike) -> None:
@@ -190,7 +190,8 @@ class SharedBase(nn.Module):
         """Check the folder against the base, then load its adapter as `role` and its head."""
         check_adapter_fits(self.peft_model, directory)
         head = load_head(directory, expected_hidden_size=self.hidden_size)
-        self.peft_model.load_adapter(str(directory), adapter_name=role, is_trainable=is_trainable)
+        with copying_a_tied_head():  # a value folder with LoRA on a tied base's embeddings (value_lora_embeddings)
+            self.peft_model.load_adapter(str(directory), adapter_name=role, is_trainable=is_trainable)
         self.heads[role] = head.to(self.device)
 
     @property
