@@ -174,3 +174,21 @@ def test_an_empty_stream_is_refused_before_training(tokenizer):
 
 def no_records():
     yield from ()
+
+
+@pytest.mark.parametrize("kind", ["dpo", "reward"])
+def test_a_stream_whose_last_batch_is_short_evaluates(model_path, tmp_path, kind):
+    # 7 lists in batches of 2. With accelerate's batch dispatching the last batch's sequences were cut to its number
+    # of lists (a crash in split_with_sizes). Now each batch is whole, and the Trainer, which cannot size a stream,
+    # averages its batch losses with equal weights: (3 * mean loss of lists 0-5 + loss of list 6 alone) / 4.
+    records = Dataset.from_list(RECORDS[:7])
+    trainer = build(kind, model_path, tmp_path, records)
+    first_six = trainer.evaluate(eval_dataset=records.select(range(6)))["eval_loss"]
+    last_alone = trainer.evaluate(eval_dataset=records.select([6]))["eval_loss"]
+    got = trainer.evaluate(eval_dataset=records.to_iterable_dataset())["eval_loss"]
+    assert got == pytest.approx((3 * first_six + last_alone) / 4, abs=1e-6)
+
+
+def test_dispatching_k_way_batches_is_refused_naming_the_setting(model_path, tmp_path):
+    with pytest.raises(ValueError, match=r"accelerator_config.dispatch_batches=True cannot split a K-way batch"):
+        build("reward", model_path, tmp_path, Dataset.from_list(RECORDS), accelerator_config={"dispatch_batches": True})

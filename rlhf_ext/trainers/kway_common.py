@@ -95,8 +95,26 @@ def refuse_streams_with_precomputed_reference(args, datasets: dict) -> None:
                 f"{name} dataset is a stream (datasets.IterableDataset), and precompute_ref_log_probs=True needs a "
                 "map-style datasets.Dataset: it stores each record's reference log-probs beside the record before "
                 "training. Set precompute_ref_log_probs=False (the reference model then runs beside the policy at "
-                "each step), or load the data as a map-style Dataset (streaming=False)"
+                "each step), or load the data as a map-style Dataset (streaming=False). (As in TRL: "
+                "precompute_ref_log_probs=True is not supported with IterableDataset.)"
             )
+
+
+def batches_read_by_each_process(args) -> None:
+    """Set accelerate's `dispatch_batches=False`: each process reads its own share of a stream.
+
+    With dispatching (accelerate's default for a `datasets.IterableDataset`), the main process reads a batch and
+    slices every tensor along its first dimension by the length of the first one it finds; a K-way batch holds B
+    lists (`num_completions`, first) but K_1 + ... + K_B sequences, so the sequences were cut to B (and evaluation
+    failed in `split_with_sizes`). Map-style datasets are not dispatched either way. An explicit True is refused.
+    """
+    if args.accelerator_config.dispatch_batches:
+        raise ValueError(
+            "accelerator_config.dispatch_batches=True cannot split a K-way batch across processes (it holds B lists "
+            "but K_1 + ... + K_B sequences, and accelerate slices every tensor to the first one's length); leave it "
+            "unset or set it to False, so each process reads its own share of a streamed dataset."
+        )
+    args.accelerator_config.dispatch_batches = False
 
 
 def ranked_collator(tokenizer, pad_to_multiple_of: int | None) -> DataCollatorForRankedPreference:
@@ -122,6 +140,7 @@ def ranked_trainer_setup(model, args, config_class, run_suffix: str, processing_
     if not isinstance(args, config_class):
         raise TypeError(f"args must be a {config_class.__name__}, got {type(args).__name__}")
     check_datasets_not_empty(train_dataset, eval_dataset)
+    batches_read_by_each_process(args)
     eval_sets = eval_dataset if isinstance(eval_dataset, dict) else {"eval": eval_dataset}
     refuse_streams_with_precomputed_reference(args, {"train": train_dataset, **eval_sets})
     processing_class = tokenizer_for(model, processing_class, args.trust_remote_code)
