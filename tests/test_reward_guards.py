@@ -47,6 +47,18 @@ def forbidden_third(completions, **kwargs):
     return [-math.inf if i == 2 else 1.0 for i in range(len(completions))]
 
 
+def judge_down_too(completions, **kwargs):
+    return [None] * len(completions)
+
+
+def even_only(completions, **kwargs):
+    return [2.0 if i % 2 == 0 else None for i in range(len(completions))]
+
+
+def odd_only(completions, **kwargs):
+    return [3.0 if i % 2 else None for i in range(len(completions))]
+
+
 def half_missing(completions, **kwargs):
     return [math.nan if i % 2 else 1.0 for i in range(len(completions))]
 
@@ -54,19 +66,28 @@ def half_missing(completions, **kwargs):
 # ----------------------------------------------------------------------------- the check itself, on known numbers
 
 
-def test_check_reward_batch_counts_the_skipped_completions_per_function(caplog):
+def test_check_reward_batch_counts_the_completions_no_function_scored(caplog):
     nan = math.nan
     rewards = torch.tensor([[1.0, nan], [2.0, 0.5], [nan, nan], [0.0, 1.0]])
     with caplog.at_level("WARNING"):
         check_reward_batch(rewards, ["length", "judge"], torch.tensor([1.0, 1.0]))
-    assert "2 of 4 completions got no reward" in caplog.text
-    assert "'length': 1, 'judge': 2" in caplog.text
+    assert "1 of 4 completions got no reward from any function" in caplog.text
+    assert "'length': 1 of 4, 'judge': 2 of 4" in caplog.text
+    assert "scored none" not in caplog.text  # each function scored some completion
 
 
 def test_check_reward_batch_refuses_a_batch_without_any_reward():
-    rewards = torch.tensor([[1.0, math.nan], [2.0, math.nan]])
+    rewards = torch.tensor([[math.nan, math.nan], [math.nan, math.nan]])
     with pytest.raises(ValueError, match=r"none of the 2 completions .* got a reward.*'judge': 2 of 2"):
         check_reward_batch(rewards, ["length", "judge"], torch.tensor([1.0, 1.0]))
+
+
+def test_check_reward_batch_names_a_function_that_scored_nothing(caplog):
+    rewards = torch.tensor([[1.0, math.nan], [2.0, math.nan]])
+    with caplog.at_level("WARNING"):
+        check_reward_batch(rewards, ["length", "judge"], torch.tensor([1.0, 1.0]))
+    assert "reward function(s) 'judge' scored none of the 2 completions" in caplog.text
+    assert "got no reward from any function" not in caplog.text
 
 
 @pytest.mark.parametrize("value", [math.inf, -math.inf])
@@ -86,9 +107,18 @@ def test_check_reward_batch_refuses_a_weighted_sum_that_overflows():
 
 
 def test_ppo_run_where_every_reward_is_missing_fails_naming_the_function(tmp_path, reward_folder, left_tokenizer):  # noqa: F811
-    trainer = ppo_trainer(tmp_path, reward_folder, left_tokenizer, [constant(1.0), judge_down])
+    trainer = ppo_trainer(tmp_path, reward_folder, left_tokenizer, [judge_down, judge_down_too])
     with pytest.raises(ValueError, match=r"none of the 4 completions .* got a reward.*'judge_down': 4 of 4"):
         trainer.train()
+
+
+def test_ppo_scores_a_completion_with_the_functions_that_apply_as_trl_does(tmp_path, reward_folder, left_tokenizer):  # noqa: F811
+    # TRL's multi-task pattern: each function scores only its own completions (None elsewhere); none is skipped
+    trainer = ppo_trainer(tmp_path, reward_folder, left_tokenizer, [even_only, odd_only])
+    trainer.train()
+    assert trainer.state.log_history[0]["objective/skipped_completions"] == 0
+    scores, scored = trainer._global_scores()
+    assert scored.all() and scores.tolist() == [2.0, 3.0, 2.0, 3.0]  # even ones from even_only, odd from odd_only
 
 
 def test_ppo_partly_missing_rewards_warn_with_the_count(tmp_path, reward_folder, left_tokenizer, caplog):  # noqa: F811

@@ -144,17 +144,18 @@ class SharedBaseGRPOTrainer(FaultTolerantMixin, GRPOTrainer):
         return logps
 
     def _global_scores(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """[N_global] weighted reward sums of the generation batch (all processes) and where they are finite."""
+        """[N_global] weighted reward sums of the generation batch (all processes), and whether any function scored
+        each completion: TRL's sum over the functions that scored it (None / NaN terms left out, `nansum`)."""
         rewards_per_func = self._last_rewards_per_func
         weights = self.reward_weights.to(rewards_per_func.device)
-        scores_global = (rewards_per_func * weights).sum(dim=1)
-        return scores_global, torch.isfinite(scores_global)
+        scored = ~torch.isnan(rewards_per_func).all(dim=1)
+        return (rewards_per_func * weights).nansum(dim=1), scored
 
     def _local_scores(self, batch_size: int, mode: str) -> tuple[torch.Tensor, torch.Tensor]:
         """This process's [B] weighted reward sums and a [B] bool marking the completions with a finite score.
 
-        A completion whose reward is NaN or None under any reward function is skipped (its tokens leave the loss)
-        and counted in `objective/skipped_completions`, rather than being scored with a partial sum.
+        A completion no reward function scored (all NaN or None) is skipped (its tokens leave the loss) and counted
+        in `objective/skipped_completions`; one that some functions scored gets their weighted sum, as in TRL.
         """
         scores_global, scored_global = self._global_scores()
         self._metrics[mode]["objective/skipped_completions"].append((~scored_global).sum().item())
@@ -380,15 +381,18 @@ def check_rewards(rewards, name: str):
 
 
 def check_reward_batch(rewards_per_func: torch.Tensor, names: list[str], weights: torch.Tensor) -> None:
-    """Refuse rewards that would make training silently stop learning; warn when some completions go unscored.
+    """Refuse rewards that would make training silently stop learning; warn when completions or functions go unscored.
 
     `rewards_per_func` [N, F] is the generation batch of all processes (TRL turns None into NaN), so every process
-    raises alike. NaN / None means "no reward for this completion": it is skipped (its tokens leave the loss). But
+    raises alike. A completion's score is TRL's: the weighted sum over the functions that scored it, sum_f w_f r_f
+    with None / NaN terms left out (a function returns None where it does not apply, e.g. a math checker on a code
+    prompt). A completion no function scored is skipped (its tokens leave the loss). But
     - +-inf is refused: skipped like NaN it would never push the policy away from a "forbidden" completion, and kept
       it would make the returns, advantages and value loss inf or NaN; a large finite penalty does what was meant;
     - a batch where no completion has a reward is refused: every step would be a no-op and the run would "succeed";
-    - a weighted sum sum_f w_f r_f that overflows to +-inf is refused for the same reason as an inf reward.
-    A completion is skipped when any function gives it no reward (a partial sum would be a different reward).
+    - a weighted sum that overflows to +-inf is refused for the same reason as an inf reward;
+    - a function that scored none of the batch's completions is named in a warning: the others' rewards are then
+      used alone, which is TRL's rule for a function that does not apply, and a judge or API that fails looks alike.
     """
     infinite = torch.isinf(rewards_per_func)
     if infinite.any():
@@ -400,21 +404,27 @@ def check_reward_batch(rewards_per_func: torch.Tensor, names: list[str], weights
             "NaN. Return a large finite penalty instead (e.g. -10 times your usual reward scale), or None to skip it."
         )
     missing = torch.isnan(rewards_per_func)
-    skipped, total = missing.any(dim=1), len(rewards_per_func)
-    counts = missing.sum(dim=0).tolist()
-    if skipped.all():
-        per_func = ", ".join(f"{name!r}: {n} of {total}" for name, n in zip(names, counts, strict=True))
+    unscored, total = missing.all(dim=1), len(rewards_per_func)
+    counts = ", ".join(f"{name!r}: {n} of {total}" for name, n in zip(names, missing.sum(dim=0).tolist(), strict=True))
+    if unscored.all():
         raise ValueError(
-            f"none of the {total} completions of this generation batch got a reward (NaN or None from a reward "
-            f"function; completions without a reward, per function: {per_func}). Every step would be a no-op. Check "
+            f"none of the {total} completions of this generation batch got a reward (NaN or None from every reward "
+            f"function; completions without a reward, per function: {counts}). Every step would be a no-op. Check "
             "the reward functions (an API that fails, a parser that never matches)."
         )
-    if skipped.any():
+    if unscored.any():
         logger.warning(
-            "%d of %d completions got no reward (NaN or None) and are skipped; per reward function: %s",
-            int(skipped.sum()), total, ", ".join(f"{name!r}: {n}" for name, n in zip(names, counts, strict=True)),
+            "%d of %d completions got no reward from any function (NaN or None) and are skipped; without a reward, "
+            "per function: %s", int(unscored.sum()), total, counts,
         )  # fmt: skip
-    scores = (rewards_per_func * weights.to(rewards_per_func.device)).sum(dim=1)
+    silent = [name for name, none in zip(names, missing.all(dim=0).tolist(), strict=True) if none]
+    if silent:
+        logger.warning(
+            "reward function(s) %s scored none of the %d completions of this generation batch (all None or NaN): "
+            "the other functions' rewards are used alone. Expected if they do not apply to these prompts; if they "
+            "should always score (a judge, an API), they are failing.", ", ".join(map(repr, silent)), total,
+        )  # fmt: skip
+    scores = (rewards_per_func * weights.to(rewards_per_func.device)).nansum(dim=1)
     overflow = torch.isinf(scores)
     if overflow.any():
         row = overflow.nonzero()[0].item()

@@ -264,9 +264,8 @@ class PPOTrainer(SharedBaseGRPOTrainer):
     def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
         # Extends SharedBaseGRPOTrainer._calculate_rewards (which keeps the raw rewards): remember the largest |score|.
         rewards_per_func = super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)
-        finite = rewards_per_func.isfinite().all(dim=1)
-        scores = (rewards_per_func[finite] * self.reward_weights.to(rewards_per_func.device)).sum(dim=1)
-        self._reward_magnitude = scores.abs().max().item()  # named if the loss overflows (`_check_finite`)
+        scores, scored = self._global_scores()
+        self._reward_magnitude = scores[scored].abs().max().item()  # named if the loss overflows (`_check_finite`)
         return rewards_per_func
 
     def _tokenize_prompts(self, prompts: list):
