@@ -167,3 +167,18 @@ def test_tools_and_environments_reach_grpo(tmp_path, build):
     for multi_turn in ({"tools": [search]}, {"environment_factory": Env}):
         with pytest.raises(ValueError, match="does not support tool calling"):
             build(tmp_path, **multi_turn)
+
+
+def test_ppo_takes_a_dataset_that_only_routes_records_to_environments(tmp_path):
+    class Env:
+        def reset(self, **kwargs):
+            return "a prompt from the environment"
+
+    # TRL's own check on the tiny chat template runs, so PPO's data check let the dataset through
+    with pytest.raises(ValueError, match="does not support tool calling"):
+        PPOTrainer(
+            tiny_causal_lm(seed=0), reward_funcs=fewer_a_is_better, args=PPOConfig(output_dir=str(tmp_path), **RUN),
+            train_dataset=Dataset.from_dict({"environment": ["a", "b"]}), processing_class=left_tokenizer(),
+            value_model=AutoModelForSequenceClassification.from_config(tiny_llama_config(num_labels=1)),
+            environment_factory=Env,
+        )  # fmt: skip

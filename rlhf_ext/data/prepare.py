@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import logging
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -392,6 +393,15 @@ def _log_truncation(dataset: Dataset, max_length: int, name: str) -> None:
         )
 
 
+def warn_if_legacy_id_columns(layout: tuple[str, str], name: str) -> None:
+    """FutureWarning for TRL's deprecated pre-tokenized column names, as TRL's RewardTrainer gives it."""
+    if layout == PAIR_ID_FIELDS[1]:
+        warnings.warn(
+            f"{name} dataset: the columns 'chosen_input_ids'/'rejected_input_ids' are deprecated in TRL and will not "
+            "be supported in v1; rename them 'chosen_ids'/'rejected_ids'.", FutureWarning, stacklevel=3,
+        )  # fmt: skip
+
+
 def prepare_ranked_dataset(
     dataset: Dataset | IterableDataset,
     tokenizer: PreTrainedTokenizerBase,
@@ -446,6 +456,7 @@ def prepare_ranked_dataset(
         dataset = _validate_text(dataset, columns, tokenizer, name=name, num_proc=num_proc, mapping=mapping,
                                  normalize_kwargs=normalize_kwargs, counts=counts)
     else:
+        warn_if_legacy_id_columns(layout, name)
         dataset = _validate_tokenized(dataset, columns, layout, len(tokenizer), name=name, num_proc=num_proc,
                                       normalize_kwargs=normalize_kwargs, counts=counts)
     return _fit_to_length(dataset, max_length, max_positions, num_proc, name, counts)

@@ -174,7 +174,7 @@ class PPOTrainer(SharedBaseGRPOTrainer):
             args = PPOConfig("ppo-output")
         if not isinstance(args, PPOConfig):
             raise TypeError(f"PPOTrainer needs a PPOConfig, got {type(args).__name__}.")
-        _check_train_dataset(train_dataset)
+        _check_train_dataset(train_dataset, environment_factory)
         if isinstance(model, SharedBase):
             value_model = value_model or SharedBaseCritic(model)
         if value_model is None:
@@ -724,10 +724,13 @@ def load_value_model(value_model: nn.Module, path: str) -> None:
     load_model(value_model, os.path.join(path, VALUE_WEIGHTS))  # strict: every weight, under its saved name
 
 
-def _check_train_dataset(train_dataset) -> None:
+def _check_train_dataset(train_dataset, environment_factory=None) -> None:
+    """ValueError for an empty train set, or one without a 'prompt' column (unless an `environment_factory` makes
+    the prompts, as TRL allows: a dataset may then only route each record to its environment)."""
     if train_dataset is not None and hasattr(train_dataset, "__len__") and len(train_dataset) == 0:
         raise ValueError("train_dataset is empty: PPO needs at least one prompt.")
-    if train_dataset is not None and "prompt" not in (train_dataset.column_names or []):
+    has_prompts = train_dataset is None or "prompt" in (train_dataset.column_names or [])
+    if not has_prompts and environment_factory is None:
         raise ValueError(f"train_dataset needs a 'prompt' column, got columns {train_dataset.column_names}.")
 
 
