@@ -15,8 +15,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from rlhf_ext.models import SharedBase, SharedBaseArguments
-from rlhf_ext.recipe_utils import recipe_parser, seed_before_models
+from rlhf_ext.models import SharedBaseArguments
+from rlhf_ext.recipe_utils import recipe_parser
 from rlhf_ext.scripts import ppo as ppo_recipe  # the prompt loading, argument checks and tokenizer it shares
 from rlhf_ext.trainers.online_kway import OnlinePlackettLuceConfig, OnlinePlackettLuceTrainer
 
@@ -52,22 +52,8 @@ class OnlineKWayScriptArguments(ppo_recipe.PromptRecipeArguments):
 def main(script_args: OnlineKWayScriptArguments, training_args: OnlinePlackettLuceConfig,
          model_args: SharedBaseArguments) -> OnlinePlackettLuceTrainer:
     """Train, save the policy role under `training_args.output_dir`, and push if asked."""
-    ppo_recipe.check_arguments(script_args, model_args)
-    # Seeded before the shared base exists: its LoRA A matrices are drawn when it is built, before the Trainer seeds.
-    seed_before_models(training_args)
-    train_dataset, eval_dataset = ppo_recipe.load_prompts(script_args, training_args)
-    tokenizer = ppo_recipe.load_tokenizer(model_args, training_args.trust_remote_code)
-    shared = SharedBase.from_pretrained(
-        model_args.model_name_or_path, model_args, trust_remote_code=training_args.trust_remote_code
-    )
-    push = ppo_recipe.hold_back_push(training_args)  # pushed once, at the end, with the policy as the repository root
-    trainer = OnlinePlackettLuceTrainer(
-        shared,
-        reward_funcs=script_args.reward_model_name_or_path,
-        args=training_args,
-        train_dataset=train_dataset,
-        eval_dataset=eval_dataset,
-        processing_class=tokenizer,
+    trainer, shared, tokenizer, push = ppo_recipe.trainer_on_shared_base(
+        OnlinePlackettLuceTrainer, script_args, training_args, model_args
     )
     return ppo_recipe.train_save_policy_push(
         trainer, shared, tokenizer, training_args, script_args, model_args, push, kind="online_kway"

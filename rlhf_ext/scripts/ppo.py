@@ -184,6 +184,18 @@ def load_tokenizer(model_args: SharedBaseArguments, trust_remote_code: bool):
 
 def main(script_args: PPOScriptArguments, training_args: PPOConfig, model_args: SharedBaseArguments) -> PPOTrainer:
     """Train, save the policy and value roles under `training_args.output_dir`, and push if asked."""
+    trainer, shared, tokenizer, push = trainer_on_shared_base(PPOTrainer, script_args, training_args, model_args)
+    if script_args.kl_target is not None:
+        trainer.add_callback(AdaptiveKLCallback(target=script_args.kl_target, horizon=script_args.kl_horizon))
+    if script_args.completions_every_n_steps > 0:
+        trainer.add_callback(CompletionsTableCallback(trainer, every_n_steps=script_args.completions_every_n_steps))
+
+    return train_save_policy_push(trainer, shared, tokenizer, training_args, script_args, model_args, push)
+
+
+def trainer_on_shared_base(trainer_class, script_args, training_args, model_args):
+    """(trainer, shared base, tokenizer, push?) of the PPO and online K-way recipes: the arguments checked, the
+    prompts loaded, the shared base built and the trainer made on it, with the Trainer's own pushes held back."""
     check_arguments(script_args, model_args)
     # Seeded before the shared base exists: its LoRA A matrices and value head are drawn when it is built, before
     # the Trainer seeds, so two runs with the same --seed would otherwise differ from the first step.
@@ -194,7 +206,7 @@ def main(script_args: PPOScriptArguments, training_args: PPOConfig, model_args: 
         model_args.model_name_or_path, model_args, trust_remote_code=training_args.trust_remote_code
     )
     push = hold_back_push(training_args)  # pushed once, at the end, with the policy as the repository root
-    trainer = PPOTrainer(
+    trainer = trainer_class(
         shared,
         reward_funcs=script_args.reward_model_name_or_path,
         args=training_args,
@@ -202,12 +214,7 @@ def main(script_args: PPOScriptArguments, training_args: PPOConfig, model_args: 
         eval_dataset=eval_dataset,
         processing_class=tokenizer,
     )
-    if script_args.kl_target is not None:
-        trainer.add_callback(AdaptiveKLCallback(target=script_args.kl_target, horizon=script_args.kl_horizon))
-    if script_args.completions_every_n_steps > 0:
-        trainer.add_callback(CompletionsTableCallback(trainer, every_n_steps=script_args.completions_every_n_steps))
-
-    return train_save_policy_push(trainer, shared, tokenizer, training_args, script_args, model_args, push)
+    return trainer, shared, tokenizer, push
 
 
 def train_save_policy_push(trainer, shared: SharedBase, tokenizer, training_args, script_args, model_args,
