@@ -163,3 +163,13 @@ def test_chat_records_with_a_tokenizer_without_chat_template_are_refused_naming_
 def test_malformed_auxiliary_columns_are_named(extra, message):
     with pytest.raises(ValueError, match=message):
         prepare([{**CHAT, **extra}])
+
+
+def test_the_filter_a_same_chosen_and_rejected_error_suggests_works():
+    records = Dataset.from_list([{"prompt": "p ", "chosen": "a", "rejected": "b"},
+                                 {"prompt": "q ", "chosen": "same", "rejected": "same"}])
+    with pytest.raises(ValueError, match=r"record 1, .*both chosen and rejected") as error:
+        prepare_ranked_dataset(records, tiny_tokenizer(), max_length=64)
+    suggestion = str(error.value).rsplit("drop them before training: ", 1)[1]
+    kept = eval(suggestion, {"dataset": records})  # the message's own code, as a user would paste it
+    assert len(prepare_ranked_dataset(kept, tiny_tokenizer(), max_length=64)) == 1

@@ -307,7 +307,8 @@ def _drop_equal_duplicates(
     if order_source is None:
         raise ValueError(
             f"record {index}, fields 'chosen'/'rejected': the same completion ({text}) is both chosen and rejected; "
-            "a pair needs two different completions"
+            "a pair needs two different completions. Public pairwise sets hold some such records (HH-RLHF does); "
+            "drop them before training: dataset.filter(lambda r: r['chosen'] != r['rejected'])"
         )
     where = _where(index, "completions")
     if scores is None:
