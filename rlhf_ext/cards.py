@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import math
 import os
-from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import pyarrow.compute as pc
+from datasets import Dataset
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
 from .names import hub_id, public_name
@@ -61,11 +62,12 @@ def pick(args, names) -> dict:
 
 
 def list_sizes(dataset, column: str = "completion_ids") -> str | None:
-    """"K = 4" or "K = 2 to 4" from the lists of a prepared ranked dataset; None when it has no such column."""
-    if dataset is None or column not in getattr(dataset, "column_names", []):
+    """"K = 4" or "K = 2 to 4" from the lists of a prepared map-style ranked dataset (list lengths read in Arrow,
+    without loading the token ids); None for a stream (read once, by training) or a dataset without the column."""
+    if not isinstance(dataset, Dataset) or column not in dataset.column_names or len(dataset) == 0:
         return None
-    sizes = Counter(len(item) for item in dataset[column])
-    low, high = min(sizes), max(sizes)
+    sizes = pc.list_value_length(dataset.with_format("arrow")[column])
+    low, high = pc.min(sizes).as_py(), pc.max(sizes).as_py()
     return f"K = {low}" if low == high else f"K = {low} to {high}"
 
 

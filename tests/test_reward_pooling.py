@@ -43,10 +43,11 @@ def tokenizer_with(pad: str):
     return tok
 
 
-def train_reward(model_path, tmp_path, records, pad: str, peft: bool):
+def train_reward(model_path, tmp_path, records, pad: str, peft: bool, checkpointing: bool = True):
+    """Three steps of the K-way reward trainer; activation checkpointing on by default, as TRL's configs have it."""
     args = PlackettLuceRewardConfig(
         output_dir=str(tmp_path / "run"), per_device_train_batch_size=2, report_to="none", bf16=False, use_cpu=True,
-        gradient_checkpointing=False, disable_tqdm=True, max_steps=3, learning_rate=3e-2, seed=0,
+        activation_checkpointing=checkpointing, disable_tqdm=True, max_steps=3, learning_rate=3e-2, seed=0,
     )
     peft_config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], task_type="SEQ_CLS")
     trainer = PlackettLuceRewardTrainer(
@@ -83,10 +84,11 @@ def kway_loss_by_hand(scores: list[float], records) -> float:
     return sum(losses) / len(losses)
 
 
+@pytest.mark.parametrize("checkpointing", [True, False], ids=["trl_default_checkpointing", "no_checkpointing"])
 @pytest.mark.parametrize("records", [PLAIN, CHAT], ids=["plain", "chat"])
 @pytest.mark.parametrize("pad", PAD_SETUPS)
-def test_reward_role_scores_what_the_reward_trainer_trained(model_path, tmp_path, records, pad):
-    trainer = train_reward(model_path, tmp_path, records, pad, peft=True)
+def test_reward_role_scores_what_the_reward_trainer_trained(model_path, tmp_path, records, pad, checkpointing):
+    trainer = train_reward(model_path, tmp_path, records, pad, peft=True, checkpointing=checkpointing)
     expected = hand_scores(trainer, records)
 
     # the trainer's loss is the K-way loss of exactly these scores: the head was trained at that token
