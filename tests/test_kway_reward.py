@@ -283,3 +283,24 @@ def test_trainer_on_a_quantized_base_trains_with_the_default_float32_compute(tmp
     assert {p.dtype for p in trainer.model.parameters() if p.requires_grad} == {torch.float32}
     trainer.train()
     assert math.isfinite(trainer.state.log_history[-1]["train_loss"])
+
+
+def test_a_tokenizer_with_neither_pad_nor_eos_trains_with_the_eos_given_in_the_config(model_path, tmp_path):
+    # TRL sets the pad token from args.eos_token inside its __init__, after the K-way collator was built: the
+    # collator used to pad with None and fail at the first step
+    tok = tiny_tokenizer()
+    eos = tok.eos_token
+    tok.pad_token, tok.eos_token = None, None
+    args = PlackettLuceRewardConfig(**common_args(tmp_path, max_steps=1, per_device_train_batch_size=2), eos_token=eos)
+    trainer = PlackettLuceRewardTrainer(model=model_path, args=args, train_dataset=Dataset.from_list(LISTS),
+                                        processing_class=tok)
+    trainer.train()
+    assert trainer.state.global_step == 1 and math.isfinite(trainer.state.log_history[-1]["train_loss"])
+
+
+@pytest.mark.parametrize("setting, value", [("tie_policy", "errror"), ("max_length", "64"), ("max_length", 0)])
+def test_prepare_ranked_dataset_refuses_bad_settings_naming_them(setting, value):
+    from rlhf_ext.data import prepare_ranked_dataset
+
+    with pytest.raises(ValueError, match=rf"^{setting} must be"):
+        prepare_ranked_dataset(Dataset.from_list(LISTS), tiny_tokenizer(), **{"max_length": 64, setting: value})

@@ -27,7 +27,14 @@ from datasets import Dataset, IterableDataset
 from transformers import PreTrainedTokenizerBase
 from trl.data_utils import _tokenize, common_prefix_length
 
-from .ranked import PAIR_ID_FIELDS, check_field_mapping, normalize_record, normalize_tokenized_record, tokenized_layout
+from .ranked import (
+    PAIR_ID_FIELDS,
+    TIE_POLICIES,
+    check_field_mapping,
+    normalize_record,
+    normalize_tokenized_record,
+    tokenized_layout,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -393,6 +400,15 @@ def _log_truncation(dataset: Dataset, max_length: int, name: str) -> None:
         )
 
 
+def check_preparation_settings(tie_policy, max_length) -> None:
+    """ValueError naming the setting for a `tie_policy` outside TIE_POLICIES or a `max_length` that is not a positive
+    integer (or None); the configs check both, this covers a direct call."""
+    if tie_policy not in TIE_POLICIES:
+        raise ValueError(f"tie_policy must be one of {TIE_POLICIES}, got {tie_policy!r}")
+    if max_length is not None and (isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 1):
+        raise ValueError(f"max_length must be a positive integer or None, got {max_length!r}")
+
+
 def warn_if_legacy_id_columns(layout: tuple[str, str], name: str) -> None:
     """FutureWarning for TRL's deprecated pre-tokenized column names, as TRL's RewardTrainer gives it."""
     if layout == PAIR_ID_FIELDS[1]:
@@ -443,6 +459,7 @@ def prepare_ranked_dataset(
                         f"{type(dataset).__name__}")
     check_not_empty(dataset, name)
     check_field_mapping(prompt_key, completion_text_key, completion_score_key)
+    check_preparation_settings(tie_policy, max_length)
     counts = None
     if isinstance(dataset, IterableDataset):
         counts = stream_counts if stream_counts is not None else StreamCounts(name)

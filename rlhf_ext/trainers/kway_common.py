@@ -118,8 +118,13 @@ def batches_read_by_each_process(args) -> None:
 
 
 def ranked_collator(tokenizer, pad_to_multiple_of: int | None) -> DataCollatorForRankedPreference:
-    """The K-way collator, padding with the tokenizer's pad token (EOS when it has none, as TRL does)."""
-    pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    """The K-way collator, padding with the tokenizer's pad token, else EOS (as TRL does), else 0.
+
+    Any id can pad: the attention and completion masks leave padding out of every score and log-prob (and rewards
+    are read by the mask, `rlhf_ext.models.scoring`). The collator is built before TRL's trainer sets a pad token
+    (from `args.eos_token`), so a tokenizer with neither token would otherwise pad with None at the first step.
+    """
+    pad_token_id = next((i for i in (tokenizer.pad_token_id, tokenizer.eos_token_id) if i is not None), 0)
     return DataCollatorForRankedPreference(pad_token_id=pad_token_id, pad_to_multiple_of=pad_to_multiple_of)
 
 
