@@ -30,16 +30,18 @@ CHAT = [
     }
     for r in PLAIN
 ]
-PAD_SETUPS = ("distinct", "eos", "none")
+PAD_SETUPS = ("distinct", "eos", "none", "eos_bos")
 
 
 def tokenizer_with(pad: str):
-    """The tiny tokenizer with a distinct pad token, pad = EOS, or no pad token (as GPT-2 and Llama 3 ship)."""
+    """The tiny tokenizer with a distinct pad token, pad = EOS, no pad token (as GPT-2 and Llama 3 ship), or pad = EOS
+    and a BOS added to every tokenized text (as Llama and Mistral tokenizers do)."""
     tok = tiny_tokenizer()
-    if pad == "eos":
+    if pad in ("eos", "eos_bos"):
         tok.pad_token = tok.eos_token
     elif pad == "none":
         tok.pad_token = None
+    tok.add_bos_token = pad == "eos_bos"
     return tok
 
 
@@ -58,7 +60,7 @@ def train_reward(model_path, tmp_path, records, pad: str, peft: bool, checkpoint
     return trainer
 
 
-def hand_scores(trainer, records) -> list[float]:
+def hand_scores(trainer, records, pad: str = "distinct") -> list[float]:
     """Each prompt + completion tokenized as the trainer tokenizes it, run alone, head at its final token."""
     model = trainer.model
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
@@ -66,7 +68,7 @@ def hand_scores(trainer, records) -> list[float]:
     scores = []
     with torch.no_grad():
         for record in records:
-            tokens = tokenize_ranked(record, tokenizer_with("distinct"))
+            tokens = tokenize_ranked(record, tokenizer_with(pad))
             for completion_ids in tokens["completion_ids"]:
                 ids = torch.tensor([tokens["prompt_ids"] + completion_ids])
                 hidden = base.model(input_ids=ids).last_hidden_state
@@ -89,7 +91,7 @@ def kway_loss_by_hand(scores: list[float], records) -> float:
 @pytest.mark.parametrize("pad", PAD_SETUPS)
 def test_reward_role_scores_what_the_reward_trainer_trained(model_path, tmp_path, records, pad, checkpointing):
     trainer = train_reward(model_path, tmp_path, records, pad, peft=True, checkpointing=checkpointing)
-    expected = hand_scores(trainer, records)
+    expected = hand_scores(trainer, records, pad)
 
     # the trainer's loss is the K-way loss of exactly these scores: the head was trained at that token
     batch = trainer.data_collator([trainer.train_dataset[i] for i in range(len(records))])

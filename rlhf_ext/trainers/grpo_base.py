@@ -251,10 +251,14 @@ def reward_texts(prompts: list, completions: list, tokenizer, chat_template_kwar
     return [p + c + tokenizer.eos_token for p, c in zip(prompts, completions, strict=True)]
 
 
-def tokenized_for_scoring(texts: list[str], tokenizer, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """(input_ids, attention_mask) of `texts`, right-padded by hand: a tokenizer without a pad token (GPT-2, Llama 3)
-    cannot pad, and the padding id does not matter since scores are read by the mask."""
-    sequences = tokenizer(text=texts, add_special_tokens=False)["input_ids"]
+def tokenized_for_scoring(
+    texts: list[str], tokenizer, device, conversational: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(input_ids, attention_mask) of `texts`, tokenized as the K-way reward trainer tokenized its sequences (TRL's
+    `_tokenize`): plain text with the tokenizer's special tokens (the BOS of Llama or Mistral), chat-template text
+    without (the template already wrote them). Right-padded by hand: a tokenizer without a pad token (GPT-2,
+    Llama 3) cannot pad, and the padding id does not matter since scores are read by the mask."""
+    sequences = tokenizer(text=texts, add_special_tokens=not conversational)["input_ids"]
     input_ids, attention_mask = right_padded(sequences, tokenizer.pad_token_id)
     return input_ids.to(device), attention_mask.to(device)
 
@@ -276,7 +280,8 @@ class SharedBaseReward:
 
     def __call__(self, prompts: list, completions: list, **kwargs) -> list[float]:
         texts = reward_texts(prompts, completions, self.tokenizer, self.chat_template_kwargs)
-        input_ids, attention_mask = tokenized_for_scoring(texts, self.tokenizer, self.shared.device)
+        conversational = is_conversational({"prompt": prompts[0]})
+        input_ids, attention_mask = tokenized_for_scoring(texts, self.tokenizer, self.shared.device, conversational)
         return self.shared.reward_scores(input_ids, attention_mask).tolist()
 
 
@@ -297,7 +302,8 @@ class TrainedRewardModel:
     def __call__(self, prompts: list, completions: list, **kwargs) -> list[float]:
         texts = reward_texts(prompts, completions, self.tokenizer, self.chat_template_kwargs)
         device = next(self.model.parameters()).device
-        input_ids, attention_mask = tokenized_for_scoring(texts, self.tokenizer, device)
+        conversational = is_conversational({"prompt": prompts[0]})
+        input_ids, attention_mask = tokenized_for_scoring(texts, self.tokenizer, device, conversational)
         return sequence_classifier_scores(self.model, input_ids, attention_mask)[:, 0].float().tolist()
 
 
