@@ -194,3 +194,17 @@ def test_trainer_vllm_sync_refuses_a_head_copy_on_a_tied_base(tmp_path, monkeypa
     trainer = vllm_trainer(build(tied=True), tmp_path, "colocate")
     with pytest.raises(NotImplementedError, match="tie_word_embeddings"):
         trainer.vllm_generation.sync_weights()
+
+
+@pytest.mark.parametrize("value_lora_embeddings", [False, True])
+def test_all_linear_value_lora_stays_off_the_policys_head_copy(tmp_path, value_lora_embeddings):
+    # "all-linear" expanded on the base the policy already wraps found the head copy's inner Linears, put value LoRA
+    # in them, and saving the policy failed with a KeyError
+    args = SharedBaseArguments(lora_r=4, lora_alpha=8, lora_target_modules="all-linear", policy_lm_head="trainable",
+                               value_lora_embeddings=value_lora_embeddings)
+    shared = SharedBase(tiny_causal_lm(seed=0), args)
+    names = [name for name, _ in shared.peft_model.named_parameters()]
+    assert not [name for name in names if "lm_head" in name and ".value." in name]
+    assert any(".lora_A.value." in name for name in names)  # the value role still has its LoRA elsewhere
+    shared.save_role("policy", tmp_path / "policy")
+    assert (tmp_path / "policy" / "adapter_model.safetensors").is_file()

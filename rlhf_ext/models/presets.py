@@ -9,6 +9,7 @@ swap one for the other; it replaces `ModelConfig` in recipes that build a `Share
 from __future__ import annotations
 
 import copy
+import re
 from dataclasses import dataclass, field
 
 import torch
@@ -186,6 +187,12 @@ def value_lora_config(args: SharedBaseArguments, model: PreTrainedModel) -> Lora
     config = lora_config(args, model.config.model_type)
     if args.value_lora_embeddings:
         config.target_modules = [*linear_target_names(config, model), input_embeddings_name(model)]
+    if args.policy_lm_head == "trainable":
+        # The policy's head copy wraps the LM head (peft's ModulesToSaveWrapper), whose inner Linears no longer carry
+        # the head's name, so "all-linear" would put value LoRA inside the wrapper (and saving the policy then fails):
+        # keep the value role off the LM head, as peft's "all-linear" means to.
+        head = re.escape(output_layer_name(model))
+        config.exclude_modules = rf"(.*\.)?{head}(\..*)?"
     return config
 
 
