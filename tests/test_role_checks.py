@@ -203,6 +203,17 @@ def test_a_folder_saved_before_the_base_was_recorded_warns_and_loads(folders, tm
         SharedBase(tiny_causal_lm(seed=1), SharedBaseArguments(reward_adapter_path=str(old), **LORA))
 
 
+def test_a_folder_whose_record_shares_no_weight_with_the_base_warns(folders, tmp_path):
+    # e.g. written from a ZeRO-3 or FSDP2 shard: nothing can be compared, which must not read as "same base"
+    empty = tmp_path / "empty_record"
+    empty.mkdir()
+    for file in Path(folders["reward"]).iterdir():
+        (empty / file.name).write_bytes(file.read_bytes())
+    (empty / "base_fingerprint.json").write_text(json.dumps({"tensors": {}}))
+    with pytest.warns(UserWarning, match=r"records no weight this base has .*re-save"):
+        SharedBase(tiny_causal_lm(seed=1), SharedBaseArguments(reward_adapter_path=str(empty), **LORA))
+
+
 def test_the_reward_trainer_and_the_shared_base_record_the_same_base(folders):
     """The K-way reward folder's fingerprint comes from a sequence classifier's body, the policy's from a causal LM:
     on one base they are equal."""

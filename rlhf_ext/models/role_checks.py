@@ -92,7 +92,18 @@ def check_folder_base(directory: str | os.PathLike, role: str, model: nn.Module,
             stacklevel=3,
         )
         return
-    differing = first_difference(read_json(path), base_fingerprint(model))
+    saved, current = read_json(path), base_fingerprint(model)
+    if not set(saved.get("tensors", {})) & set(current["tensors"]):
+        # e.g. written from a sharded model (ZeRO-3, FSDP2), or under other weight names: nothing could be compared
+        warnings.warn(
+            f"The {role} role folder {directory} records no weight this base has ({FINGERPRINT_FILE}), so rlhf_ext "
+            f"cannot check that it belongs to this base (saved for {saved_name!r}, this base is {base_name!r}). "
+            "Load it onto its own base and re-save it (SharedBase.save_role) to record it.",
+            UserWarning,
+            stacklevel=3,
+        )
+        return
+    differing = first_difference(saved, current)
     if differing is not None:
         raise ValueError(
             f"The {role} role folder {directory} was saved on another base: this base's weights differ from the ones "
