@@ -459,3 +459,17 @@ def test_the_best_checkpoint_is_recorded_where_it_is_not_where_it_was_staged(tmp
         assert json.loads((out / name / "trainer_state.json").read_text())["best_model_checkpoint"] == str(
             out / "checkpoint-1"
         )
+
+
+def test_a_subclass_or_a_newly_recorded_setting_does_not_refuse_a_resume():
+    from rlhf_ext.trainers.fault_tolerance import check_resume_fingerprint
+
+    shapes = {"lora_A": [4, 32]}
+    saved = {"settings": {"trainer": "PPOTrainer", "LoRA adapter 'policy' r": 4}, "trainable_parameters": shapes}
+    current = {"settings": {"trainer": "MyPPOTrainer", "LoRA adapter 'policy' r": 4, "model head_dim": 16},
+               "trainable_parameters": shapes, "train_dataset": None, "batch": None, "model_name_or_path": None}
+    with pytest.warns(CheckpointWarning, match="trainer changed"):
+        check_resume_fingerprint(saved, current, "ckpt")
+    changed_rank = {**current, "settings": {**current["settings"], "LoRA adapter 'policy' r": 8}}
+    with pytest.raises(ValueError, match="LoRA adapter 'policy' r: 4 when saved, 8 now"):
+        check_resume_fingerprint(saved, changed_rank, "ckpt")

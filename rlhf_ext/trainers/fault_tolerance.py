@@ -306,8 +306,13 @@ def _safe_dataset_fingerprint(dataset) -> dict | None:
 def check_resume_fingerprint(saved: dict, current: dict, checkpoint: str) -> None:
     """Raise before any weight is loaded when a shape setting changed since `checkpoint`; warn on changed data."""
     old, new = saved.get("settings", {}), current["settings"]
-    changed = [f"{key}: {old.get(key, 'unset')!r} when saved, {new.get(key, 'unset')!r} now"
-               for key in sorted(set(old) | set(new)) if old.get(key) != new.get(key)]  # fmt: skip
+    # Only the settings both records hold: a key a later version records (or a config attribute an upgrade gives a
+    # default) must not refuse every older checkpoint. The trainer's class is not a shape: a subclass (extra logging)
+    # resumes its parent's checkpoints; it only warns. The trainable shapes below catch a real mismatch either way.
+    changed = [f"{key}: {old[key]!r} when saved, {new[key]!r} now"
+               for key in sorted(set(old) & set(new) - {"trainer"}) if old[key] != new[key]]  # fmt: skip
+    _warn_if_changed("trainer", old.get("trainer"), new.get("trainer"), checkpoint,
+                     "its shapes are checked below; make sure it is the run you meant to resume.")  # fmt: skip
     old_shapes, new_shapes = saved.get("trainable_parameters"), current["trainable_parameters"]
     if not changed and old_shapes is not None and new_shapes is not None and old_shapes != new_shapes:
         differ = [
