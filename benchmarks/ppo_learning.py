@@ -391,8 +391,8 @@ def run_rlhf_ext(directory: Path, s: Settings, seed: int, variant: Variant) -> d
     from datasets import Dataset
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    from rlhf_ext.trainers.ppo_config import PPOConfig
-    from rlhf_ext.trainers.ppo_trainer import PPOTrainer
+    from rlhf_ext.trainers.ppo.config import PPOConfig
+    from rlhf_ext.trainers.ppo.trainer import PPOTrainer
 
     tokenizer = AutoTokenizer.from_pretrained(directory / "policy", padding_side="left")
     prompts = json.loads((directory / "prompts.json").read_text())

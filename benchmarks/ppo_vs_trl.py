@@ -144,8 +144,8 @@ def run_rlhf_ext(directory: Path, args, value_layout: str = "own_adapter") -> li
     from transformers import AutoTokenizer, set_seed
 
     from rlhf_ext.models import SharedBase, SharedBaseArguments
-    from rlhf_ext.trainers.ppo_config import PPOConfig
-    from rlhf_ext.trainers.ppo_trainer import PPOTrainer
+    from rlhf_ext.trainers.ppo.config import PPOConfig
+    from rlhf_ext.trainers.ppo.trainer import PPOTrainer
 
     tokenizer = AutoTokenizer.from_pretrained(directory / "base", padding_side="left")
     prompts = json.loads((directory / "prompts.json").read_text())

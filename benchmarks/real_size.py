@@ -322,8 +322,8 @@ def child_ppo_shared(spec: Configuration, cli, output_dir: str) -> dict:
     from transformers import AutoTokenizer
 
     from rlhf_ext.models import SharedBase, SharedBaseArguments
-    from rlhf_ext.trainers.ppo_config import PPOConfig
-    from rlhf_ext.trainers.ppo_trainer import PPOTrainer
+    from rlhf_ext.trainers.ppo.config import PPOConfig
+    from rlhf_ext.trainers.ppo.trainer import PPOTrainer
 
     runtime = {"runtime_rss_gib": proc_status_gib("VmRSS")}  # the process before any model
     stage("load base")

@@ -108,8 +108,8 @@ def deterministic_trainables(model: torch.nn.Module) -> None:
 
 def build_ppo(cli, args):
     from rlhf_ext.models import SharedBase, SharedBaseArguments
-    from rlhf_ext.trainers.ppo_config import PPOConfig
-    from rlhf_ext.trainers.ppo_trainer import PPOTrainer
+    from rlhf_ext.trainers.ppo.config import PPOConfig
+    from rlhf_ext.trainers.ppo.trainer import PPOTrainer
 
     config = PPOConfig(
         **args, steps_per_generation=1, num_ppo_epochs=2, num_generations=1, max_completion_length=6,

@@ -13,8 +13,8 @@ from rlhf_ext.callbacks import (
     adaptive_kl_coef,
 )
 from rlhf_ext.testing import StopAfter, fraction_of_a, tiny_causal_lm, tiny_llama_config, tiny_tokenizer
-from rlhf_ext.trainers.ppo_config import PPOConfig
-from rlhf_ext.trainers.ppo_trainer import PPOTrainer
+from rlhf_ext.trainers.ppo.config import PPOConfig
+from rlhf_ext.trainers.ppo.trainer import PPOTrainer
 
 
 def tiny_trainer(tmp_path, callbacks_for=lambda trainer: [], **overrides) -> PPOTrainer:

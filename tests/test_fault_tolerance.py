@@ -37,8 +37,8 @@ from rlhf_ext.trainers import (
     PlackettLuceRewardTrainer,
 )
 from rlhf_ext.trainers.fault_tolerance import RUN_FILE, CheckpointWarning
-from rlhf_ext.trainers.ppo_config import PPOConfig
-from rlhf_ext.trainers.ppo_trainer import PPOTrainer
+from rlhf_ext.trainers.ppo.config import PPOConfig
+from rlhf_ext.trainers.ppo.trainer import PPOTrainer
 
 KINDS = ["ppo", "online_kway", "kway_dpo", "kway_reward"]
 COMMON = dict(report_to=[], use_cpu=True, bf16=False, gradient_checkpointing=False, disable_tqdm=True, seed=0,

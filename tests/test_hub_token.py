@@ -10,7 +10,7 @@ from scripts import load_recipe
 
 from rlhf_ext.testing import save_tiny_model
 from rlhf_ext.trainers import OnlinePlackettLuceConfig, PlackettLuceDPOConfig, PlackettLuceRewardConfig
-from rlhf_ext.trainers.ppo_config import PPOConfig
+from rlhf_ext.trainers.ppo.config import PPOConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 SECRET = "hf_NotARealTokenButSecret0123456789"

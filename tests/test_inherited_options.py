@@ -23,11 +23,11 @@ from rlhf_ext.trainers import (
     PlackettLuceRewardConfig,
     PlackettLuceRewardTrainer,
     grpo_base,
-    kway_common,
 )
-from rlhf_ext.trainers.online_kway import OnlinePlackettLuceConfig, OnlinePlackettLuceTrainer
-from rlhf_ext.trainers.ppo_config import PPOConfig
-from rlhf_ext.trainers.ppo_trainer import PPOTrainer
+from rlhf_ext.trainers.kway import common as kway_common
+from rlhf_ext.trainers.kway.online import OnlinePlackettLuceConfig, OnlinePlackettLuceTrainer
+from rlhf_ext.trainers.ppo.config import PPOConfig
+from rlhf_ext.trainers.ppo.trainer import PPOTrainer
 
 # Where an acting field is read, as "Owner.method" (a trainer or config class) or "module.function".
 OWNERS = {

@@ -4,7 +4,7 @@
 import pytest
 
 from rlhf_ext.trainers import PlackettLuceDPOConfig, PlackettLuceRewardConfig
-from rlhf_ext.trainers.online_kway import OnlinePlackettLuceConfig
+from rlhf_ext.trainers.kway.online import OnlinePlackettLuceConfig
 
 NAN, INF = float("nan"), float("inf")
 COMMON = dict(use_cpu=True, bf16=False, report_to=[], gradient_checkpointing=False)

@@ -10,7 +10,10 @@ from trl import DPOConfig, DPOTrainer
 
 import rlhf_ext
 from rlhf_ext.testing import tiny_causal_lm, tiny_tokenizer
-from rlhf_ext.trainers import PlackettLuceDPOConfig, PlackettLuceDPOTrainer, kway_common, kway_dpo, kway_reward
+from rlhf_ext.trainers import PlackettLuceDPOConfig, PlackettLuceDPOTrainer
+from rlhf_ext.trainers.kway import common as kway_common
+from rlhf_ext.trainers.kway import dpo as kway_dpo
+from rlhf_ext.trainers.kway import reward as kway_reward
 
 BETA = 0.5
 

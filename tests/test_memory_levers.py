@@ -6,8 +6,8 @@ from datasets import Dataset
 
 from rlhf_ext.models import SharedBase, SharedBaseArguments
 from rlhf_ext.testing import fraction_of_a, tiny_causal_lm, tiny_tokenizer
-from rlhf_ext.trainers.ppo_config import PPOConfig
-from rlhf_ext.trainers.ppo_trainer import PPOTrainer
+from rlhf_ext.trainers.ppo.config import PPOConfig
+from rlhf_ext.trainers.ppo.trainer import PPOTrainer
 
 
 def ppo_trainer(tmp_path, lora_r: int = 4, hidden_size: int = 32, **overrides) -> PPOTrainer:

@@ -15,9 +15,9 @@ from trl import DPOConfig, DPOTrainer
 
 from rlhf_ext.testing import fraction_of_a, tiny_llama_config, tiny_tokenizer
 from rlhf_ext.trainers import PlackettLuceDPOConfig, PlackettLuceDPOTrainer
-from rlhf_ext.trainers.online_kway import OnlinePlackettLuceConfig, OnlinePlackettLuceTrainer
-from rlhf_ext.trainers.ppo_config import PPOConfig
-from rlhf_ext.trainers.ppo_trainer import PPOTrainer
+from rlhf_ext.trainers.kway.online import OnlinePlackettLuceConfig, OnlinePlackettLuceTrainer
+from rlhf_ext.trainers.ppo.config import PPOConfig
+from rlhf_ext.trainers.ppo.trainer import PPOTrainer
 
 COEF = 0.5
 PROMPTS = ["abc", "hello", "xy", "qrs"]

@@ -19,7 +19,7 @@ from rlhf_ext.models import SharedBase, SharedBaseArguments, save_adapter_with_h
 from rlhf_ext.ops import dpo_plackett_luce_loss
 from rlhf_ext.testing import StopAfter, fraction_of_a, randomize_lora, save_tiny_model, tiny_causal_lm
 from rlhf_ext.trainers import SharedBaseReward
-from rlhf_ext.trainers.online_kway import OnlinePlackettLuceConfig, OnlinePlackettLuceTrainer, rank_groups
+from rlhf_ext.trainers.kway.online import OnlinePlackettLuceConfig, OnlinePlackettLuceTrainer, rank_groups
 
 ROOT = Path(__file__).resolve().parents[1]
 LORA = dict(lora_r=4, lora_alpha=8, lora_dropout=0.0)
@@ -427,7 +427,7 @@ from datasets import Dataset
 from safetensors.torch import load_file
 from peft import LoraConfig
 from rlhf_ext.testing import tiny_causal_lm, tiny_tokenizer
-from rlhf_ext.trainers.online_kway import OnlinePlackettLuceConfig, OnlinePlackettLuceTrainer
+from rlhf_ext.trainers.kway.online import OnlinePlackettLuceConfig, OnlinePlackettLuceTrainer
 
 
 def character_sum(completions, **kwargs):  # few ties, unlike most programmatic rewards on random text

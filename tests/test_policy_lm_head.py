@@ -149,7 +149,7 @@ def test_ppo_resume_with_the_head_copy_equals_straight_run(tmp_path, left_tokeni
     from test_ppo_trainer import assert_same_trained_weights, prompts, straight_and_resumed
 
     from rlhf_ext.testing import fraction_of_a
-    from rlhf_ext.trainers.ppo_trainer import PPOTrainer
+    from rlhf_ext.trainers.ppo.trainer import PPOTrainer
 
     def build_trainer(args, callbacks):
         shared = build(tied=True)

@@ -17,8 +17,8 @@ from rlhf_ext.trainers import (
     PlackettLuceRewardConfig,
     PlackettLuceRewardTrainer,
 )
-from rlhf_ext.trainers.ppo_config import PPOConfig
-from rlhf_ext.trainers.ppo_trainer import PPOTrainer
+from rlhf_ext.trainers.ppo.config import PPOConfig
+from rlhf_ext.trainers.ppo.trainer import PPOTrainer
 
 LORA = dict(lora_r=4, lora_alpha=8, lora_dropout=0.0)
 COMMON = dict(report_to=[], use_cpu=True, bf16=False, gradient_checkpointing=False, save_strategy="no",

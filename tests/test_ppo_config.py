@@ -5,7 +5,7 @@ import dataclasses
 import pytest
 from trl import GRPOConfig
 
-from rlhf_ext.trainers.ppo_config import PPOConfig
+from rlhf_ext.trainers.ppo.config import PPOConfig
 
 
 def config(**overrides) -> PPOConfig:

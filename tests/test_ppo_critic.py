@@ -13,8 +13,8 @@ from transformers import AutoModelForSequenceClassification, TrainerCallback
 from rlhf_ext.models import SharedBase, SharedBaseArguments, save_adapter_with_head
 from rlhf_ext.ops import gae, masked_whiten, token_rewards
 from rlhf_ext.testing import StopAfter, randomize_lora, tiny_causal_lm, tiny_llama_config
-from rlhf_ext.trainers.ppo_config import PPOConfig
-from rlhf_ext.trainers.ppo_trainer import PPOTrainer
+from rlhf_ext.trainers.ppo.config import PPOConfig
+from rlhf_ext.trainers.ppo.trainer import PPOTrainer
 
 LORA = dict(lora_r=4, lora_alpha=8, lora_dropout=0.0)
 PROMPTS = ["abc", "hello", "xy", "qrs"]

@@ -23,8 +23,8 @@ from rlhf_ext.testing import (
     tiny_llama_config,
     tiny_tokenizer,
 )
-from rlhf_ext.trainers.ppo_config import PPOConfig
-from rlhf_ext.trainers.ppo_trainer import PPOTrainer
+from rlhf_ext.trainers.ppo.config import PPOConfig
+from rlhf_ext.trainers.ppo.trainer import PPOTrainer
 
 REPO = Path(__file__).resolve().parents[1]
 TARGET = set("abcdefghijklmnopqrstuvwxyz")  # 26 of the tiny tokenizer's 101 tokens: ~26% of random text

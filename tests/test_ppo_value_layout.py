@@ -19,7 +19,7 @@ from test_ppo_trainer import (
 
 from rlhf_ext.models import SharedBase, SharedBaseArguments, save_adapter_with_head
 from rlhf_ext.testing import fraction_of_a, randomize_lora, tiny_causal_lm
-from rlhf_ext.trainers.ppo_trainer import PPOTrainer
+from rlhf_ext.trainers.ppo.trainer import PPOTrainer
 
 CHECKPOINTING = pytest.mark.parametrize("gradient_checkpointing", [True, False], ids=["trl_default_gc", "no_gc"])
 

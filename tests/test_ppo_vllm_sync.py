@@ -33,8 +33,8 @@ from trl.trainer.grpo_trainer import GRPOTrainer
 
 from rlhf_ext.models import SharedBase, SharedBaseArguments, save_adapter_with_head
 from rlhf_ext.testing import save_tiny_model, tiny_causal_lm, tiny_tokenizer
-from rlhf_ext.trainers.ppo_config import PPOConfig
-from rlhf_ext.trainers.ppo_trainer import PPOTrainer
+from rlhf_ext.trainers.ppo.config import PPOConfig
+from rlhf_ext.trainers.ppo.trainer import PPOTrainer
 
 LORA = dict(lora_r=4, lora_alpha=8, lora_dropout=0.0)
 MODES = ["server", "colocate"]

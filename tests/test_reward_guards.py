@@ -9,8 +9,8 @@ import torch
 from test_ppo_trainer import make_shared, ppo_args, prompts, reward_folder  # noqa: F401 (reward_folder: a fixture)
 
 from rlhf_ext.trainers.grpo_base import check_reward_batch
-from rlhf_ext.trainers.online_kway import OnlinePlackettLuceConfig, OnlinePlackettLuceTrainer
-from rlhf_ext.trainers.ppo_trainer import PPOTrainer
+from rlhf_ext.trainers.kway.online import OnlinePlackettLuceConfig, OnlinePlackettLuceTrainer
+from rlhf_ext.trainers.ppo.trainer import PPOTrainer
 
 
 def ppo_trainer(tmp_path, reward_folder, tokenizer, reward_funcs, **overrides):  # noqa: F811

@@ -15,9 +15,9 @@ from transformers import AutoModelForCausalLM, AutoModelForSequenceClassificatio
 
 from rlhf_ext.models import SharedBase, SharedBaseArguments, save_adapter_with_head
 from rlhf_ext.testing import randomize_lora, save_tiny_model, tiny_causal_lm, tiny_llama_config, tiny_tokenizer
-from rlhf_ext.trainers.online_kway import OnlinePlackettLuceConfig, OnlinePlackettLuceTrainer
-from rlhf_ext.trainers.ppo_config import PPOConfig
-from rlhf_ext.trainers.ppo_trainer import PPOTrainer
+from rlhf_ext.trainers.kway.online import OnlinePlackettLuceConfig, OnlinePlackettLuceTrainer
+from rlhf_ext.trainers.ppo.config import PPOConfig
+from rlhf_ext.trainers.ppo.trainer import PPOTrainer
 
 LORA = dict(lora_r=4, lora_alpha=8, lora_dropout=0.0)
 PROMPTS = Dataset.from_list([{"prompt": p} for p in ["abc", "hello", "xy", "qrs"] * 2])

@@ -10,8 +10,8 @@ from scripts import load_recipe
 from rlhf_ext.models import SharedBase, SharedBaseArguments
 from rlhf_ext.testing import fraction_of_a, tiny_causal_lm, tiny_tokenizer
 from rlhf_ext.trainers import OnlinePlackettLuceConfig, OnlinePlackettLuceTrainer
-from rlhf_ext.trainers.ppo_config import PPOConfig
-from rlhf_ext.trainers.ppo_trainer import PPOTrainer
+from rlhf_ext.trainers.ppo.config import PPOConfig
+from rlhf_ext.trainers.ppo.trainer import PPOTrainer
 
 COMMON = dict(report_to=[], use_cpu=True, bf16=False, gradient_checkpointing=False, save_strategy="no",
               disable_tqdm=True, seed=0, max_steps=1, per_device_train_batch_size=2, max_completion_length=4)

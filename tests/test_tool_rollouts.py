@@ -12,9 +12,9 @@ from transformers import AutoModelForSequenceClassification
 
 from rlhf_ext.ops import gae
 from rlhf_ext.testing import tiny_causal_lm, tiny_llama_config, tiny_tokenizer
-from rlhf_ext.trainers.online_kway import OnlinePlackettLuceConfig, OnlinePlackettLuceTrainer
-from rlhf_ext.trainers.ppo_config import PPOConfig
-from rlhf_ext.trainers.ppo_trainer import PPOTrainer
+from rlhf_ext.trainers.kway.online import OnlinePlackettLuceConfig, OnlinePlackettLuceTrainer
+from rlhf_ext.trainers.ppo.config import PPOConfig
+from rlhf_ext.trainers.ppo.trainer import PPOTrainer
 
 PROMPTS = ["abc", "hello"]
 K = 4

@@ -24,8 +24,8 @@ from rlhf_ext.trainers import (
     PlackettLuceRewardConfig,
     PlackettLuceRewardTrainer,
 )
-from rlhf_ext.trainers.ppo_config import PPOConfig
-from rlhf_ext.trainers.ppo_trainer import PPOTrainer
+from rlhf_ext.trainers.ppo.config import PPOConfig
+from rlhf_ext.trainers.ppo.trainer import PPOTrainer
 
 LORA = dict(lora_r=4, lora_alpha=8, lora_dropout=0.1)
 # None: TRL's default (gradient_checkpointing=True, use_reentrant unset); then each explicit choice

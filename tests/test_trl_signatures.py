@@ -23,7 +23,7 @@ VERSIONS = f"trl {trl.__version__}, transformers {transformers.__version__}, pef
 
 # (owner, method, the leading parameters rlhf_ext relies on, in order)
 SIGNATURES = [
-    # PPOTrainer and its base SharedBaseGRPOTrainer (rlhf_ext/trainers/ppo_trainer.py, grpo_base.py) override ...
+    # PPOTrainer and its base SharedBaseGRPOTrainer (rlhf_ext/trainers/ppo/trainer.py, grpo_base.py) override ...
     (GRPOTrainer, "_calculate_rewards", ["self", "inputs", "prompts", "completions", "completion_ids_list"]),
     (GRPOTrainer, "_tokenize_prompts", ["self", "prompts"]),
     (GRPOTrainer, "_generate_and_score_completions", ["self", "inputs"]),
@@ -43,19 +43,19 @@ SIGNATURES = [
     (trl_utils, "disable_dropout_in_model", ["model"]),
     (trl_utils, "create_model_from_path", ["model_id", "architecture"]),  # the policy from a path (load_policy)
     (trl_utils, "is_async_callable", ["func"]),
-    # OnlinePlackettLuceTrainer (rlhf_ext/trainers/online_kway.py) reshapes the buffered batch to [groups, K, ...]
+    # OnlinePlackettLuceTrainer (rlhf_ext/trainers/kway/online.py) reshapes the buffered batch to [groups, K, ...]
     # so that GRPOTrainer's shuffle and micro-batch split, which act on the first dimension, move whole groups
     (trl_utils, "shuffle_sequence_dict", ["seq_dict"]),
     (trl_utils, "split_tensor_dict", ["tensor_dict", "num_chunks"]),
     (PeftModel, "save_pretrained", ["self", "save_directory", "safe_serialization", "selected_adapters"]),
-    # PlackettLuceDPOTrainer (rlhf_ext/trainers/kway_dpo.py) overrides ...
+    # PlackettLuceDPOTrainer (rlhf_ext/trainers/kway/dpo.py) overrides ...
     (DPOTrainer, "_prepare_dataset", ["self", "dataset", "processing_class", "args", "dataset_name"]),
     (DPOTrainer, "_set_signature_columns_if_needed", ["self"]),
     (DPOTrainer, "_precompute_ref_logps", ["self", "dataset", "name", "batch_size"]),
     (DPOTrainer, "_compute_loss", ["self", "model", "inputs", "return_outputs"]),
     # ... and calls
     (DPOTrainer, "compute_ref_log_probs", ["self", "model", "inputs"]),
-    # PlackettLuceRewardTrainer (rlhf_ext/trainers/kway_reward.py) overrides
+    # PlackettLuceRewardTrainer (rlhf_ext/trainers/kway/reward.py) overrides
     (RewardTrainer, "_prepare_dataset", ["self", "dataset", "processing_class", "args", "dataset_name"]),
     (RewardTrainer, "_set_signature_columns_if_needed", ["self"]),
     (RewardTrainer, "compute_loss", ["self", "model", "inputs", "return_outputs", "num_items_in_batch"]),

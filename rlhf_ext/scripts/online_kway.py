@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from rlhf_ext.models import SharedBaseArguments
 from rlhf_ext.recipe_utils import recipe_parser
 from rlhf_ext.scripts import ppo as ppo_recipe  # the prompt loading, argument checks and tokenizer it shares
-from rlhf_ext.trainers.online_kway import OnlinePlackettLuceConfig, OnlinePlackettLuceTrainer
+from rlhf_ext.trainers.kway.online import OnlinePlackettLuceConfig, OnlinePlackettLuceTrainer
 
 USAGE = "online_kway.py --config recipes/configs/online_kway.yaml --reward_adapter_path DIR [--FLAG VALUE ...]"
 DESCRIPTION = """\

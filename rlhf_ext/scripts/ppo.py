@@ -39,8 +39,8 @@ from rlhf_ext.recipe_utils import (
     seed_before_models,
     train_split,
 )
-from rlhf_ext.trainers.ppo_config import PPOConfig
-from rlhf_ext.trainers.ppo_trainer import PPOTrainer
+from rlhf_ext.trainers.ppo.config import PPOConfig
+from rlhf_ext.trainers.ppo.trainer import PPOTrainer
 
 USAGE = "ppo.py --config recipes/configs/ppo.yaml --reward_adapter_path DIR [--FLAG VALUE ...]"
 DESCRIPTION = """\

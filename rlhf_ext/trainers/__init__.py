@@ -2,11 +2,15 @@
 DPO and reward models."""
 
 from .grpo_base import SharedBaseGRPOTrainer, SharedBaseReward
-from .kway_dpo import PlackettLuceDPOConfig, PlackettLuceDPOTrainer
-from .kway_reward import PlackettLuceRewardConfig, PlackettLuceRewardTrainer
-from .online_kway import OnlinePlackettLuceConfig, OnlinePlackettLuceTrainer
-from .ppo_config import PPOConfig
-from .ppo_trainer import PPOTrainer, SharedBaseCritic
+from .kway import (
+    OnlinePlackettLuceConfig,
+    OnlinePlackettLuceTrainer,
+    PlackettLuceDPOConfig,
+    PlackettLuceDPOTrainer,
+    PlackettLuceRewardConfig,
+    PlackettLuceRewardTrainer,
+)
+from .ppo import PPOConfig, PPOTrainer, SharedBaseCritic
 
 __all__ = [
     "PPOConfig",

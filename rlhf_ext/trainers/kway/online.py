@@ -56,10 +56,10 @@ from torch import nn
 from transformers import PreTrainedModel
 from trl import GRPOConfig
 
-from ..models import SharedBase
-from ..ops import dpo_plackett_luce_loss
-from .checkpointing_name import ActivationCheckpointingByDefault
-from .config_checks import (
+from ...models import SharedBase
+from ...ops import dpo_plackett_luce_loss
+from ..checkpointing_name import ActivationCheckpointingByDefault
+from ..config_checks import (
     COMMON_RULES,
     COUNT,
     DPO_BETA_WHY,
@@ -70,10 +70,10 @@ from .config_checks import (
     refuse_unused_options,
     warn_if_warmup_outlasts_run,
 )
-from .grpo_base import SharedBaseGRPOTrainer, with_router_aux_loss
-from .hub_token import NoStoredHubToken
-from .kway_common import TOP_M_HELP, ranking_stats
-from .position_limits import check_prompts_leave_room, max_positions
+from ..grpo_base import SharedBaseGRPOTrainer, with_router_aux_loss
+from ..hub_token import NoStoredHubToken
+from ..position_limits import check_prompts_leave_room, max_positions
+from .common import TOP_M_HELP, ranking_stats
 
 # GRPO options the online K-way trainer never reads (its loss is the Plackett-Luce DPO loss of each group's reward
 # ranking: no advantages, ratio, clipping or entropy term), and what to set instead; a value other than the default is

@@ -13,13 +13,13 @@ from datasets import IterableDataset
 from transformers import AutoTokenizer, TrainerCallback
 from trl.trainer.utils import get_config_model_id, global_then_local_main_first
 
-from ..data import TIE_POLICIES, DataCollatorForRankedPreference, StreamCounts, prepare_ranked_dataset
-from ..data.prepare import check_not_empty
-from ..data.ranked import check_field_mapping
-from .checkpointing_name import ActivationCheckpointingByDefault
-from .config_checks import COMMON_RULES, COUNT, check_fields, warn_if_warmup_outlasts_run
-from .hub_token import NoStoredHubToken
-from .position_limits import model_max_positions
+from ...data import TIE_POLICIES, DataCollatorForRankedPreference, StreamCounts, prepare_ranked_dataset
+from ...data.prepare import check_not_empty
+from ...data.ranked import check_field_mapping
+from ..checkpointing_name import ActivationCheckpointingByDefault
+from ..config_checks import COMMON_RULES, COUNT, check_fields, warn_if_warmup_outlasts_run
+from ..hub_token import NoStoredHubToken
+from ..position_limits import model_max_positions
 
 logger = logging.getLogger(__name__)
 

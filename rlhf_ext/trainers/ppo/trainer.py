@@ -35,14 +35,14 @@ from torch import nn
 from transformers import PreTrainedModel
 from trl.trainer.utils import disable_dropout_in_model
 
-from ..distributed import (
+from ...distributed import (
     fill_full_parameter,
     full_parameters,
     full_tensor,
     parameters_from_state_dict,
 )
-from ..models import SharedBase
-from ..ops import (
+from ...models import SharedBase
+from ...ops import (
     gae,
     masked_mean,
     masked_whiten,
@@ -50,10 +50,10 @@ from ..ops import (
     rewards_to_go,
     token_rewards,
 )
-from .grpo_base import SharedBaseGRPOTrainer, with_router_aux_loss
-from .policy_tokens import compact, expand, policy_token_order
-from .position_limits import check_prompts_leave_room
-from .ppo_config import PPOConfig
+from ..grpo_base import SharedBaseGRPOTrainer, with_router_aux_loss
+from ..policy_tokens import compact, expand, policy_token_order
+from ..position_limits import check_prompts_leave_room
+from .config import PPOConfig
 
 logger = logging.getLogger(__name__)
 

@@ -27,11 +27,11 @@ from accelerate.utils import tqdm
 from torch.utils.data import DataLoader
 from trl import DPOConfig, DPOTrainer
 
-from ..data import split_into_lists
-from ..distributed import check_engine_supports
-from ..models.quantization import match_trainable_dtype
-from ..ops import dpo_plackett_luce_loss
-from .config_checks import (
+from ...data import split_into_lists
+from ...distributed import check_engine_supports
+from ...models.quantization import match_trainable_dtype
+from ...ops import dpo_plackett_luce_loss
+from ..config_checks import (
     COUNT,
     DPO_BETA_WHY,
     KWAY_PAD_TOKEN_INSTEAD,
@@ -40,8 +40,8 @@ from .config_checks import (
     check_fields,
     refuse_unused_options,
 )
-from .fault_tolerance import FaultTolerantMixin
-from .kway_common import (
+from ..fault_tolerance import FaultTolerantMixin
+from .common import (
     RankedDataArguments,
     StreamCountsCallback,
     best_and_rest_mean,

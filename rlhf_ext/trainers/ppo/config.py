@@ -17,8 +17,8 @@ from dataclasses import dataclass, field
 
 from trl import GRPOConfig
 
-from .checkpointing_name import ActivationCheckpointingByDefault
-from .config_checks import (
+from ..checkpointing_name import ActivationCheckpointingByDefault
+from ..config_checks import (
     COMMON_RULES,
     COUNT,
     NON_NEGATIVE,
@@ -31,7 +31,7 @@ from .config_checks import (
     refuse_unused_options,
     warn_if_warmup_outlasts_run,
 )
-from .hub_token import NoStoredHubToken
+from ..hub_token import NoStoredHubToken
 
 KL_ESTIMATORS = ("k1", "k2", "k3")
 ADVANTAGE_ESTIMATORS = ("gae", "reinforce")

@@ -7,7 +7,7 @@ negative log Plackett-Luce likelihood of the ranking (seed section 5.2, "PT mode
 
 At K=2 (TRL's pairwise data) this is -log sigmoid(r_chosen - r_rejected), TRL's RewardTrainer loss.
 One forward pass scores the K_1 + ... + K_B sequences of a batch. What both K-way trainers share is in
-`kway_common`.
+`common.py`.
 """
 
 from __future__ import annotations
@@ -19,14 +19,14 @@ import torch
 from accelerate.utils import is_peft_model
 from trl import RewardConfig, RewardTrainer
 
-from ..data import split_into_lists
-from ..distributed import check_engine_supports, whole_weights_on_main_process
-from ..models.quantization import match_trainable_dtype
-from ..models.scoring import mark_last_real_token_scoring, sequence_classifier_scores
-from ..ops import plackett_luce_loss
-from .config_checks import KWAY_PAD_TOKEN_INSTEAD, NON_NEGATIVE, check_fields, refuse_unused_options
-from .fault_tolerance import FaultTolerantMixin
-from .kway_common import (
+from ...data import split_into_lists
+from ...distributed import check_engine_supports, whole_weights_on_main_process
+from ...models.quantization import match_trainable_dtype
+from ...models.scoring import mark_last_real_token_scoring, sequence_classifier_scores
+from ...ops import plackett_luce_loss
+from ..config_checks import KWAY_PAD_TOKEN_INSTEAD, NON_NEGATIVE, check_fields, refuse_unused_options
+from ..fault_tolerance import FaultTolerantMixin
+from .common import (
     RankedDataArguments,
     StreamCountsCallback,
     gather_lists,
