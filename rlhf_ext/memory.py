@@ -252,10 +252,12 @@ def estimate(config, stage: str = "ppo", bits: int = 16, lora_r: int = 16, batch
         raise ValueError(f"stage must be one of {STAGES}, got {stage!r}")
     if bits not in (4, 8, 16, 32):
         raise ValueError(f"bits must be 4, 8, 16 or 32, got {bits!r}")
-    if policy_lm_head not in ("frozen", "trainable"):
-        raise ValueError(f"policy_lm_head must be 'frozen' or 'trainable', got {policy_lm_head!r}")
-    if value_layout not in ("own_adapter", "policy_trunk"):
-        raise ValueError(f"value_layout must be 'own_adapter' or 'policy_trunk', got {value_layout!r}")
+    from .models.presets import POLICY_LM_HEADS, VALUE_LAYOUTS
+
+    if policy_lm_head not in POLICY_LM_HEADS:
+        raise ValueError(f"policy_lm_head must be one of {POLICY_LM_HEADS}, got {policy_lm_head!r}")
+    if value_layout not in VALUE_LAYOUTS:
+        raise ValueError(f"value_layout must be one of {VALUE_LAYOUTS}, got {value_layout!r}")
     if value_lora_embeddings and value_layout != "own_adapter":
         raise ValueError("value_lora_embeddings needs value_layout='own_adapter' (a value adapter to hold it)")
     config = load_config(config)
@@ -396,6 +398,8 @@ def table(config, gpus=(24, 48, 80), **kwargs) -> str:
 
 
 def main(argv=None) -> None:
+    from .models.presets import POLICY_LM_HEADS, VALUE_LAYOUTS
+
     parser = argparse.ArgumentParser(
         prog="python -m rlhf_ext.memory",
         usage="python -m rlhf_ext.memory --model <Hub id | folder | llama-3.1-8b ...> [--bits 4] [--batch_size 8] ...",
@@ -411,9 +415,9 @@ def main(argv=None) -> None:
     parser.add_argument("--num_completions", type=int, default=4, help="K of the ranked lists")
     parser.add_argument("--no_gradient_checkpointing", action="store_true")
     parser.add_argument("--optim", default="adamw_torch", help="TRL/transformers optim name, e.g. adamw_bnb_8bit")
-    parser.add_argument("--value_layout", default="own_adapter", choices=["own_adapter", "policy_trunk"],
+    parser.add_argument("--value_layout", default="own_adapter", choices=VALUE_LAYOUTS,
                         help="PPO's critic: its own value adapter, or a value head on the policy's trunk")
-    parser.add_argument("--policy_lm_head", default="frozen", choices=["frozen", "trainable"],
+    parser.add_argument("--policy_lm_head", default="frozen", choices=POLICY_LM_HEADS,
                         help="the policy's LM head: the base's, or a trainable copy (PPO and DPO)")
     parser.add_argument("--value_lora_embeddings", action="store_true",
                         help="PPO's value adapter also has LoRA on the input embeddings")

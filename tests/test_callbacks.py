@@ -71,6 +71,35 @@ def test_adaptive_kl_callback_steers_kl_coef_in_a_run(tmp_path):
     assert len(logged) == 3 and trainer.args.kl_coef == pytest.approx(expected) != pytest.approx(0.05)
 
 
+def test_ppo_config_kl_target_runs_the_same_controller_as_the_callback(tmp_path):
+    """PPOConfig(kl_target, kl_horizon) is where a library user turns the controller on: same kl_coef path and
+    weights as passing AdaptiveKLCallback by hand (the recipe's --kl_target is this field)."""
+    by_hand = tiny_trainer(
+        tmp_path / "hand", callbacks_for=lambda t: [AdaptiveKLCallback(target=1e-6, horizon=10)], kl_coef=0.05, seed=0
+    )
+    by_hand.train()  # built and trained before the next is built: building a trainer seeds the global RNG
+    by_config = tiny_trainer(tmp_path / "config", kl_coef=0.05, kl_target=1e-6, kl_horizon=10, seed=0)
+    by_config.train()
+    assert by_config.args.kl_coef == pytest.approx(by_hand.args.kl_coef, rel=1e-6)
+    assert by_config.args.kl_coef != pytest.approx(0.05)
+    assert sum(isinstance(c, AdaptiveKLCallback) for c in by_config.callback_handler.callbacks) == 1
+
+
+def test_kl_target_and_a_hand_added_controller_are_refused(tmp_path):
+    with pytest.raises(ValueError, match="two controllers would each move kl_coef"):
+        PPOTrainer(
+            tiny_causal_lm(seed=0), reward_funcs=fraction_of_a, value_model=torch.nn.Linear(1, 1),
+            args=PPOConfig(str(tmp_path), kl_target=6.0, use_cpu=True, bf16=False, report_to=[]),
+            callbacks=[AdaptiveKLCallback(target=6.0)], train_dataset=Dataset.from_dict({"prompt": ["abc"]}),
+        )  # fmt: skip
+
+
+@pytest.mark.parametrize(("field", "value"), [("kl_target", 0.0), ("kl_target", -1.0), ("kl_horizon", 0.0)])
+def test_kl_controller_settings_are_range_checked(field, value):
+    with pytest.raises(ValueError, match=f"PPOConfig.{field} must be > 0"):
+        PPOConfig("out", bf16=False, **{field: value})
+
+
 def test_adaptive_kl_callback_state_round_trips():
     callback = AdaptiveKLCallback(target=3.0, horizon=500, kl_coef=0.2)
     callback.last_step = 6

@@ -11,8 +11,8 @@ from transformers import AutoModelForCausalLM, LlamaForSequenceClassification
 
 from rlhf_ext.models import SharedBase, SharedBaseArguments, save_adapter_with_head
 from rlhf_ext.models.heads import ScalarHead
-from rlhf_ext.models.scoring import last_token_index
 from rlhf_ext.models.shared_base import is_adapter_parameter
+from rlhf_ext.ops import last_token_index
 from rlhf_ext.testing import save_tiny_model, tiny_causal_lm, tiny_llama_config
 
 ARGS = SharedBaseArguments(lora_r=4, lora_alpha=8, lora_dropout=0.0)

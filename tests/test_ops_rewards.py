@@ -45,7 +45,7 @@ def test_kl_estimators_against_their_formulas_and_expectation():
 
 def test_bad_inputs():
     z = torch.zeros(2, 3)
-    with pytest.raises(ValueError, match="response 1 has no real token"):
+    with pytest.raises(ValueError, match="row 1 has no real token"):
         rx.token_rewards(torch.zeros(2), z, z, torch.tensor([[1, 0, 0], [0, 0, 0]], dtype=torch.bool), kl_coef=0.1)
     with pytest.raises(ValueError, match="scores has 3 entries"):
         rx.token_rewards(torch.zeros(3), z, z, torch.ones(2, 3, dtype=torch.bool), kl_coef=0.1)

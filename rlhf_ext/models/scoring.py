@@ -22,22 +22,12 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
+from ..ops import last_token_index
+
 # Written into the config of a full (non-LoRA) reward model the K-way reward trainer saves, so that PPO and online
 # K-way score it by this module's rule rather than by transformers' pad-based pooling (see `reads_last_real_token`).
 SCORE_TOKEN_FIELD = "rlhf_ext_score_token"
 LAST_REAL_TOKEN = "last_real_token"
-
-
-def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
-    """Index t* of the last real token of each row; attention_mask [B, T] (left or right padded) -> [B] long.
-
-    Raises ValueError for a row with no real token (it has nothing to score).
-    """
-    empty = (attention_mask.sum(dim=-1) == 0).nonzero()
-    if len(empty):
-        raise ValueError(f"sequence {int(empty[0])} has no real token: its attention mask row is all 0")
-    positions = torch.arange(attention_mask.shape[1], device=attention_mask.device)
-    return (attention_mask.long() * positions).argmax(dim=-1)
 
 
 def gather_last_token(per_token: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:

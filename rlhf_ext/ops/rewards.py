@@ -47,12 +47,16 @@ class TokenRewards:
 
 
 def last_token_index(mask: torch.Tensor) -> torch.Tensor:
-    """[B] index of the last real token of each right-padded row; every row needs one."""
-    lengths = mask.sum(dim=1)
-    empty = (lengths == 0).nonzero()
+    """t*_b = max{t : mask[b, t]}, the last real token of each row; mask [B, T] (left or right padded) -> [B] long.
+
+    The one rule for "the last token" in rlhf_ext: the PPO reward lands there and a reward head reads there
+    (rlhf_ext.models.scoring). Raises ValueError for a row with no real token (it has nothing to score or reward).
+    """
+    empty = (mask.sum(dim=-1) == 0).nonzero()
     if len(empty):
-        raise ValueError(f"response {int(empty[0])} has no real token (its mask row is all False)")
-    return lengths - 1
+        raise ValueError(f"row {int(empty[0])} has no real token (its mask row is all 0)")
+    positions = torch.arange(mask.shape[-1], device=mask.device)
+    return (mask.long() * positions).argmax(dim=-1)
 
 
 def token_rewards(

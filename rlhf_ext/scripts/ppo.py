@@ -24,7 +24,7 @@ from pathlib import Path
 from datasets import Dataset
 from transformers import AutoTokenizer
 
-from rlhf_ext.callbacks import AdaptiveKLCallback, CompletionsTableCallback
+from rlhf_ext.callbacks import CompletionsTableCallback
 from rlhf_ext.cards import CardInfo, trained_card, write_card
 from rlhf_ext.data import load_dataset_or_file
 from rlhf_ext.distributed import whole_weights_on_main_process
@@ -104,13 +104,6 @@ class PromptRecipeArguments:
 class PPOScriptArguments(PromptRecipeArguments):
     """Data, reward and callbacks of the PPO recipe."""
 
-    kl_target: float | None = field(
-        default=None,
-        metadata={"help": "Turn on the adaptive KL controller with this target KL per completion (nats)."},
-    )
-    kl_horizon: float = field(
-        default=10000, metadata={"help": "Horizon of the adaptive KL controller, in completions."}
-    )
     completions_every_n_steps: int = field(
         default=0,
         metadata={"help": "Write a table of sampled completions every this many steps (0: never)."},
@@ -185,8 +178,6 @@ def load_tokenizer(model_args: SharedBaseArguments, trust_remote_code: bool):
 def main(script_args: PPOScriptArguments, training_args: PPOConfig, model_args: SharedBaseArguments) -> PPOTrainer:
     """Train, save the policy and value roles under `training_args.output_dir`, and push if asked."""
     trainer, shared, tokenizer, push = trainer_on_shared_base(PPOTrainer, script_args, training_args, model_args)
-    if script_args.kl_target is not None:
-        trainer.add_callback(AdaptiveKLCallback(target=script_args.kl_target, horizon=script_args.kl_horizon))
     if script_args.completions_every_n_steps > 0:
         trainer.add_callback(CompletionsTableCallback(trainer, every_n_steps=script_args.completions_every_n_steps))
 

@@ -155,7 +155,7 @@ class PlackettLuceRewardTrainer(FaultTolerantMixin, RewardTrainer):
             mark_last_real_token_scoring(unwrapped)  # so PPO reads a saved full reward model where it was trained
         if _internal_call or not is_peft_model(unwrapped):
             return super().save_model(output_dir, _internal_call)
-        from ..models import (
+        from ...models import (
             save_adapter_with_head,  # the models layer loads peft; only LoRA saves need it
         )
 

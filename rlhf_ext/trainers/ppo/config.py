@@ -17,6 +17,8 @@ from dataclasses import dataclass, field
 
 from trl import GRPOConfig
 
+from ...ops.ppo_loss import AGGREGATIONS as LOSS_AGGREGATIONS
+from ...ops.rewards import KL_ESTIMATORS
 from ..checkpointing_name import ActivationCheckpointingByDefault
 from ..config_checks import (
     COMMON_RULES,
@@ -33,9 +35,7 @@ from ..config_checks import (
 )
 from ..hub_token import NoStoredHubToken
 
-KL_ESTIMATORS = ("k1", "k2", "k3")
 ADVANTAGE_ESTIMATORS = ("gae", "reinforce")
-LOSS_AGGREGATIONS = ("token", "sequence")
 LONG_PROMPT_POLICIES = ("error", "drop")
 VALUE_HEAD_INITS = ("zero", "first_rollout_mean")
 logger = logging.getLogger(__name__)
@@ -44,6 +44,8 @@ logger = logging.getLogger(__name__)
 PPO_RULES = {
     **COMMON_RULES,
     "kl_coef": NON_NEGATIVE,
+    "kl_target": POSITIVE.or_none(),
+    "kl_horizon": POSITIVE,
     "cliprange": POSITIVE,
     "cliprange_value": POSITIVE.or_none(),
     "vf_coef": NON_NEGATIVE,
@@ -61,6 +63,8 @@ PPO_RULES = {
 }
 PPO_RULES_WHY = {
     "kl_coef": "A negative coefficient rewards moving away from the reference policy; 0 turns the penalty off.",
+    "kl_target": "The controller moves kl_coef towards this KL per completion; 0 or less has no meaning. None keeps "
+    "kl_coef fixed.",
     "cliprange": "The policy ratio is clipped to [1 - cliprange, 1 + cliprange]; 0 or less would stop every update.",
     "cliprange_value": "V is kept within old V +- cliprange_value; 0 or less would freeze the critic. None turns "
     "value clipping off.",
@@ -183,6 +187,18 @@ class PPOConfig(NoStoredHubToken, ActivationCheckpointingByDefault, GRPOConfig):
     kl_coef: float = field(
         default=0.05,
         metadata={"help": "Coefficient of the per-token KL penalty against the reference in the reward."},
+    )
+    kl_target: float | None = field(
+        default=None,
+        metadata={
+            "help": "Turn on the adaptive KL controller (Ziegler et al. 2019; `AdaptiveKLCallback`) with this target "
+            "KL per completion, in nats: kl_coef then starts at `kl_coef` and follows the measured KL. None: a fixed "
+            "kl_coef."
+        },
+    )
+    kl_horizon: float = field(
+        default=10000,
+        metadata={"help": "Horizon of the adaptive KL controller, in completions (10000 in Ziegler et al.)."},
     )
     kl_estimator: str = field(
         default="k1",

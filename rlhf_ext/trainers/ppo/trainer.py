@@ -35,6 +35,7 @@ from torch import nn
 from transformers import PreTrainedModel
 from trl.trainer.utils import disable_dropout_in_model
 
+from ...callbacks import AdaptiveKLCallback
 from ...distributed import (
     fill_full_parameter,
     full_parameters,
@@ -117,6 +118,19 @@ class SharedBaseCritic(nn.Module):
         self.shared.load_role("value", path)
 
 
+def with_adaptive_kl_controller(callbacks: list | None, args: PPOConfig) -> list | None:
+    """`callbacks` plus the adaptive KL controller when `args.kl_target` is set; a second controller is refused, as
+    two would each move kl_coef."""
+    if args.kl_target is None:
+        return callbacks
+    if any(isinstance(callback, AdaptiveKLCallback) for callback in callbacks or []):
+        raise ValueError(
+            "PPOConfig.kl_target is set and an AdaptiveKLCallback is passed in `callbacks`: two controllers would "
+            "each move kl_coef. Keep one: set kl_target/kl_horizon, or pass the callback and leave kl_target None."
+        )
+    return [*(callbacks or []), AdaptiveKLCallback(target=args.kl_target, horizon=args.kl_horizon)]
+
+
 class PPOTrainer(SharedBaseGRPOTrainer):
     r"""PPO with a value function, GAE and a KL-penalised per-token reward, on top of TRL's GRPOTrainer.
 
@@ -179,6 +193,7 @@ class PPOTrainer(SharedBaseGRPOTrainer):
             value_model = value_model or SharedBaseCritic(model)
         if value_model is None:
             raise ValueError("PPOTrainer needs a critic: pass `value_model`, or a SharedBase as `model`.")
+        callbacks = with_adaptive_kl_controller(callbacks, args)
         super().__init__(
             model, reward_funcs, args, ref_model=ref_model, processing_class=processing_class, peft_config=peft_config,
             train_dataset=train_dataset, eval_dataset=eval_dataset, reward_processing_classes=reward_processing_classes,
