@@ -1,2 +1,2 @@
-"""Benchmarks: scripts outside the wheel. Each runs as `python benchmarks/<name>.py`; the demo studies, which import the
-demo package (demo/) of the checkout, run from the repository root as `python -m benchmarks.<name>`."""
+"""Benchmarks: modules outside the wheel, each run from the repository root as `python -m benchmarks.<name>`.
+benchmarks/harness.py holds what they share: the model shapes, the clock, the child runs and the result files."""

@@ -2,7 +2,7 @@
 step and one K-way reward step on a >= 1B base, in 4-bit (NF4, compute in bfloat16) and in bfloat16, with gradient
 checkpointing on, each beside `rlhf_ext.memory.estimate(..., device="cuda")` ("-" where that module is missing).
 
-The base has Llama-3.2-1B's shape (`--size`, the shapes of benchmarks/real_size.py), random weights built on the GPU
+The base has Llama-3.2-1B's shape (`--size`, a shape of benchmarks/harness.py), random weights built on the GPU
 and saved once as bfloat16 safetensors under --work_dir (bitsandbytes quantizes at load time, from a folder). The
 steps are written directly on `rlhf_ext.models.SharedBase` and `rlhf_ext.ops`, without TRL or datasets, which the GPU
 machine does not have:
@@ -43,11 +43,11 @@ naming the module if they ever do). Without bitsandbytes the 4-bit rows say "ski
 from the repository root (expected 1-3 minutes on an H200, most of it writing and loading the 2.5 GB base; not yet
 run on a GPU):
 
-    python3 benchmarks/gpu_check.py --output gpu_check.json
+    python3 -m benchmarks.gpu_check --output gpu_check.json
 
 and here, on the CPU, the same code at a tiny size in seconds (tests/test_benchmarks_gpu_check.py runs it):
 
-    .venv/bin/python benchmarks/gpu_check.py --dry_run
+    .venv/bin/python -m benchmarks.gpu_check --dry_run
 """
 
 from __future__ import annotations
@@ -56,15 +56,13 @@ import argparse
 import gc
 import inspect
 import json
-import resource
 import sys
 import tempfile
-import time
 from dataclasses import replace
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # real_size.py: the shapes
-from real_size import EOS, PAD, SIZES, llama_config  # noqa: E402 (after the path it is found on)
+from benchmarks.harness import RESULTS_DIR, SHAPES, Clock, peak_rss_gib, proc_status_gib, write_json
+from benchmarks.real_size import EOS, PAD, llama_config
 
 STEPS = ("ppo", "dpo", "reward")
 MODES = ("4bit", "bf16")
@@ -161,7 +159,7 @@ def ppo_update(shared, optimizer, inputs: dict, cli, clock) -> dict:
         ids = shared.peft_model.generate(input_ids=prompts, attention_mask=torch.ones_like(prompts), do_sample=True,
                                          max_new_tokens=c, min_new_tokens=c, temperature=PPO["temperature"], top_k=0,
                                          top_p=1.0, pad_token_id=PAD, eos_token_id=EOS)  # fmt: skip
-    times = {"generate_s": clock.lap()}
+    times = {"generate_s": clock.lap().wall_s}
     shared.train()
     mask = torch.ones_like(ids)
     completion_mask = torch.ones_like(ids[:, -c:], dtype=torch.bool)  # EOS held off: every token is real
@@ -173,7 +171,7 @@ def ppo_update(shared, optimizer, inputs: dict, cli, clock) -> dict:
         rewards = token_rewards(scores, old_logprobs, ref_logprobs, completion_mask, kl_coef=PPO["kl_coef"])
         advantages, returns = gae(rewards.rewards, old_values, completion_mask, gamma=PPO["gamma"], lam=PPO["lam"])
         advantages = masked_whiten(advantages, completion_mask)
-    times["score_s"] = clock.lap()
+    times["score_s"] = clock.lap().wall_s
     logprobs, logits = completion_logprobs(shared, "policy", ids, mask, c)
     with torch.no_grad():  # logged by the trainer; ent_coef is 0
         entropy = entropy_from_logits(logits)
@@ -184,7 +182,7 @@ def ppo_update(shared, optimizer, inputs: dict, cli, clock) -> dict:
     loss.backward()
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    times["update_s"] = clock.lap()
+    times["update_s"] = clock.lap().wall_s
     return {**times, "loss": loss.item()}
 
 
@@ -204,7 +202,7 @@ def dpo_step(shared, optimizer, inputs: dict, cli, clock) -> dict:
     loss.backward()
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    return {"update_s": clock.lap(), "loss": loss.item()}
+    return {"update_s": clock.lap().wall_s, "loss": loss.item()}
 
 
 def reward_step(shared, optimizer, inputs: dict, cli, clock) -> dict:
@@ -220,7 +218,7 @@ def reward_step(shared, optimizer, inputs: dict, cli, clock) -> dict:
     loss.backward()
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    return {"update_s": clock.lap(), "loss": loss.item()}
+    return {"update_s": clock.lap().wall_s, "loss": loss.item()}
 
 
 STEP_FUNCTIONS = {"ppo": ppo_update, "dpo": dpo_step, "reward": reward_step}
@@ -242,24 +240,12 @@ def random_inputs(cli, vocab_size: int, device) -> dict:
 # -- measuring ---------------------------------------------------------------------------------------------------
 
 
-class Clock:
-    """Seconds since the last lap, after the device's queued work has finished."""
+def device_clock(device) -> Clock:
+    """A wall clock whose laps end after the device's queued work has finished."""
+    import torch
 
-    def __init__(self, device):
-        self.device = device
-        self.last = self._now()
-
-    def _now(self) -> float:
-        import torch
-
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-        return time.perf_counter()
-
-    def lap(self) -> float:
-        now = self._now()
-        lap, self.last = now - self.last, now
-        return lap
+    sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else None
+    return Clock(cpu=False, sync=sync)
 
 
 def free_memory(device) -> None:
@@ -276,10 +262,8 @@ def allocated_gib(device) -> float:
 
     if device.type == "cuda":
         return torch.cuda.memory_allocated(device) / 2**30
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) * 1024 / 2**30
-    return float("nan")
+    resident = proc_status_gib("VmRSS")
+    return float("nan") if resident is None else resident
 
 
 def peak_gib(device) -> float:
@@ -288,7 +272,7 @@ def peak_gib(device) -> float:
 
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**30
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 2**30
+    return peak_rss_gib()
 
 
 def measure_step(step: str, shared, inputs: dict, cli, device) -> dict:
@@ -301,10 +285,8 @@ def measure_step(step: str, shared, inputs: dict, cli, device) -> dict:
     resident = allocated_gib(device)
     optimizer = torch.optim.AdamW(shared.trainable_parameters(TRAINED_ROLE[step]), lr=LEARNING_RATE)
     for _ in range(cli.steps):
-        clock = Clock(device)
-        start = clock.last
-        times = STEP_FUNCTIONS[step](shared, optimizer, inputs, cli, clock)
-        times["step_s"] = clock.last - start
+        times = STEP_FUNCTIONS[step](shared, optimizer, inputs, cli, device_clock(device))
+        times["step_s"] = sum(seconds for phase, seconds in times.items() if phase.endswith("_s"))  # its phases
     peak = peak_gib(device)
     del optimizer
     return {"resident_gib": resident, "peak_gib": peak, **times}
@@ -346,9 +328,9 @@ def run_mode(mode: str, base_dir: Path, config, cli, device) -> list[dict]:
     skipped = bitsandbytes_missing() if mode == "4bit" else None
     if skipped:
         return [{**common, "step": step, "outcome": skipped} for step in cli.steps_to_run]
-    clock = Clock(device)
+    clock = device_clock(device)
     shared = build_shared(mode, base_dir, cli.lora_r, device)
-    load_s = clock.lap()
+    load_s = clock.lap().wall_s
     inputs = random_inputs(cli, config.vocab_size, device)
     rows = []
     for step in cli.steps_to_run:
@@ -395,7 +377,7 @@ def quiet_libraries() -> None:
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--size", default="llama-3.2-1b", choices=list(SIZES))
+    parser.add_argument("--size", default="llama-3.2-1b", choices=list(SHAPES))
     parser.add_argument("--dry_run", action="store_true",
                         help="--size tiny, and allowed without CUDA (on a CPU the peak is the process's RSS)")
     parser.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
@@ -409,7 +391,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
     parser.add_argument("--work_dir", type=Path, default=Path(tempfile.gettempdir()) / "rlhf_ext-gpu-check",
                         help="where the random base is saved (reused)")
-    parser.add_argument("--output", type=Path, help="JSON results (default: <work_dir>/gpu_check-<size>.json)")
+    parser.add_argument("--output", type=Path, help="JSON results (default: benchmarks/results/gpu_check-<size>.json)")
     cli = parser.parse_args(argv)
     if cli.dry_run:
         cli.size = "tiny"
@@ -427,7 +409,7 @@ def main(argv=None) -> list[dict]:
     if not torch.cuda.is_available() and not cli.dry_run:
         raise SystemExit("No CUDA device: this check is for a GPU; --dry_run runs it on the CPU at a tiny size.")
     device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
-    started = time.perf_counter()
+    started = Clock(cpu=False)
     base_dir = save_base(cli.size, cli.work_dir / f"{cli.size}-bfloat16", device)
     config = llama_config(cli.size)
     rows = [row for mode in cli.modes for row in run_mode(mode, base_dir, config, cli, device)]
@@ -440,11 +422,10 @@ def main(argv=None) -> list[dict]:
           f"resident: allocated before the step (weights + adapters); estimate: rlhf_ext.memory.estimate total, "
           f"GiB; times: the last step's, seconds.\n")  # fmt: skip
     print_table(rows, "peak GPU GiB" if device.type == "cuda" else "peak RSS GiB")
-    output = cli.output or cli.work_dir / f"gpu_check-{cli.size}.json"
-    output.parent.mkdir(parents=True, exist_ok=True)
-    meta = {"command": sys.argv, "device": gpu, "parameters": parameters, "total_s": time.perf_counter() - started,
+    output = cli.output or RESULTS_DIR / f"gpu_check-{cli.size}.json"
+    meta = {"command": sys.argv, "device": gpu, "parameters": parameters, "total_s": started.lap().wall_s,
             "torch": torch.__version__, "cuda": torch.version.cuda}  # fmt: skip
-    output.write_text(json.dumps({"meta": meta, "results": rows}, indent=2) + "\n")
+    write_json(output, {"meta": meta, "results": rows})
     print(f"\nresults: {output} ({meta['total_s']:.0f} s in all)")
     return rows
 

@@ -1,14 +1,14 @@
 """Learning curves of PPO: TRL 1.12's PPOTrainer versus rlhf_ext's, on the same models, prompts and settings.
 
-    python benchmarks/ppo_learning.py                                  # 6 variants x 3 seeds: table, JSON, PNG
-    python benchmarks/ppo_learning.py --seeds 0 --updates 4            # a quick look
-    python benchmarks/ppo_learning.py --variants trl separate          # a subset
+    python -m benchmarks.ppo_learning                                  # 6 variants x 3 seeds: table, JSON, PNG
+    python -m benchmarks.ppo_learning --seeds 0 --updates 4            # a quick look
+    python -m benchmarks.ppo_learning --variants trl separate          # a subset
 
 Every variant maximises the same fixed reward model from the same initial policy and prompts with the same PPO
 hyperparameters, for three seeds (the seed drives sampling and prompt order):
 
     trl           (a) trl==1.12.0 `trl.experimental.ppo.PPOTrainer` in its own virtual environment (made by
-                  benchmarks/ppo_vs_trl.py's `ensure_trl_venv`): policy, reference, value and reward as separate
+                  benchmarks/harness.py's `trl_baseline_python`): policy, reference, value and reward as separate
                   full models, policy and value fully trained
     separate      (b) `rlhf_ext.PPOTrainer` with the same separate-models layout and full fine-tuning: the same
                   policy, the same value model (`value_model=`), the same reward model
@@ -55,13 +55,21 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "benchmarks"))
-RESULT_MARKER = "RESULT "
+from benchmarks.harness import (
+    DEFAULT_TRL_VENV,
+    REPO,
+    RESULTS_DIR,
+    ChildRun,
+    Clock,
+    add_result_file_argument,
+    start_child,
+    trl_baseline_python,
+    write_json,
+)
+
 METRICS = ("reward", "kl", "ev")
 METRIC_NAMES = {"reward": "objective/scores", "kl": "objective/kl", "ev": "val/explained_variance"}
 LETTERS = "abcdefghijklmnopqrstuvwxyz "
@@ -206,10 +214,10 @@ def prepare(directory: Path, s: Settings, num_prompts: int) -> dict:
         return model(input_ids=input_ids, attention_mask=mask, labels=labels).loss
 
     policy = LlamaForCausalLM(config)
-    t0 = time.perf_counter()
+    clock = Clock(cpu=False)
     summary["sft_final_loss"] = _train(policy, (sft_batch() for _ in range(s.extra.get("sft_steps", 300))), 3e-3,
                                        lm_loss)  # fmt: skip
-    summary["sft_seconds"] = time.perf_counter() - t0
+    summary["sft_seconds"] = clock.lap().wall_s
     policy.save_pretrained(directory / "policy")
     tokenizer.save_pretrained(directory / "policy")
     tokenizer.save_pretrained(directory / "reward")
@@ -236,9 +244,9 @@ def prepare(directory: Path, s: Settings, num_prompts: int) -> dict:
 
     torch.manual_seed(2)
     reward = LlamaForSequenceClassification(tiny_llama_config(hidden_size=64, num_layers=2, num_labels=1))
-    t0 = time.perf_counter()
+    clock = Clock(cpu=False)
     _train(reward, (rm_batch() for _ in range(s.extra.get("rm_steps", 150))), 3e-3, rm_loss)
-    summary["rm_seconds"] = time.perf_counter() - t0
+    summary["rm_seconds"] = clock.lap().wall_s
     with torch.no_grad():
         input_ids, mask, target = rm_batch(512)
         pred = reward(input_ids=input_ids, attention_mask=mask).logits[:, 0]
@@ -459,23 +467,23 @@ def _effective_args(config) -> dict:
     return {n: str(getattr(config, n, None)) for n in names}
 
 
-def worker(variant_name: str, directory: Path, seed: int) -> None:
+def worker(variant_name: str, directory: Path, seed: int) -> dict:
+    """Train one variant with one seed on what `prepare` saved in `directory`; its curves and logs."""
     import torch
 
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     s = Settings(**json.loads((directory / "settings.json").read_text()))
     variant = VARIANTS[variant_name]
     s.learning_rate *= variant.lr_scale
-    t0 = time.perf_counter()
+    clock = Clock(cpu=False)
     if variant.trainer == "trl":
         out = run_trl(directory, s, seed)
     else:
         out = run_rlhf_ext(directory, s, seed, variant)
     curves = {m: [r.get(METRIC_NAMES[m], float("nan")) for r in out["records"]] for m in METRICS}
-    result = {"variant": variant_name, "seed": seed, "seconds": time.perf_counter() - t0, **curves,
-              "special_tokens_before_eos": out["special_tokens_before_eos"], "args": out["args"],
-              "logs": out["records"]}  # fmt: skip
-    print(RESULT_MARKER + json.dumps(result), flush=True)
+    return {"variant": variant_name, "seed": seed, "seconds": clock.lap().wall_s, **curves,
+            "special_tokens_before_eos": out["special_tokens_before_eos"], "args": out["args"],
+            "logs": out["records"]}  # fmt: skip
 
 
 # -- the driver ------------------------------------------------------------------------------------
@@ -624,20 +632,11 @@ def plot(summary: dict, variants: list[str], path: Path, title: str) -> None:
     fig.savefig(path, dpi=110)
 
 
-def run_worker(python: Path, variant: str, directory: Path, seed: int, threads: int) -> subprocess.Popen:
-    command = [str(python), __file__, "--worker", variant, "--directory", str(directory), "--seed", str(seed)]
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": str(threads), "TOKENIZERS_PARALLELISM": "false"}
-    log = open(directory / f"{variant}-{seed}.log", "w")  # noqa: SIM115 (closed with the process)
-    return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=log, text=True, env=env)
-
-
-def collect(process: subprocess.Popen, directory: Path, variant: str, seed: int) -> dict:
-    stdout, _ = process.communicate()
-    lines = [line for line in stdout.splitlines() if line.startswith(RESULT_MARKER)]
-    if process.returncode != 0 or not lines:
-        log = (directory / f"{variant}-{seed}.log").read_text()
-        raise RuntimeError(f"{variant} seed {seed} failed:\n{log[-4000:]}")
-    return json.loads(lines[-1][len(RESULT_MARKER) :])
+def start_worker(python: Path, variant: str, directory: Path, seed: int, threads: int) -> ChildRun:
+    """Start one run (variant, seed) in its own process; its result and log go to `directory`."""
+    args = ["--worker", variant, "--directory", str(directory), "--seed", str(seed)]
+    env = {"OMP_NUM_THREADS": str(threads), "TOKENIZERS_PARALLELISM": "false"}
+    return start_child("benchmarks.ppo_learning", args, directory / f"{variant}-{seed}.json", python=python, env=env)
 
 
 def main() -> None:
@@ -658,25 +657,24 @@ def main() -> None:
     parser.add_argument("--whiten_rewards", action="store_true")
     parser.add_argument("--parallel", type=int, default=2, help="workers at a time (each with --threads threads)")
     parser.add_argument("--threads", type=int, default=1, help="OMP_NUM_THREADS of each worker")
-    parser.add_argument("--output", type=Path, default=REPO / "benchmarks" / "results" / "ppo_learning.json")
+    parser.add_argument("--output", type=Path, default=RESULTS_DIR / "ppo_learning.json")
     parser.add_argument("--plot", type=Path, default=REPO / "docs" / "images" / "ppo_learning.png")
-    parser.add_argument("--venv", type=Path, default=Path(tempfile.gettempdir()) / "rlhf_ext-bench-trl-1.12.0")
+    parser.add_argument("--venv", type=Path, default=DEFAULT_TRL_VENV)
     parser.add_argument("--keep", type=Path, help="prepare into this folder and keep it (logs, models)")
     parser.add_argument("--worker", choices=list(VARIANTS), help=argparse.SUPPRESS)
     parser.add_argument("--directory", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--seed", type=int, help=argparse.SUPPRESS)
+    add_result_file_argument(parser)
     args = parser.parse_args()
     if args.worker:
-        worker(args.worker, args.directory, args.seed)
+        write_json(args.result_file, worker(args.worker, args.directory, args.seed))
         return
 
     settings = Settings(**{k: getattr(args, k) for k in Settings.__dataclass_fields__ if k != "extra"})
-    start = time.perf_counter()
+    clock = Clock(cpu=False)
     pythons = {"rlhf_ext": Path(sys.executable)}
     if any(VARIANTS[v].trainer == "trl" for v in args.variants):
-        from ppo_vs_trl import ensure_trl_venv
-
-        pythons["trl"] = ensure_trl_venv(args.venv)
+        pythons["trl"] = trl_baseline_python(args.venv)
     tmp = None if args.keep else tempfile.TemporaryDirectory()
     directory = args.keep or Path(tmp.name)
     directory.mkdir(parents=True, exist_ok=True)
@@ -693,19 +691,20 @@ def main() -> None:
         preparation = prepare(directory, settings, num_prompts)
         done.write_text(json.dumps({"key": key, "num_prompts": num_prompts, "summary": preparation}))
     (directory / "settings.json").write_text(json.dumps(settings.__dict__))
-    print(f"prepared in {time.perf_counter() - start:.0f}s: {preparation}", file=sys.stderr, flush=True)
+    prepare_s = clock.lap().wall_s
+    print(f"prepared in {prepare_s:.0f}s: {preparation}", file=sys.stderr, flush=True)
 
     jobs = [(v, seed) for seed in args.seeds for v in args.variants]
     runs, running = [], []
     while jobs or running:
         while jobs and len(running) < args.parallel:
             v, seed = jobs.pop(0)
-            running.append((v, seed, run_worker(pythons[VARIANTS[v].trainer], v, directory, seed, args.threads)))
-        v, seed, process = running.pop(0)
-        runs.append(collect(process, directory, v, seed))
+            running.append((v, seed, start_worker(pythons[VARIANTS[v].trainer], v, directory, seed, args.threads)))
+        v, seed, child = running.pop(0)
+        runs.append(child.wait())
         print(f"{v} seed {seed}: {runs[-1]['seconds']:.0f}s, final reward {runs[-1]['reward'][-1]:.3f}",
               file=sys.stderr, flush=True)  # fmt: skip
-    wall = time.perf_counter() - start
+    wall = prepare_s + clock.lap().wall_s
     if tmp is not None:
         tmp.cleanup()
 
@@ -740,15 +739,14 @@ def main() -> None:
                   f"{summary['trl']['reward'][-1][0]:.3f} [{summary['trl']['reward'][-1][1]:.3f},"
                   f"{summary['trl']['reward'][-1][2]:.3f}]; reward averaged over updates, per seed: "
                   f"{gap['difference']:+.3f} +- {gap['standard_error']:.3f} vs TRL (t = {gap['t']:.1f})")  # fmt: skip
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    command = "python benchmarks/ppo_learning.py " + " ".join(sys.argv[1:])
+    command = "python -m benchmarks.ppo_learning " + " ".join(sys.argv[1:])
     git = subprocess.run(["git", "-C", str(REPO), "describe", "--always", "--dirty"], capture_output=True, text=True)
-    args.output.write_text(json.dumps({
+    write_json(args.output, {
         "command": command.strip(), "git": git.stdout.strip(), "wall_seconds": wall, "settings": settings.__dict__,
         "preparation": preparation,
         "variants": {v: VARIANTS[v].label for v in variants}, "summary": summary, "checks": checks,
         "frontier": {v: frontier(runs, v) for v in variants}, "runs": runs,
-    }, indent=1) + "\n")  # fmt: skip
+    }, indent=1)  # fmt: skip
     plot(summary, variants, args.plot, title)
     print(f"\nwrote {args.output} and {args.plot}")
 

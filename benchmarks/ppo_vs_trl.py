@@ -13,12 +13,13 @@ RSS (ru_maxrss) is its own:
 
 One update = one rollout of `batch_size` prompts (generation, reference log-probs, values, reward) followed by
 `num_ppo_epochs` optimizer steps on it. The first update is warm-up and not timed; the table gives the median of the
-others. Models are built from config with random weights (no download) in SmolLM2-135M's shape and a smaller one
-of the same family, with the tiny character-level vocabulary of `rlhf_ext.testing` (101 tokens), so the layer
-stacks are deeper than SmolLM2's to keep the parameter counts at ~70M and ~135M.
+others. Models are built from config with random weights (no download) in the shapes "char-70m" and "char-135m" of
+benchmarks/harness.py: SmolLM2-135M's width with the tiny character-level vocabulary of `rlhf_ext.testing` (101
+tokens), so the layer stacks are deeper than SmolLM2's to keep the parameter counts at ~70M and ~135M. From the
+repository root:
 
-    python benchmarks/ppo_vs_trl.py                         # both sizes, prints the table
-    python benchmarks/ppo_vs_trl.py --sizes 70m --updates 4
+    python -m benchmarks.ppo_vs_trl                         # both sizes, prints the table
+    python -m benchmarks.ppo_vs_trl --sizes char-70m --updates 4
 """
 
 from __future__ import annotations
@@ -26,24 +27,24 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
-import resource
 import statistics
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-TRL_VERSION = "1.12.0"
-SIZES = {
-    # hidden/heads/MLP of SmolLM2-135M; depth chosen for the parameter count with a 101-token vocabulary
-    "70m": dict(hidden_size=576, num_hidden_layers=20, num_attention_heads=9, num_key_value_heads=3,
-                intermediate_size=1536),
-    "135m": dict(hidden_size=576, num_hidden_layers=38, num_attention_heads=9, num_key_value_heads=3,
-                 intermediate_size=1536),
-}  # fmt: skip
+from benchmarks.harness import (
+    DEFAULT_TRL_VENV,
+    SHAPES,
+    TRL_BASELINE_VERSION,
+    add_result_file_argument,
+    peak_rss_gib,
+    run_child,
+    training_timer,
+    trl_baseline_python,
+    write_json,
+)
+
+SIZES = ["char-70m", "char-135m"]  # the default shapes
 WORKERS = ("trl", "rlhf_ext", "trunk")
 PPO = dict(learning_rate=3e-6, kl_coef=0.05, cliprange=0.2, cliprange_value=0.2, vf_coef=0.1, gamma=1.0, lam=0.95)
 
@@ -51,8 +52,9 @@ PPO = dict(learning_rate=3e-6, kl_coef=0.05, cliprange=0.2, cliprange_value=0.2,
 # -- the shared setup: base weights, reward adapter, prompts ---------------------------------------
 
 
-def prepare(size: str, directory: Path, num_prompts: int, prompt_length: int) -> None:
-    """Save the base model, a reward model for each trainer (same backbone) and the prompts under `directory`."""
+def prepare(size: str, directory: Path, num_prompts: int, prompt_length: int) -> dict:
+    """Save the base model, a reward model for each trainer (same backbone) and the prompts under `directory`; the
+    base's parameter count in millions."""
     import torch
     from transformers import LlamaForCausalLM, LlamaForSequenceClassification
 
@@ -60,7 +62,7 @@ def prepare(size: str, directory: Path, num_prompts: int, prompt_length: int) ->
     from rlhf_ext.testing import tiny_llama_config, tiny_tokenizer
 
     torch.manual_seed(0)
-    config = tiny_llama_config(**SIZES[size], max_position_embeddings=512)
+    config = tiny_llama_config(**SHAPES[size], max_position_embeddings=512)
     LlamaForCausalLM(config).save_pretrained(directory / "base")
     tokenizer = tiny_tokenizer()
     tokenizer.save_pretrained(directory / "base")
@@ -77,32 +79,15 @@ def prepare(size: str, directory: Path, num_prompts: int, prompt_length: int) ->
         for _ in range(num_prompts)
     ]
     (directory / "prompts.json").write_text(json.dumps(prompts))
+    return {"parameters_m": parameter_count(directory)}
 
 
 # -- workers: one per process ----------------------------------------------------------------------
 
 
-class UpdateTimer:
-    """Wall-clock time of each PPO update: the time between optimizer-step ends `steps_per_update` apart."""
-
-    def __init__(self, steps_per_update: int):
-        from transformers import TrainerCallback
-
-        timer = self
-
-        class Callback(TrainerCallback):
-            def on_train_begin(self, args, state, control, **kwargs):
-                timer.marks = [time.perf_counter()]
-
-            def on_step_end(self, args, state, control, **kwargs):
-                if state.global_step % steps_per_update == 0:
-                    timer.marks.append(time.perf_counter())
-
-        self.callback = Callback()
-        self.marks: list[float] = []
-
-    def seconds_per_update(self) -> list[float]:
-        return [b - a for a, b in zip(self.marks, self.marks[1:])]
+def seconds_per_update(timer) -> list[float]:
+    """Wall seconds of each PPO update a `training_timer` recorded."""
+    return [lap.wall_s for lap in timer.laps]
 
 
 def run_trl(directory: Path, args) -> list[float]:
@@ -124,7 +109,7 @@ def run_trl(directory: Path, args) -> list[float]:
         temperature=args.temperature, local_rollout_forward_batch_size=args.batch_size, num_sample_generations=0,
         report_to=[], bf16=False, use_cpu=True, save_strategy="no", logging_steps=1000, seed=0, **PPO,
     )  # fmt: skip
-    timer = UpdateTimer(steps_per_update=1)  # TRL's PPOTrainer counts one global step per update
+    timer = training_timer(every=1)  # TRL's PPOTrainer counts one global step per update
     trainer = PPOTrainer(
         args=config,
         processing_class=tokenizer,
@@ -133,10 +118,10 @@ def run_trl(directory: Path, args) -> list[float]:
         reward_model=AutoModelForSequenceClassification.from_pretrained(directory / "trl_reward", num_labels=1),
         value_model=AutoModelForSequenceClassification.from_pretrained(directory / "trl_reward", num_labels=1),
         train_dataset=dataset,
-        callbacks=[timer.callback],
+        callbacks=[timer],
     )
     trainer.train()
-    return timer.seconds_per_update()
+    return seconds_per_update(timer)
 
 
 def run_rlhf_ext(directory: Path, args, value_layout: str = "own_adapter") -> list[float]:
@@ -165,64 +150,38 @@ def run_rlhf_ext(directory: Path, args, value_layout: str = "own_adapter") -> li
         temperature=args.temperature, report_to=[], bf16=False, use_cpu=True, gradient_checkpointing=False,
         save_strategy="no", logging_steps=1000, disable_tqdm=True, seed=0, **PPO,
     )  # fmt: skip
-    timer = UpdateTimer(steps_per_update=args.num_ppo_epochs)
+    timer = training_timer(every=args.num_ppo_epochs)  # an update is num_ppo_epochs optimizer steps
     trainer = PPOTrainer(
         shared,
         args=config,
         train_dataset=Dataset.from_dict({"prompt": prompts}),
         processing_class=tokenizer,
-        callbacks=[timer.callback],
+        callbacks=[timer],
     )
     trainer.train()
-    return timer.seconds_per_update()
+    return seconds_per_update(timer)
 
 
-def worker(trainer_name: str, directory: Path, args) -> None:
+def worker(trainer_name: str, directory: Path, args) -> dict:
+    """Time `args.updates` PPO updates of one trainer; its seconds per update and peak RSS (MiB)."""
     runs = {"trl": run_trl, "rlhf_ext": run_rlhf_ext, "trunk": lambda d, a: run_rlhf_ext(d, a, "policy_trunk")}
     times = runs[trainer_name](directory, args)
-    peak_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    print("RESULT " + json.dumps({"seconds_per_update": times, "peak_rss_mb": peak_rss_mb}), flush=True)
+    return {"seconds_per_update": times, "peak_rss_mb": peak_rss_gib() * 1024}
 
 
 # -- the driver ------------------------------------------------------------------------------------
 
 
-def ensure_trl_venv(venv: Path) -> Path:
-    """A virtual environment with trl==1.12.0 over this environment's packages; returns its python."""
-    python = venv / "bin" / "python"
-    if python.exists() and _trl_version(python) == TRL_VERSION:
-        return python
-    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
-    # The venv sees this environment's site-packages (torch, transformers, ...) through a .pth file; its own
-    # site-packages come first on sys.path, so its trl 1.12.0 shadows the newer one.
-    site_packages = [p for p in sys.path if p.endswith("site-packages")]
-    venv_site = Path(subprocess.check_output([str(python), "-c", "import site; print(site.getsitepackages()[0])"],
-                                             text=True).strip())  # fmt: skip
-    (venv_site / "parent_env.pth").write_text("\n".join(site_packages) + "\n")
-    subprocess.run([str(python), "-m", "pip", "install", "--quiet", "--no-deps", f"trl=={TRL_VERSION}"], check=True)
-    if _trl_version(python) != TRL_VERSION:
-        raise RuntimeError(f"{venv} does not import trl {TRL_VERSION}")
-    return python
-
-
-def _trl_version(python: Path) -> str | None:
-    result = subprocess.run([str(python), "-c", "import trl; print(trl.__version__)"], capture_output=True, text=True)
-    return result.stdout.strip() if result.returncode == 0 else None
-
-
 def run_worker(python: Path, trainer_name: str, directory: Path, args) -> dict:
-    command = [
-        str(python), __file__, "--worker", trainer_name, "--directory", str(directory),
+    """One trainer's worker in its own process (its own peak RSS), with `python`'s packages."""
+    worker_args = [
+        "--worker", trainer_name, "--directory", str(directory),
         "--batch_size", str(args.batch_size), "--response_length", str(args.response_length),
         "--num_ppo_epochs", str(args.num_ppo_epochs), "--updates", str(args.updates),
         "--temperature", str(args.temperature),
     ]  # fmt: skip
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": str(args.threads)}
-    result = subprocess.run(command, capture_output=True, text=True, env=env)
-    lines = [line for line in result.stdout.splitlines() if line.startswith("RESULT ")]
-    if result.returncode != 0 or not lines:
-        raise RuntimeError(f"{trainer_name} worker failed:\n{result.stderr[-4000:]}")
-    return json.loads(lines[-1][len("RESULT ") :])
+    return run_child("benchmarks.ppo_vs_trl", worker_args, directory / f"{trainer_name}.json", python=python,
+                     env={"OMP_NUM_THREADS": str(args.threads)})  # fmt: skip
 
 
 def parameter_count(directory: Path) -> float:
@@ -235,7 +194,7 @@ def parameter_count(directory: Path) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--sizes", nargs="+", default=list(SIZES), choices=list(SIZES))
+    parser.add_argument("--sizes", nargs="+", default=SIZES, choices=list(SHAPES), help="benchmarks/harness.py shapes")
     parser.add_argument("--updates", type=int, default=3, help="PPO updates per run; the first is warm-up")
     parser.add_argument("--batch_size", type=int, default=4, help="prompts per rollout")
     parser.add_argument("--response_length", type=int, default=16)
@@ -243,31 +202,32 @@ def main() -> None:
     parser.add_argument("--num_ppo_epochs", type=int, default=4)
     parser.add_argument("--temperature", type=float, default=0.7, help="TRL PPO's default")
     parser.add_argument("--threads", type=int, default=1, help="OMP_NUM_THREADS of each worker")
-    parser.add_argument("--venv", type=Path, default=Path(tempfile.gettempdir()) / f"rlhf_ext-bench-trl-{TRL_VERSION}")
-    parser.add_argument("--prepare", choices=list(SIZES), help=argparse.SUPPRESS)
+    parser.add_argument("--venv", type=Path, default=DEFAULT_TRL_VENV)
+    parser.add_argument("--prepare", choices=list(SHAPES), help=argparse.SUPPRESS)
     parser.add_argument("--worker", choices=list(WORKERS), help=argparse.SUPPRESS)
     parser.add_argument("--directory", type=Path, help=argparse.SUPPRESS)
+    add_result_file_argument(parser)
     args = parser.parse_args()
     if args.prepare:
-        prepare(args.prepare, args.directory, args.batch_size * args.updates, args.prompt_length)
+        write_json(args.result_file, prepare(args.prepare, args.directory, args.batch_size * args.updates,
+                                             args.prompt_length))  # fmt: skip
         return
     if args.worker:
-        worker(args.worker, args.directory, args)
+        write_json(args.result_file, worker(args.worker, args.directory, args))
         return
     if args.updates < 2:
         parser.error("--updates must be >= 2: the first update is warm-up")
 
-    trl_python = ensure_trl_venv(args.venv)
+    trl_python = trl_baseline_python(args.venv)
     rows = []
     for size in args.sizes:
         with tempfile.TemporaryDirectory() as tmp:
             directory = Path(tmp)
-            prepare_command = [
-                sys.executable, __file__, "--prepare", size, "--directory", str(directory), "--updates",
-                str(args.updates), "--batch_size", str(args.batch_size), "--prompt_length", str(args.prompt_length),
+            prepare_args = [
+                "--prepare", size, "--directory", str(directory), "--updates", str(args.updates), "--batch_size",
+                str(args.batch_size), "--prompt_length", str(args.prompt_length),
             ]  # fmt: skip
-            subprocess.run(prepare_command, check=True, env={**os.environ, "PYTHONPATH": str(REPO)})
-            params = parameter_count(directory)
+            params = run_child("benchmarks.ppo_vs_trl", prepare_args, directory / "prepare.json")["parameters_m"]
             results = {name: run_worker(trl_python if name == "trl" else Path(sys.executable), name, directory, args)
                        for name in WORKERS}  # fmt: skip
         seconds = {name: statistics.median(r["seconds_per_update"][1:]) for name, r in results.items()}
@@ -276,19 +236,20 @@ def main() -> None:
         print(f"{size} done: {seconds} {rss}", file=sys.stderr, flush=True)
 
     print(f"\nPPO update (batch {args.batch_size}, response {args.response_length} tokens,"
-          f" {args.num_ppo_epochs} epochs, {args.threads} CPU thread(s)); TRL {TRL_VERSION} four full models"
+          f" {args.num_ppo_epochs} epochs, {args.threads} CPU thread(s)); TRL {TRL_BASELINE_VERSION} four full models"
           f" vs rlhf_ext shared base (LoRA r=16): ours = value adapter, trunk = value head on the policy trunk\n")
     header = (
-        f"{'size':>6} {'params':>8} | {'TRL s/upd':>10} {'ours s/upd':>10} {'ratio':>6} {'trunk s/upd':>11} "
+        f"{'size':>9} {'params':>8} | {'TRL s/upd':>10} {'ours s/upd':>10} {'ratio':>6} {'trunk s/upd':>11} "
         f"{'ratio':>6} | {'TRL RSS MB':>10} {'ours RSS MB':>11} {'ratio':>6} {'trunk RSS MB':>12} {'ratio':>6}"
     )
     print(header)
     print("-" * len(header))
     for size, params, seconds, rss in rows:
-        print(f"{size:>6} {params:>7.1f}M | {seconds['trl']:>10.2f} {seconds['rlhf_ext']:>10.2f} "
+        print(f"{size:>9} {params:>7.1f}M | {seconds['trl']:>10.2f} {seconds['rlhf_ext']:>10.2f} "
               f"{seconds['rlhf_ext'] / seconds['trl']:>5.2f}x {seconds['trunk']:>11.2f} "
               f"{seconds['trunk'] / seconds['trl']:>5.2f}x | {rss['trl']:>10.0f} {rss['rlhf_ext']:>11.0f} "
-              f"{rss['rlhf_ext'] / rss['trl']:>5.2f}x {rss['trunk']:>12.0f} {rss['trunk'] / rss['trl']:>5.2f}x")
+              f"{rss['rlhf_ext'] / rss['trl']:>5.2f}x {rss['trunk']:>12.0f} "
+              f"{rss['trunk'] / rss['trl']:>5.2f}x")  # fmt: skip
     print("\ntrunk / ours: " + ", ".join(f"{size} time {s['trunk'] / s['rlhf_ext']:.2f}x memory "
                                         f"{r['trunk'] / r['rlhf_ext']:.2f}x" for size, _, s, r in rows))
     print("\ntargets: time ratio <= 1.0x, memory ratio <= 0.5x")

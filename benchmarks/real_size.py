@@ -2,9 +2,10 @@
 
 The base has the shape of a real 1-2B model, built from config with random weights (no download), saved ONCE as
 bfloat16 safetensors (as the Hub ships these models) with a word-level tokenizer of its vocabulary size, into
-`<work_dir>/<size>/` and reused by later runs. Each configuration runs in its own process (this script, `--child`),
-so its peak RSS (ru_maxrss) is its own, under an address-space limit (`--memory_limit_gb`, RLIMIT_AS) so that an
-out-of-memory ends that configuration only and is reported as one:
+`<work_dir>/<size>/` and reused by later runs (`--size` names a shape of benchmarks/harness.py). Each configuration
+runs in its own process (this module with `--child`, a child run of benchmarks/harness.py), so its peak RSS
+(ru_maxrss) is its own, under an address-space limit (`--memory_limit_gb`, RLIMIT_AS) so that an out-of-memory ends
+that configuration only and is reported as one:
 
     ppo_shared_{4bit,bf16,fp32}_{ckpt,nockpt}
                     one PPO update of `rlhf_ext.trainers.PPOTrainer` on a `SharedBase` (policy and value LoRA
@@ -19,8 +20,9 @@ out-of-memory ends that configuration only and is reported as one:
                     so the score head trains), gradient checkpointing on
     trl112_ppo      TRL 1.12's `trl.experimental.ppo.PPOTrainer` (its last PPO) in its layout: policy, reference,
                     value and reward as four full float32 models, policy and value fully trained, in a virtual
-                    environment with trl 1.12.0 over this one's packages (created by benchmarks/ppo_vs_trl.py's
-                    helper). At 1B it is not expected to fit in 24 GiB: the row says where it ran out of memory
+                    environment with trl 1.12.0 over this one's packages (created by benchmarks/harness.py's
+                    `trl_baseline_python`). At 1B it is not expected to fit in 24 GiB: the row says where it ran out
+                    of memory
 
 All trainers run with `use_cpu=True`, `bf16=False` (no autocast: a bf16 configuration computes in the bf16 weights),
 batch 2 prompts (K-way: 2 lists of K=4), ~64-token prompts, 32-token completions. `--steps` optimizer steps are
@@ -29,12 +31,13 @@ allocates the optimizer state, so it is the peak). Times: wall and CPU seconds p
 steps), the rollout (generation + scoring) and generation alone for PPO; `load s` is loading the model (and
 quantizing it). The "estimate" column is `rlhf_ext.memory.estimate(...)` when that module exists ("-" otherwise).
 The table goes to stdout, a progress line per configuration to stderr, and every result with the configuration's
-parameters (bits, dtype, checkpointing, batch, lengths, lora_r, parameter count) to `--output` as JSON.
+parameters (bits, dtype, checkpointing, batch, lengths, lora_r, parameter count) to `--output` as JSON (default
+benchmarks/results/real_size-<size>.json). From the repository root:
 
-    .venv/bin/python benchmarks/real_size.py                  # Llama-3.2-1B's shape (1.24B), every configuration
-    .venv/bin/python benchmarks/real_size.py --size tiny      # smoke test: every configuration in ~2 minutes
-    .venv/bin/python benchmarks/real_size.py --size smollm2-1.7b --configs ppo_shared_4bit_ckpt trl112_ppo
-    .venv/bin/python benchmarks/real_size.py --configs ppo_shared_fp32_ckpt --steps 3 --output /tmp/fp32.json
+    .venv/bin/python -m benchmarks.real_size                  # Llama-3.2-1B's shape (1.24B), every configuration
+    .venv/bin/python -m benchmarks.real_size --size tiny      # smoke test: every configuration in ~2 minutes
+    .venv/bin/python -m benchmarks.real_size --size smollm2-1.7b --configs ppo_shared_4bit_ckpt trl112_ppo
+    .venv/bin/python -m benchmarks.real_size --configs ppo_shared_fp32_ckpt --steps 3 --output /tmp/fp32.json
 
 Run the 1B measurement alone on the machine: 2 threads per configuration (`--threads`) use both cores, and with
 another job on the CPU their OpenMP barriers spin-wait (CPU time ~ wall time, both several times too long); a
@@ -63,27 +66,27 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 import warnings
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))  # run from a checkout without installing: the repository root holds rlhf_ext
+from benchmarks.harness import (
+    DEFAULT_TRL_VENV,
+    RESULTS_DIR,
+    SHAPES,
+    ChildFailed,
+    Clock,
+    Lap,
+    add_result_file_argument,
+    median_lap,
+    model_config,
+    peak_rss_gib,
+    proc_status_gib,
+    run_child,
+    training_timer,
+    trl_baseline_python,
+    write_json,
+)
 
-SIZES = {
-    # meta-llama/Llama-3.2-1B: 1.236B parameters, 263M of them in the tied 128256 x 2048 embedding
-    "llama-3.2-1b": dict(hidden_size=2048, num_hidden_layers=16, num_attention_heads=32, num_key_value_heads=8,
-                         intermediate_size=8192, vocab_size=128256),
-    # HuggingFaceTB/SmolLM2-1.7B: 1.711B parameters
-    "smollm2-1.7b": dict(hidden_size=2048, num_hidden_layers=24, num_attention_heads=32, num_key_value_heads=32,
-                         intermediate_size=8192, vocab_size=49152),
-    # HuggingFaceTB/SmolLM2-135M: a point between tiny and 1B for extrapolating times
-    "smollm2-135m": dict(hidden_size=576, num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3,
-                         intermediate_size=1536, vocab_size=49152),
-    # smoke tests: seconds per configuration
-    "tiny": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                 intermediate_size=256, vocab_size=1024),
-}  # fmt: skip
 DEFAULT_SIZE = "llama-3.2-1b"
 CHECKPOINT_DTYPE = "bfloat16"  # what the Hub ships for these models; the fp32 configurations upcast at load
 PAD, BOS, EOS = 0, 1, 2
@@ -128,11 +131,9 @@ CONFIG_NAMES = list(configurations("float32"))
 
 
 def llama_config(size: str):
-    """A LlamaConfig in the shape of `size`, tied embeddings, pad/bos/eos = 0/1/2."""
-    from transformers import LlamaConfig
-
-    return LlamaConfig(**SIZES[size], tie_word_embeddings=True, max_position_embeddings=2048, rms_norm_eps=1e-5,
-                       pad_token_id=PAD, bos_token_id=BOS, eos_token_id=EOS)  # fmt: skip
+    """A LlamaConfig of the shape `size` (benchmarks/harness.py), pad/bos/eos = 0/1/2."""
+    return model_config(size, max_position_embeddings=2048, rms_norm_eps=1e-5, pad_token_id=PAD, bos_token_id=BOS,
+                        eos_token_id=EOS)  # fmt: skip
 
 
 def word_tokenizer(vocab_size: int):
@@ -176,8 +177,9 @@ def cache_paths(work_dir: Path, size: str, lora_r: int) -> tuple[Path, Path]:
     return folder / "base", folder / f"reward_role_r{lora_r}"
 
 
-def prepare_cache(size: str, base_dir: Path, reward_dir: Path, lora_r: int) -> None:
-    """Save the random base (+ tokenizer) and a reward role folder for it, each only if not there yet."""
+def prepare_cache(size: str, base_dir: Path, reward_dir: Path, lora_r: int) -> dict:
+    """Save the random base (+ tokenizer) and a reward role folder for it, each only if not there yet; the base's
+    record ({"size", "parameters"})."""
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -185,7 +187,6 @@ def prepare_cache(size: str, base_dir: Path, reward_dir: Path, lora_r: int) -> N
 
     silence_libraries()
     if not (base_dir / DONE_MARK).exists():
-        print(f"  writing the {size} base to {base_dir} (once)", file=sys.stderr, flush=True)
         torch.manual_seed(0)
         config = llama_config(size)
         model = AutoModelForCausalLM.from_config(config, dtype=getattr(torch, CHECKPOINT_DTYPE))
@@ -200,6 +201,7 @@ def prepare_cache(size: str, base_dir: Path, reward_dir: Path, lora_r: int) -> N
         donor = SharedBase.from_pretrained(str(base_dir), args)
         save_adapter_with_head(donor.peft_model, "value", donor.heads["value"], reward_dir, "reward")
         (reward_dir / DONE_MARK).write_text("{}")
+    return json.loads((base_dir / DONE_MARK).read_text())
 
 
 # -- child: one configuration in this process ---------------------------------------------------------------------
@@ -216,21 +218,6 @@ def stage(name: str) -> None:
 
 def gib(n_bytes: float) -> float:
     return n_bytes / 2**30
-
-
-def peak_rss_gib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 2**30  # ru_maxrss is in KiB on Linux
-
-
-def proc_status_gib(field: str) -> float | None:
-    """A memory field of /proc/self/status (VmRSS, VmPeak, ...) in GiB; None where there is no /proc."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024 / 2**30
-    except OSError:
-        return None
-    return None
 
 
 def reset_peak_rss() -> bool:
@@ -254,46 +241,20 @@ def train_with_step_peak(trainer) -> dict:
     return {"rss_before_train_gib": before, "train_peak_rss_gib": proc_status_gib("VmHWM") if reset else None}
 
 
-class Clock:
-    """Wall and CPU (this process, all threads) seconds since the last `lap`."""
-
-    def __init__(self):
-        self.wall, self.cpu = time.perf_counter(), time.process_time()
-
-    def lap(self) -> tuple[float, float]:
-        wall, cpu = time.perf_counter(), time.process_time()
-        lap = (wall - self.wall, cpu - self.cpu)
-        self.wall, self.cpu = wall, cpu
-        return lap
-
-
-def step_timer():
-    """A TrainerCallback that records the wall and CPU seconds of every optimizer step (one PPO update here)."""
-    from transformers import TrainerCallback
-
-    class StepTimer(TrainerCallback):
-        def __init__(self):
-            self.steps: list[dict[str, float]] = []
-
-        def on_train_begin(self, args, state, control, **kwargs):
-            self.clock = Clock()
-
-        def on_step_end(self, args, state, control, **kwargs):
-            wall, cpu = self.clock.lap()
-            self.steps.append({"wall_s": wall, "cpu_s": cpu})
-
-    return StepTimer()
+def timed_steps(timer) -> list[dict[str, float]]:
+    """The wall and CPU seconds of every optimizer step (one PPO update here) a `training_timer` recorded."""
+    return [lap._asdict() for lap in timer.laps]
 
 
 def time_method(obj, name: str, record: dict) -> None:
-    """Wrap `obj.name` so each call adds its wall and CPU seconds, and the peak RSS after it, to `record[name]`."""
+    """Wrap `obj.name` so each call adds its wall seconds, and the peak RSS after it, to `record[name]`."""
     method = getattr(obj, name)
     calls = record.setdefault(name, [])
 
     def timed(*args, **kwargs):
         clock = Clock()
         out = method(*args, **kwargs)
-        calls.append({"wall_s": clock.lap()[0], "peak_rss_gib": peak_rss_gib()})
+        calls.append({"wall_s": clock.lap().wall_s, "peak_rss_gib": peak_rss_gib()})
         return out
 
     setattr(obj, name, timed)
@@ -318,9 +279,9 @@ def trained_settings(trainer, config) -> dict:
 
 def child_ppo_shared(spec: Configuration, cli, output_dir: str) -> dict:
     from datasets import Dataset
-    from ppo_vs_trl import PPO  # the same PPO hyperparameters as the 135M comparison
     from transformers import AutoTokenizer
 
+    from benchmarks.ppo_vs_trl import PPO  # the same PPO hyperparameters as the 135M comparison
     from rlhf_ext.models import SharedBase, SharedBaseArguments
     from rlhf_ext.trainers.ppo.config import PPOConfig
     from rlhf_ext.trainers.ppo.trainer import PPOTrainer
@@ -333,14 +294,14 @@ def child_ppo_shared(spec: Configuration, cli, output_dir: str) -> dict:
                                policy_lm_head=cli.policy_lm_head)  # fmt: skip
     shared = SharedBase.from_pretrained(cli.base_dir, args)
     tokenizer = AutoTokenizer.from_pretrained(cli.base_dir, padding_side="left")
-    load_s, _ = clock.lap()
+    load_s = clock.lap().wall_s
     loaded = {**runtime, "rss_after_load_gib": proc_status_gib("VmRSS"), "adapter_dtype": str(shared.adapter_dtype)}
     stage("trainer init")
     config = PPOConfig(**common_trainer_args(cli, output_dir), steps_per_generation=1, num_ppo_epochs=1,
                        max_completion_length=cli.completion_length, temperature=0.7,
                        gradient_checkpointing=spec.gradient_checkpointing, **PPO)  # fmt: skip
     prompts = ppo_prompts(cli.batch * cli.steps, cli.prompt_length, shared.peft_model.config.vocab_size)
-    timer = step_timer()
+    timer = training_timer()
     trainer = PPOTrainer(shared, args=config, train_dataset=Dataset.from_dict({"prompt": prompts}),
                          processing_class=tokenizer, callbacks=[timer])  # fmt: skip
     phases: dict[str, list] = {}
@@ -350,7 +311,7 @@ def child_ppo_shared(spec: Configuration, cli, output_dir: str) -> dict:
     train_peak = train_with_step_peak(trainer)
     rollouts = phases["_generate_and_score_completions"]
     return {
-        **loaded, **train_peak, "load_s": load_s, "steps": timer.steps, **trained_settings(trainer, config),
+        **loaded, **train_peak, "load_s": load_s, "steps": timed_steps(timer), **trained_settings(trainer, config),
         "generate_s": statistics.median(c["wall_s"] for c in phases["_generate"]),
         "rollout_s": statistics.median(c["wall_s"] for c in rollouts),
         "peak_rss_after_rollout_gib": rollouts[0]["peak_rss_gib"],
@@ -389,14 +350,14 @@ def child_kway(spec: Configuration, cli, output_dir: str) -> dict:
     clock = Clock()
     model, peft_config = load_lora_model(spec, cli, sequence_classification=spec.stage == "reward")
     tokenizer = AutoTokenizer.from_pretrained(cli.base_dir)
-    load_s, _ = clock.lap()
+    load_s = clock.lap().wall_s
     loaded = {**runtime, "rss_after_load_gib": proc_status_gib("VmRSS")}
     stage("trainer init")
     lists = ranked_lists(cli.batch * cli.steps, cli.num_completions, cli.prompt_length, cli.completion_length,
                          model.config.vocab_size)  # fmt: skip
     common = dict(**common_trainer_args(cli, output_dir), gradient_checkpointing=spec.gradient_checkpointing,
                   max_length=cli.prompt_length + cli.completion_length + 8, learning_rate=1e-5)  # fmt: skip
-    timer = step_timer()
+    timer = training_timer()
     if spec.stage == "dpo":
         config = PlackettLuceDPOConfig(**common, beta=0.1)
         trainer = PlackettLuceDPOTrainer(model, args=config, train_dataset=Dataset.from_list(lists),
@@ -407,16 +368,17 @@ def child_kway(spec: Configuration, cli, output_dir: str) -> dict:
                                             processing_class=tokenizer, peft_config=peft_config, callbacks=[timer])
     stage("train")
     train_peak = train_with_step_peak(trainer)
-    return {**loaded, **train_peak, "load_s": load_s, "steps": timer.steps, **trained_settings(trainer, config)}
+    return {**loaded, **train_peak, "load_s": load_s, "steps": timed_steps(timer), **trained_settings(trainer, config)}
 
 
 def child_trl112(spec: Configuration, cli, output_dir: str) -> dict:
     import torch
     import trl
     from datasets import Dataset
-    from ppo_vs_trl import PPO
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
     from trl.experimental.ppo import PPOConfig, PPOTrainer
+
+    from benchmarks.ppo_vs_trl import PPO
 
     runtime = {"runtime_rss_gib": proc_status_gib("VmRSS")}
     tokenizer = AutoTokenizer.from_pretrained(cli.base_dir, padding_side="left")
@@ -433,10 +395,10 @@ def child_trl112(spec: Configuration, cli, output_dir: str) -> dict:
         stage(f"load {role} model")
         labels = {"num_labels": 1} if model_class is AutoModelForSequenceClassification else {}
         models[role] = model_class.from_pretrained(cli.base_dir, dtype=torch.float32, **labels)
-    load_s, _ = clock.lap()
+    load_s = clock.lap().wall_s
     loaded = {**runtime, "rss_after_load_gib": proc_status_gib("VmRSS"), "trl_version": trl.__version__}
     stage("trainer init")
-    timer = step_timer()
+    timer = training_timer()
     trainer = PPOTrainer(args=config, processing_class=tokenizer, model=models["policy"], ref_model=models["reference"],
                          reward_model=models["reward"], value_model=models["value"],
                          train_dataset=Dataset.from_dict({"input_ids": [tokenizer(p)["input_ids"] for p in prompts]}),
@@ -444,7 +406,7 @@ def child_trl112(spec: Configuration, cli, output_dir: str) -> dict:
     models.clear()  # the trainer holds them
     stage("train")
     train_peak = train_with_step_peak(trainer)
-    return {**loaded, **train_peak, "load_s": load_s, "steps": timer.steps, **trained_settings(trainer, config)}
+    return {**loaded, **train_peak, "load_s": load_s, "steps": timed_steps(timer), **trained_settings(trainer, config)}
 
 
 def is_out_of_memory(err: BaseException) -> bool:
@@ -513,7 +475,7 @@ def child_main(cli) -> None:
                 raise
             result = {"outcome": "oom", "error": f"{type(err).__name__}: {str(err)[:300]}", "oom_stage": _stage}
     result.update(peak_rss_gib=peak_rss_gib(), vm_peak_gib=proc_status_gib("VmPeak"), versions=versions())
-    print("RESULT " + json.dumps(result), flush=True)
+    write_json(cli.result_file, result)
 
 
 # -- parent: one process per configuration, then the table ---------------------------------------------------------
@@ -527,8 +489,9 @@ def address_space_limit(limit_gb: float):
     return lambda: resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
 
 
-def child_command(python: str, name: str, cli, base_dir: Path, reward_dir: Path) -> list[str]:
-    return [python, __file__, "--child", name, "--base_dir", str(base_dir), "--reward_dir", str(reward_dir),
+def child_args(name: str, cli, base_dir: Path, reward_dir: Path) -> list[str]:
+    """The arguments of the child run of configuration `name`: this run's settings."""
+    return ["--child", name, "--base_dir", str(base_dir), "--reward_dir", str(reward_dir),
             "--batch", str(cli.batch), "--prompt_length", str(cli.prompt_length),
             "--completion_length", str(cli.completion_length), "--num_completions", str(cli.num_completions),
             "--lora_r", str(cli.lora_r), "--steps", str(cli.steps), "--threads", str(cli.threads),
@@ -542,28 +505,32 @@ def child_command(python: str, name: str, cli, base_dir: Path, reward_dir: Path)
 GLIBC_MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536"}
 
 
-def run_child(spec: Configuration, python: str, cli, base_dir: Path, reward_dir: Path) -> dict:
-    """Run one configuration in its own process; its RESULT, or what went wrong (OOM, crash) as measured."""
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), str(REPO / "benchmarks")]),
-           "OMP_NUM_THREADS": str(cli.threads), "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1",
+def failure_row(failure: ChildFailed) -> dict:
+    """What a configuration's process left when it died without a result: out of memory or another error, the last
+    stage it reached and the end of its output."""
+    stages = [line[len("STAGE ") :] for line in failure.output.splitlines() if line.startswith("STAGE ")]
+    tail = failure.output.strip().splitlines()[-25:]
+    oom = any(message in failure.output for message in OOM_MESSAGES)
+    return {"outcome": "oom" if oom else "error", "returncode": failure.returncode,
+            "oom_stage" if oom else "failed_stage": stages[-1] if stages else None,
+            "error": next((line for line in reversed(tail) if line.strip()), ""), "stderr_tail": tail}  # fmt: skip
+
+
+def measure_configuration(spec: Configuration, python: str, cli, base_dir: Path, reward_dir: Path) -> dict:
+    """Run one configuration in its own process; its result, or what went wrong (OOM, crash) as measured."""
+    env = {"OMP_NUM_THREADS": str(cli.threads), "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1",
            "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error", "PYTHONWARNINGS": "ignore"}  # fmt: skip
     if not cli.glibc_default_malloc:
         env.update(GLIBC_MALLOC_ENV)
     clock = Clock()
-    result = subprocess.run(child_command(python, spec.name, cli, base_dir, reward_dir), capture_output=True,
-                            text=True, env=env, preexec_fn=address_space_limit(cli.memory_limit_gb))  # fmt: skip
-    wall_s, _ = clock.lap()
-    lines = [line for line in result.stdout.splitlines() if line.startswith("RESULT ")]
-    if result.returncode == 0 and lines:
-        row = json.loads(lines[-1][len("RESULT ") :])
-    else:
-        stages = [line[len("STAGE ") :] for line in result.stderr.splitlines() if line.startswith("STAGE ")]
-        tail = result.stderr.strip().splitlines()[-25:]
-        oom = any(message in result.stderr for message in OOM_MESSAGES)
-        row = {"outcome": "oom" if oom else "error", "returncode": result.returncode,
-               "oom_stage" if oom else "failed_stage": stages[-1] if stages else None,
-               "error": next((line for line in reversed(tail) if line.strip()), ""), "stderr_tail": tail}  # fmt: skip
-    row["child_wall_s"] = wall_s
+    with tempfile.TemporaryDirectory() as folder:
+        try:
+            row = run_child("benchmarks.real_size", child_args(spec.name, cli, base_dir, reward_dir),
+                            Path(folder) / "result.json", python=python, env=env,
+                            preexec_fn=address_space_limit(cli.memory_limit_gb))  # fmt: skip
+        except ChildFailed as failure:
+            row = failure_row(failure)
+    row["child_wall_s"] = clock.lap().wall_s
     return row
 
 
@@ -612,9 +579,10 @@ def outcome_text(row: dict, cli) -> str:
     return f"error ({error_type}, {where})"
 
 
-def median_step(row: dict, key: str) -> float | None:
+def median_step(row: dict) -> Lap:
+    """The median wall and CPU seconds of a row's timed steps (None each if it has none)."""
     steps = row.get("steps") or []
-    return statistics.median(s[key] for s in steps) if steps else None
+    return median_lap(Lap(**step) for step in steps) if steps else Lap(None, None)
 
 
 def print_table(rows: list[dict], cli) -> None:
@@ -641,19 +609,16 @@ def print_table(rows: list[dict], cli) -> None:
 
 
 def trl112_python(cli) -> tuple[str | None, str | None]:
-    """The trl 1.12 venv's python (created by ppo_vs_trl's helper if missing), or (None, why it cannot be had)."""
-    sys.path.insert(0, str(REPO / "benchmarks"))
-    from ppo_vs_trl import ensure_trl_venv
-
+    """The trl 1.12 venv's python (created if missing), or (None, why it cannot be had)."""
     try:
-        return str(ensure_trl_venv(cli.venv)), None
+        return str(trl_baseline_python(cli.venv)), None
     except (subprocess.CalledProcessError, RuntimeError, OSError) as err:
         return None, f"no trl 1.12.0 virtual environment at {cli.venv}: {err}"
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--size", default=DEFAULT_SIZE, choices=list(SIZES))
+    parser.add_argument("--size", default=DEFAULT_SIZE, choices=list(SHAPES), help="a shape of benchmarks/harness.py")
     parser.add_argument("--configs", nargs="+", default=CONFIG_NAMES, choices=CONFIG_NAMES, metavar="CONFIG",
                         help=f"configurations to run (default: all): {', '.join(CONFIG_NAMES)}")
     parser.add_argument("--steps", type=int, default=1, help="optimizer steps per configuration, all timed (median)")
@@ -674,15 +639,15 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="address-space limit (RLIMIT_AS) of each configuration's process, GiB; 0: none")
     parser.add_argument("--work_dir", type=Path, default=Path(tempfile.gettempdir()) / "rlhf_ext-real-size",
                         help="cache of the saved bases and reward role folders (reused)")
-    parser.add_argument("--venv", type=Path, default=Path(tempfile.gettempdir()) / "rlhf_ext-bench-trl-1.12.0",
-                        help="the trl 1.12.0 virtual environment (created if missing, as ppo_vs_trl.py does)")
-    parser.add_argument("--output", type=Path, help="JSON results (default: <work_dir>/real_size-<size>.json)")
+    parser.add_argument("--venv", type=Path, default=DEFAULT_TRL_VENV, help="the trl 1.12.0 virtual environment")
+    parser.add_argument("--output", type=Path, help="JSON results (default: benchmarks/results/real_size-<size>.json)")
     parser.add_argument("--reestimate", type=Path, metavar="RESULTS_JSON",
                         help="print a saved run's table with the estimate recomputed (no measuring)")
     parser.add_argument("--child", choices=CONFIG_NAMES, help=argparse.SUPPRESS)
-    parser.add_argument("--prepare", choices=list(SIZES), help=argparse.SUPPRESS)
+    parser.add_argument("--prepare", choices=list(SHAPES), help=argparse.SUPPRESS)
     parser.add_argument("--base_dir", help=argparse.SUPPRESS)
     parser.add_argument("--reward_dir", help=argparse.SUPPRESS)
+    add_result_file_argument(parser)
     return parser.parse_args(argv)
 
 
@@ -711,15 +676,18 @@ def main() -> None:
         child_main(cli)
         return
     if cli.prepare:
-        prepare_cache(cli.prepare, Path(cli.base_dir), Path(cli.reward_dir), cli.lora_r)
+        write_json(cli.result_file, prepare_cache(cli.prepare, Path(cli.base_dir), Path(cli.reward_dir), cli.lora_r))
         return
 
     started = Clock()
     base_dir, reward_dir = cache_paths(cli.work_dir, cli.size, cli.lora_r)
+    if not (base_dir / DONE_MARK).exists():
+        print(f"  writing the {cli.size} base to {base_dir} (once)", file=sys.stderr, flush=True)
     # in a process of its own, so the parent never holds a model's memory while the configurations run
-    subprocess.run([sys.executable, __file__, "--prepare", cli.size, "--base_dir", str(base_dir), "--reward_dir",
-                    str(reward_dir), "--lora_r", str(cli.lora_r)], check=True)  # fmt: skip
-    parameters = json.loads((base_dir / DONE_MARK).read_text())["parameters"]
+    prepare_args = ["--prepare", cli.size, "--base_dir", str(base_dir), "--reward_dir", str(reward_dir), "--lora_r",
+                    str(cli.lora_r)]  # fmt: skip
+    with tempfile.TemporaryDirectory() as folder:
+        parameters = run_child("benchmarks.real_size", prepare_args, Path(folder) / "prepare.json")["parameters"]
     config = llama_config(cli.size)
     specs = [spec for name, spec in configurations(cli.dtype).items() if name in cli.configs]
     rows = []
@@ -729,15 +697,16 @@ def main() -> None:
         if refused:
             row = {"outcome": "refused", "error": refused}
         else:
-            row = run_child(spec, python, cli, base_dir, reward_dir)
+            row = measure_configuration(spec, python, cli, base_dir, reward_dir)
         estimate, why_not = memory_estimate(spec, config, cli)
+        step = median_step(row)
         row = {"config": spec.name, **{k: v for k, v in dataclasses.asdict(spec).items() if k != "name"},
                "size": cli.size, "parameters": parameters,
                "checkpoint_dtype": CHECKPOINT_DTYPE, "batch": cli.batch, "prompt_length": cli.prompt_length,
                "completion_length": cli.completion_length,
                "num_completions": 1 if spec.stage == "ppo" or spec.name == "trl112_ppo" else cli.num_completions,
                "lora_r": cli.lora_r, "threads": cli.threads, "memory_limit_gb": cli.memory_limit_gb,
-               **row, "step_wall_s": median_step(row, "wall_s"), "step_cpu_s": median_step(row, "cpu_s"),
+               **row, "step_wall_s": step.wall_s, "step_cpu_s": step.cpu_s,
                "estimate_gib": estimate, "estimate_unavailable": why_not}  # fmt: skip
         if spec.name == "trl112_ppo":
             row["floor_gib"] = four_model_floor_gib(parameters)
@@ -755,15 +724,14 @@ def main() -> None:
           f"included); estimate: rlhf_ext.memory.estimate total, GiB; runtime: RSS after the imports, before any "
           f"model, GiB.\n")  # fmt: skip
     print_table(rows, cli)
-    output = cli.output or cli.work_dir / f"real_size-{cli.size}.json"
+    output = cli.output or RESULTS_DIR / f"real_size-{cli.size}.json"
     meta = {"command": [sys.executable, *sys.argv], "size": cli.size, "parameters": parameters,
-            "model_config": {k: getattr(config, k) for k in (*SIZES[cli.size], "tie_word_embeddings")},
+            "model_config": {k: getattr(config, k) for k in SHAPES[cli.size]},
             "machine": {"cpus": os.cpu_count(), "processor": platform.processor() or platform.machine(),
                         "memory_gib": gib(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))},
             "malloc_env": {} if cli.glibc_default_malloc else GLIBC_MALLOC_ENV,
-            "total_wall_s": started.lap()[0]}  # fmt: skip
-    output.parent.mkdir(parents=True, exist_ok=True)
-    output.write_text(json.dumps({"meta": meta, "results": rows}, indent=2) + "\n")
+            "total_wall_s": started.lap().wall_s}  # fmt: skip
+    write_json(output, {"meta": meta, "results": rows})
     print(f"\nresults: {output} ({meta['total_wall_s']:.0f} s in all)")
 
 

@@ -10,39 +10,36 @@ One step = rollout scoring (4 no-grad forwards: policy, reference, value, reward
     shared_bf16     the same with the base in bfloat16
     shared_4bit     the same with the base in 4-bit NF4 (compute in float32)
 
-Each configuration runs in its own process (this script, `--child`), so peak RSS (ru_maxrss) is
-its own. Models are built from config with random weights (no download): "135m" has
-SmolLM2-135M's shape, "70m" is a smaller model of the same family.
+Each configuration runs in its own process (this module with `--child`, a child run of
+benchmarks/harness.py), so peak RSS (ru_maxrss) is its own. Models are built from config with random
+weights (no download) in shapes of benchmarks/harness.py: "smollm2-135m" is SmolLM2-135M's,
+"smollm2-narrow-70m" a smaller model of the same family. From the repository root:
 
-    python benchmarks/shared_base_memory.py                      # both sizes, all configurations
-    python benchmarks/shared_base_memory.py --sizes 70m --steps 3
+    python -m benchmarks.shared_base_memory                      # both sizes, all configurations
+    python -m benchmarks.shared_base_memory --sizes smollm2-narrow-70m --steps 3
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import os
-import resource
-import statistics
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
-# Run from a checkout without installing: the repository root holds the rlhf_ext package.
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks.harness import (
+    SHAPES,
+    Clock,
+    add_result_file_argument,
+    median_lap,
+    model_config,
+    peak_rss_gib,
+    run_child,
+    write_json,
+)
 
-SIZES = {
-    # SmolLM2-135M: 134.5M parameters
-    "135m": dict(hidden_size=576, num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3,
-                 intermediate_size=1536),
-    # the same family, narrower: 69M parameters
-    "70m": dict(hidden_size=384, num_hidden_layers=32, num_attention_heads=6, num_key_value_heads=2,
-                intermediate_size=1024),
-}
+SIZES = ["smollm2-narrow-70m", "smollm2-135m"]  # the default shapes
 CONFIGS = ["separate_full", "separate_lora", "shared_fp32", "shared_bf16", "shared_4bit"]
 
 
@@ -50,11 +47,8 @@ CONFIGS = ["separate_full", "separate_lora", "shared_fp32", "shared_bf16", "shar
 
 
 def llama_config(size: str):
-    """A LlamaConfig of the given size with SmolLM2's vocabulary and tied embeddings."""
-    from transformers import LlamaConfig
-
-    return LlamaConfig(vocab_size=49152, tie_word_embeddings=True, max_position_embeddings=2048,
-                       pad_token_id=0, **SIZES[size])
+    """A LlamaConfig of the shape `size` (benchmarks/harness.py), pad = 0."""
+    return model_config(size, max_position_embeddings=2048, pad_token_id=0)
 
 
 def lora_args():
@@ -150,13 +144,13 @@ def ppo_step(model, optimizer, ids, mask) -> None:
     optimizer.zero_grad(set_to_none=True)
 
 
-def run_child(kind: str, size: str, steps: int, batch: int, seq: int, base_dir: str | None) -> dict:
+def measure(kind: str, size: str, steps: int, batch: int, seq: int, base_dir: str | None) -> dict:
     """Build one configuration, run warm-up + `steps` PPO steps; returns timings and peak RSS."""
     import torch
 
     torch.manual_seed(0)
     config = llama_config(size)
-    build_start = time.perf_counter()
+    build = Clock()
     if kind.startswith("separate"):
         model = SeparateModels(config, lora=kind == "separate_lora")
         params = model.parameters()
@@ -164,24 +158,25 @@ def run_child(kind: str, size: str, steps: int, batch: int, seq: int, base_dir: 
         model = build_shared(config, kind, base_dir)
         params = model.trainable_parameters()
     model.train()
-    build_s = time.perf_counter() - build_start
+    build_s = build.lap().wall_s
     optimizer = torch.optim.AdamW(params, lr=1e-6)
     ids = torch.randint(1, config.vocab_size, (batch, seq))
     mask = torch.ones_like(ids)
-    wall_times, cpu_times = [], []
-    for _ in range(steps + 1):  # the first step allocates the optimizer state; not timed
-        wall_start, cpu_start = time.perf_counter(), time.process_time()
+    ppo_step(model, optimizer, ids, mask)  # the first step allocates the optimizer state; not timed
+    laps = []
+    for _ in range(steps):
+        clock = Clock()
         ppo_step(model, optimizer, ids, mask)
-        wall_times.append(time.perf_counter() - wall_start)
-        cpu_times.append(time.process_time() - cpu_start)
+        laps.append(clock.lap())
+    step = median_lap(laps)
     return {
         "config": kind,
         "size": size,
         "trainable_m": sum(p.numel() for p in params) / 1e6,
         "build_s": build_s,
-        "step_s": statistics.median(wall_times[1:]),
-        "cpu_s": statistics.median(cpu_times[1:]),
-        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "step_s": step.wall_s,
+        "cpu_s": step.cpu_s,
+        "peak_rss_mb": peak_rss_gib() * 1024,
     }
 
 
@@ -198,20 +193,18 @@ def save_base(size: str, directory: str) -> str:
     return directory
 
 
-def run_in_subprocess(kind: str, size: str, cli: argparse.Namespace, base_dir: str | None) -> dict:
-    command = [sys.executable, __file__, "--child", kind, "--sizes", size, "--steps", str(cli.steps),
-               "--batch", str(cli.batch), "--seq", str(cli.seq)]
+def run_in_subprocess(kind: str, size: str, cli: argparse.Namespace, base_dir: str | None, folder: str) -> dict:
+    """One configuration's row, measured in a process of its own (its result file and log go to `folder`)."""
+    args = ["--child", kind, "--sizes", size, "--steps", str(cli.steps), "--batch", str(cli.batch), "--seq",
+            str(cli.seq), "--threads", str(cli.threads)]  # fmt: skip
     if base_dir:
-        command += ["--base_dir", base_dir]
-    result = subprocess.run(command, capture_output=True, text=True, check=False)
-    if result.returncode != 0:
-        raise RuntimeError(f"{kind} at {size} failed:\n{result.stderr[-3000:]}")
-    return json.loads(result.stdout.strip().splitlines()[-1])
+        args += ["--base_dir", base_dir]
+    return run_child("benchmarks.shared_base_memory", args, Path(folder) / f"{size}-{kind}.json")
 
 
 def print_table(rows: list[dict]) -> None:
     """One line per (size, configuration), with ratios to separate_full of the same size."""
-    header = (f"{'size':>5} {'configuration':<14} {'trainable M':>11} {'peak RSS MB':>11} {'wall s':>7} "
+    header = (f"{'size':>18} {'configuration':<14} {'trainable M':>11} {'peak RSS MB':>11} {'wall s':>7} "
               f"{'cpu s':>7} {'RSS / full':>10} {'wall / full':>11} {'cpu / full':>10}")
     print(header)
     print("-" * len(header))
@@ -221,13 +214,13 @@ def print_table(rows: list[dict]) -> None:
             f"{row[key] / full[key]:>{width - 1}.2f}x" if full else f"{'n/a':>{width}}"
             for key, width in (("peak_rss_mb", 10), ("step_s", 11), ("cpu_s", 10))
         )
-        print(f"{row['size']:>5} {row['config']:<14} {row['trainable_m']:>11.2f} {row['peak_rss_mb']:>11.0f} "
+        print(f"{row['size']:>18} {row['config']:<14} {row['trainable_m']:>11.2f} {row['peak_rss_mb']:>11.0f} "
               f"{row['step_s']:>7.2f} {row['cpu_s']:>7.2f} {ratios}")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--sizes", nargs="+", default=["70m", "135m"], choices=sorted(SIZES))
+    parser.add_argument("--sizes", nargs="+", default=SIZES, choices=list(SHAPES), help="benchmarks/harness.py shapes")
     parser.add_argument("--configs", nargs="+", default=CONFIGS, choices=CONFIGS)
     parser.add_argument("--steps", type=int, default=3, help="timed steps per configuration (median reported)")
     parser.add_argument("--batch", type=int, default=2)
@@ -237,13 +230,14 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1, help="torch threads in each configuration's process")
     parser.add_argument("--child", choices=CONFIGS, help=argparse.SUPPRESS)
     parser.add_argument("--base_dir", help=argparse.SUPPRESS)
+    add_result_file_argument(parser)
     cli = parser.parse_args()
 
     if cli.child:
         import torch
 
         torch.set_num_threads(cli.threads)
-        print(json.dumps(run_child(cli.child, cli.sizes[0], cli.steps, cli.batch, cli.seq, cli.base_dir)))
+        write_json(cli.result_file, measure(cli.child, cli.sizes[0], cli.steps, cli.batch, cli.seq, cli.base_dir))
         return
 
     rows = []
@@ -251,7 +245,7 @@ def main() -> None:
         for size in cli.sizes:
             base_dir = save_base(size, os.path.join(tmp, size)) if "shared_4bit" in cli.configs else None
             for kind in cli.configs:
-                row = run_in_subprocess(kind, size, cli, base_dir)
+                row = run_in_subprocess(kind, size, cli, base_dir, tmp)
                 print(f"  {size} {kind}: {row['peak_rss_mb']:.0f} MB, {row['step_s']:.2f} s/step "
                       f"({row['cpu_s']:.2f} s CPU)", file=sys.stderr)
                 rows.append(row)
