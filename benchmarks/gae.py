@@ -13,8 +13,8 @@ the deltas on padding are 0, V after the last real token is 0, and the loop comp
 quantity as `rx.gae(rewards, values, mask)` on the real tokens. Both get the same masked inputs;
 errors are measured on real tokens only.
 
-    python benchmarks/gae.py                    # the four default shapes, torch's default threads
-    python benchmarks/gae.py --threads 1 --repeats 5 --shapes 64x1024
+    python -m benchmarks.gae                    # the four default shapes, torch's default threads
+    python -m benchmarks.gae --threads 1 --repeats 5 --shapes 64x1024
 
 On a machine whose cores are shared with other busy processes, prefer --threads 1: rx.gae's ops
 work on whole [B, T] tensors and go multi-threaded, and each parallel op then waits for a thread
@@ -27,17 +27,11 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import sys
-import time
-from pathlib import Path
 
 import torch
 
-try:
-    import rlhf_ext as rx
-except ModuleNotFoundError:  # run from a checkout without `pip install -e .`
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    import rlhf_ext as rx
+import rlhf_ext as rx
+from benchmarks.harness import Clock
 
 DEFAULT_SHAPES = "16x256,64x1024,256x2048,8x8192"
 
@@ -101,9 +95,9 @@ def time_pair(f_loop, f_rx, repeats: int) -> tuple[list[float], list[float]]:
     t_loop, t_rx = [], []
     for _ in range(repeats):
         for f, out in ((f_loop, t_loop), (f_rx, t_rx)):
-            start = time.perf_counter()
+            clock = Clock(cpu=False)
             f()
-            out.append(time.perf_counter() - start)
+            out.append(clock.lap().wall_s)
     return t_loop, t_rx
 
 
@@ -137,9 +131,9 @@ def main() -> None:
             def run_rx(rewards=rewards, values=values, mask=mask):
                 return rx.gae(rewards, values, mask, gamma=args.gamma, lam=args.lam)
 
-            start = time.perf_counter()
+            clock = Clock(cpu=False)
             adv_loop, ret_loop = run_loop()  # warm-up, and the time estimate for the repeat count
-            warm = time.perf_counter() - start
+            warm = clock.lap().wall_s
             adv_rx, ret_rx = run_rx()
             repeats = max(3, min(args.repeats, int(args.seconds_per_shape / max(warm, 1e-6))))
             t_loop, t_rx = time_pair(run_loop, run_rx, repeats)

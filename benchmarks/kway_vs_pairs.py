@@ -11,8 +11,8 @@ times it contains the target character (more is better, counts distinct, so no t
 ranking accuracy of the implicit reward beta * (log pi - log pi_ref) on held-out lists, over all pairs
 (and top-1 accuracy), computed by the same function for both trainers.
 
-    python benchmarks/kway_vs_pairs.py                      # K=4, 3 epochs: prints the table
-    python benchmarks/kway_vs_pairs.py --epochs 5 --num_train_lists 256
+    python -m benchmarks.kway_vs_pairs                      # K=4, 3 epochs: prints the table
+    python -m benchmarks.kway_vs_pairs --epochs 5 --num_train_lists 256
 """
 
 from __future__ import annotations
@@ -22,13 +22,12 @@ import itertools
 import random
 import statistics
 import tempfile
-import time
 
 import torch
 from datasets import Dataset
-from transformers import TrainerCallback
 from trl import DPOConfig, DPOTrainer
 
+from benchmarks.harness import training_timer
 from rlhf_ext.data import (
     DataCollatorForRankedPreference,
     prepare_ranked_dataset,
@@ -63,19 +62,6 @@ def all_pairs(lists: list[dict]) -> list[dict]:
         for item in lists
         for i, j in itertools.combinations(range(len(item["completions"])), 2)
     ]
-
-
-class EpochTimer(TrainerCallback):
-    """Wall-clock seconds of each training epoch."""
-
-    def __init__(self):
-        self.seconds: list[float] = []
-
-    def on_epoch_begin(self, args, state, control, **kwargs):
-        self._start = time.perf_counter()
-
-    def on_epoch_end(self, args, state, control, **kwargs):
-        self.seconds.append(time.perf_counter() - self._start)
 
 
 @torch.no_grad()
@@ -120,7 +106,7 @@ def common_args(output_dir: str, args) -> dict:
 
 
 def run(name: str, trainer_cls, config_cls, records, per_device_batch, model_path, args, heldout):
-    timer = EpochTimer()
+    timer = training_timer(unit="epoch")
     with tempfile.TemporaryDirectory() as output_dir:
         config = config_cls(**common_args(output_dir, args), per_device_train_batch_size=per_device_batch)
         trainer = trainer_cls(
@@ -131,8 +117,9 @@ def run(name: str, trainer_cls, config_cls, records, per_device_batch, model_pat
     policy = trainer.model.eval()
     reference = tiny_causal_lm(seed=args.seed, **model_overrides(args)).to(policy.device)
     accuracy, top1 = heldout_accuracy(policy, reference, heldout, args.beta)
-    return {"name": name, "epoch_s": timer.seconds, "accuracy": accuracy, "top1": top1,
-            "steps": trainer.state.global_step}
+    epoch_s = [lap.wall_s for lap in timer.laps]
+    return {"name": name, "epoch_s": epoch_s, "accuracy": accuracy, "top1": top1,
+            "steps": trainer.state.global_step}  # fmt: skip
 
 
 def model_overrides(args) -> dict:

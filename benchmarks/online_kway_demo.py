@@ -22,16 +22,14 @@ import dataclasses
 import importlib
 import json
 import logging
-import time
 from pathlib import Path
 
 import yaml
 
+from benchmarks.harness import REPO, Clock, write_json
 from demo.evaluation import BASE, PolicySpec, evaluate_policies
 from demo.prompts import as_conversation, demo_split
 from demo.smollm2 import smollm2_path
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def load_demo_module():
@@ -52,7 +50,7 @@ def completions_generated(max_steps: int, batch: int, steps_per_generation: int,
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--demo_dir", default="outputs/demo", help="output_dir of a finished `make demo`")
-    parser.add_argument("--config", default=str(ROOT / "recipes" / "configs" / "demo.yaml"), help="the demo's YAML")
+    parser.add_argument("--config", default=str(REPO / "recipes" / "configs" / "demo.yaml"), help="the demo's YAML")
     parser.add_argument("--output_dir", default="outputs/online_kway_demo")
     parser.add_argument("--k", type=int, default=4, help="num_generations: completions ranked per prompt")
     parser.add_argument("--dpo_beta", type=float, default=0.1)
@@ -102,19 +100,19 @@ def main() -> None:
         args.k,
     )
 
-    start = time.time()
+    clock = Clock(cpu=False)
     log_history = demo.run_recipe("online_kway", online_args, out)
-    train_seconds = time.time() - start
+    train_seconds = clock.lap().wall_s
     adapter_dir = demo.summarize_policy(out, log_history)["adapter_dir"]
 
     split = demo_split(cfg.n_train_prompts, cfg.n_heldout_prompts)
     conversations = [as_conversation(p, cfg.system_prompt) for p in split.heldout]
-    start = time.time()
+    clock = Clock(cpu=False)
     metrics, samples = evaluate_policies(
         [PolicySpec(BASE, base_path), PolicySpec("online_kway", base_path, adapter_dir)], conversations,
         n_samples=cfg.eval_samples, sampling=cfg.sampling(), batch_size=cfg.sample_batch_size, seed=cfg.seed,
     )  # fmt: skip
-    eval_seconds = time.time() - start
+    eval_seconds = clock.lap().wall_s
     (out / "samples.json").write_text(
         json.dumps({n: dataclasses.asdict(s) for n, s in samples.items()}, ensure_ascii=False)
     )
@@ -124,7 +122,7 @@ def main() -> None:
         "policies": {n: m.as_dict() for n, m in metrics.items()},
         "seconds": {"train": train_seconds, "eval": eval_seconds},
     }
-    (out / "metrics.json").write_text(json.dumps(result, indent=2))
+    write_json(out / "metrics.json", result)
     print(f"\n{'policy':<12} {'mean VADER':>16} {'win vs base':>12} {'KL (nats)':>10} {'length':>7}")
     for name, m in metrics.items():
         print(

@@ -23,8 +23,8 @@ method sees the same numbers); the error is the largest |gradient - reference| o
 per-list losses over the batch, the reference being the float64 loss of the same float32 numbers. "raw logcumsumexp" is
 logcumsumexp(s) - s without the shift by the row max (rlhf_ext's formula before the shift).
 
-    python benchmarks/plackett_luce_vs_listmle.py
-    python benchmarks/plackett_luce_vs_listmle.py --ks 4,8 --calls 200 --rounds 5
+    python -m benchmarks.plackett_luce_vs_listmle
+    python -m benchmarks.plackett_luce_vs_listmle --ks 4,8 --calls 200 --rounds 5
 """
 
 from __future__ import annotations
@@ -32,17 +32,11 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import sys
-import time
-from pathlib import Path
 
 import torch
 
-try:
-    import rlhf_ext as rx
-except ModuleNotFoundError:  # run from a checkout without `pip install -e .`
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    import rlhf_ext as rx
+import rlhf_ext as rx
+from benchmarks.harness import Clock, median_lap
 
 PADDED_LABEL = -1.0  # allRank's PADDED_Y_VALUE
 LISTMLE_EPS = 1e-10  # allRank's DEFAULT_EPS
@@ -105,13 +99,13 @@ def grad_of(loss_fn, scores: torch.Tensor) -> torch.Tensor:
 
 def time_fwd_bwd(loss_fn, scores: torch.Tensor, calls: int) -> float:
     """Median seconds of one forward + backward over `calls` calls."""
-    times = []
+    laps = []
     for _ in range(calls):
         s = scores.detach().requires_grad_(True)
-        start = time.perf_counter()
+        clock = Clock(cpu=False)
         loss_fn(s).backward()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+        laps.append(clock.lap())
+    return median_lap(laps).wall_s
 
 
 def methods_for(K: int, batch: int, padded: bool, g: torch.Generator) -> tuple[torch.Tensor, dict]:

@@ -32,18 +32,17 @@ import gc
 import json
 import logging
 import math
-import time
 from pathlib import Path
 
 import yaml
 
+from benchmarks.harness import REPO, Clock, write_json
 from benchmarks.online_kway_demo import load_demo_module
 from demo.evaluation import BASE, PolicySamples, policy_metrics, sample_policy
 from demo.generation import load_model_and_tokenizer
 from demo.prompts import as_conversation, demo_split
 from demo.smollm2 import smollm2_path
 
-ROOT = Path(__file__).resolve().parents[1]
 logger = logging.getLogger("ppo_critic_demo")
 
 # The critic options: the value head starts at the first rollout's mean score, the critic learns at 2.5x the
@@ -83,9 +82,9 @@ def train_setting(demo, cfg, demo_dir: Path, out: Path, overrides: dict, max_ste
     if max_steps is not None:
         args["max_steps"] = max_steps
     out.mkdir(parents=True, exist_ok=True)
-    start = time.time()
+    clock = Clock(cpu=False)
     log_history = demo.run_recipe("ppo", args, out)
-    seconds = time.time() - start
+    seconds = clock.lap().wall_s
     curves = {key: series(log_history, key) for key in ROLLOUT_KEYS + STEP_KEYS}
     return {
         "adapter_dir": demo.summarize_policy(out, log_history)["adapter_dir"],
@@ -133,6 +132,16 @@ def summary_row(name: str, result: dict) -> dict:
         **held_out,
         "train_min": result["train_seconds"] / 60,
     }
+
+
+def write_results(path: Path, base: dict, n_heldout_prompts: int, results: dict[str, dict]) -> list[dict]:
+    """Write the base's metrics and every setting so far, with the table's rows, to `path`; the rows."""
+    import torch
+
+    rows = [summary_row(n, r) for n, r in results.items()]
+    write_json(path, {"base": base, "n_heldout_prompts": n_heldout_prompts, "torch_threads": torch.get_num_threads(),
+                      "table": rows, "settings": results}, indent=1)  # fmt: skip
+    return rows
 
 
 def print_table(base: dict, rows: list[dict]) -> None:
@@ -190,7 +199,7 @@ def plot_explained_variance(results: dict[str, dict], path: Path) -> Path:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--demo_dir", default="outputs/demo", help="output_dir of a finished `make demo`")
-    parser.add_argument("--config", default=str(ROOT / "recipes" / "configs" / "demo.yaml"), help="the demo's YAML")
+    parser.add_argument("--config", default=str(REPO / "recipes" / "configs" / "demo.yaml"), help="the demo's YAML")
     parser.add_argument("--output_dir", default="outputs/ppo_critic_demo")
     default = [name for name in SETTINGS if name != "lam1.0"]
     parser.add_argument("--settings", nargs="+", default=default, choices=list(SETTINGS), metavar="NAME",
@@ -226,7 +235,7 @@ def main() -> None:
     conversations = [as_conversation(p, cfg.system_prompt) for p in split.heldout][: args.eval_prompts]
     eval_kwargs = dict(n_samples=cfg.eval_samples, sampling=cfg.sampling(), batch_size=cfg.sample_batch_size,
                        seed=cfg.seed)  # fmt: skip
-    start = time.time()
+    clock = Clock(cpu=False)
     base_model, tokenizer = load_model_and_tokenizer(base_path)
     demo_samples = demo_dir / "eval" / "samples.json"
     if demo_samples.is_file() and not args.sample_base and args.eval_prompts is None:
@@ -237,7 +246,7 @@ def main() -> None:
     else:
         base_samples = sample_policy(BASE, base_model, base_model, tokenizer, conversations, **eval_kwargs)
     base = policy_metrics(base_samples, base_samples).as_dict()
-    logger.info("base: %s (%.1f min)", base, (time.time() - start) / 60)
+    logger.info("base: %s (%.1f min)", base, clock.lap().wall_s / 60)
 
     results: dict[str, dict] = {}
     for name in args.settings:
@@ -260,29 +269,20 @@ def main() -> None:
             # The demo's stage 5 evaluated this very adapter against these base samples.
             result["heldout"] = json.loads(demo_metrics.read_text())["policies"]["ppo"]
             result["eval_seconds"] = 0.0
-            metrics_path.write_text(json.dumps(result, indent=1))
+            write_json(metrics_path, result, indent=1)
             results[name] = result
             continue
-        start = time.time()
+        clock = Clock(cpu=False)
         policy, _ = load_model_and_tokenizer(base_path, result["adapter_dir"])
         samples = sample_policy(name, policy, base_model, tokenizer, conversations, **eval_kwargs)
         del policy
         result["heldout"] = policy_metrics(samples, base_samples).as_dict()
-        result["eval_seconds"] = time.time() - start
+        result["eval_seconds"] = clock.lap().wall_s
         (setting_dir / "samples.json").write_text(json.dumps(dataclasses.asdict(samples), ensure_ascii=False))
-        metrics_path.write_text(json.dumps(result, indent=1))
+        write_json(metrics_path, result, indent=1)
         results[name] = result
-        rows = [summary_row(n, r) for n, r in results.items()]
-        (out / "results.json").write_text(json.dumps(
-            {"base": base, "n_heldout_prompts": len(conversations), "torch_threads": torch.get_num_threads(),
-             "table": rows, "settings": results}, indent=1,
-        ))  # fmt: skip
-        print_table(base, rows)
-    rows = [summary_row(n, r) for n, r in results.items()]
-    (out / "results.json").write_text(json.dumps(
-        {"base": base, "n_heldout_prompts": len(conversations), "torch_threads": torch.get_num_threads(),
-         "table": rows, "settings": results}, indent=1,
-    ))  # fmt: skip
+        print_table(base, write_results(out / "results.json", base, len(conversations), results))
+    rows = write_results(out / "results.json", base, len(conversations), results)
     plot_explained_variance(results, out / "explained_variance.png")
     print_table(base, rows)
 

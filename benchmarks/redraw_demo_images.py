@@ -1,6 +1,6 @@
 """Redraw docs/images/demo_{ppo,comparison}.png with the current plotting code, from data the repository keeps.
 
-- demo_ppo.png: the demo run's PPO curves, as `benchmarks/ppo_critic_demo.py` saved them (setting "demo" of
+- demo_ppo.png: the demo run's PPO curves, as `python -m benchmarks.ppo_critic_demo` saved them (setting "demo" of
   `benchmarks/results/ppo_critic_demo.json`: the `ppo/log_history.json` of the run in docs/demo-report.md).
 - demo_comparison.png: the held-out table of docs/demo-report.md (three decimals), with that run's length cap.
 
@@ -13,12 +13,11 @@ from __future__ import annotations
 
 import json
 import re
-from pathlib import Path
 
+from benchmarks.harness import REPO, RESULTS_DIR
 from demo.labels import POLICY_LABELS
 from demo.plots import plot_comparison, plot_ppo_curves
 
-ROOT = Path(__file__).resolve().parents[1]
 MAX_NEW_TOKENS = 32  # recipes/configs/demo.yaml's, the cap of that run's held-out samples
 ROW = re.compile(r"^\| (?P<label>[^|]+) \| (?P<vader>[\d.]+) ± (?P<err>[\d.]+) \| (?P<win>[\d.]+) \| (?P<kl>[\d.]+) \| "
                  r"(?P<length>[\d.]+) \|$")  # fmt: skip
@@ -46,10 +45,10 @@ def policies_from_report(text: str) -> dict[str, dict[str, float]]:
 
 
 def main() -> None:
-    images = ROOT / "docs" / "images"
-    results = json.loads((ROOT / "benchmarks" / "results" / "ppo_critic_demo.json").read_text())
+    images = REPO / "docs" / "images"
+    results = json.loads((RESULTS_DIR / "ppo_critic_demo.json").read_text())
     print(plot_ppo_curves(log_history_from_curves(results["settings"]["demo"]["curves"]), images / "demo_ppo.png"))
-    policies = policies_from_report((ROOT / "docs" / "demo-report.md").read_text())
+    policies = policies_from_report((REPO / "docs" / "demo-report.md").read_text())
     assert list(policies) == ["base", "ppo", "dpo"], policies
     print(plot_comparison(policies, images / "demo_comparison.png", max_new_tokens=MAX_NEW_TOKENS))
 
