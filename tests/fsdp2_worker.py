@@ -8,7 +8,8 @@ the policy adapter, the value adapter and the value head.
 
 Writes `weights.safetensors` (every trainable weight, whole) and the policy and value role folders (saved by the
 main process from a gathered state dict, as PPOTrainer._save does) to `--output_dir`, and prints `RLHF_EXT_OK {json}`
-with every process's checksums.
+with every process's checksums. It imports rlhf_ext from the repository root, which tests/test_distributed.py puts on
+its PYTHONPATH.
 """
 
 from __future__ import annotations
@@ -16,18 +17,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import zlib
-from pathlib import Path
 
 import torch
 import torch.distributed as dist
 from safetensors.torch import save_file
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from rlhf_ext.distributed import full_tensor, fully_shard_shared_base, parameters_from_state_dict  # noqa: E402
-from rlhf_ext.models import SharedBase, SharedBaseArguments  # noqa: E402
+from rlhf_ext.distributed import full_tensor, fully_shard_shared_base, parameters_from_state_dict
+from rlhf_ext.models import SharedBase, SharedBaseArguments
 
 MARKER = "RLHF_EXT_OK"
 VOCAB, SEQ, GLOBAL_BATCH = 101, 10, 4

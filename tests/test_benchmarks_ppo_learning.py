@@ -2,20 +2,13 @@
 scoring of token ids that both trainers share (no training here)."""
 
 import math
-from pathlib import Path
 
 import pytest
 import torch
-from scripts import load_script
 from transformers import LlamaForSequenceClassification
 
+from benchmarks import ppo_learning as m
 from rlhf_ext.testing import tiny_llama_config
-
-REPO = Path(__file__).resolve().parents[1]
-
-
-def load_ppo_learning():
-    return load_script("benchmarks/ppo_learning.py", "ppo_learning")
 
 
 def run(variant, seed, reward, kl=None, ev=None):
@@ -24,14 +17,12 @@ def run(variant, seed, reward, kl=None, ev=None):
 
 
 def test_spread_is_mean_min_max_of_the_finite_values():
-    m = load_ppo_learning()
     assert m.spread([1.0, 2.0, 6.0]) == (3.0, 1.0, 6.0)
     assert m.spread([1.0, math.nan, 3.0]) == (2.0, 1.0, 3.0)
     assert all(math.isnan(x) for x in m.spread([math.nan]))
 
 
 def test_summary_within_and_overlap_per_update():
-    m = load_ppo_learning()
     runs = [run("trl", 0, [0.1, 0.2]), run("trl", 1, [0.2, 0.4]), run("trl", 2, [0.3, 0.3]),
             run("separate", 0, [0.15, 0.5]), run("separate", 1, [0.25, 0.7])]  # fmt: skip
     summary = m.summarize(runs, ["trl", "separate"])
@@ -46,7 +37,6 @@ def test_summary_within_and_overlap_per_update():
 
 
 def test_explained_variance_over_the_mask():
-    m = load_ppo_learning()
     returns = torch.tensor([[1.0, 2.0, 9.0], [3.0, 4.0, -9.0]])
     mask = torch.tensor([[True, True, False], [True, True, False]])
     assert m.explained_variance(returns, returns.clone(), mask) == 1.0
@@ -56,7 +46,6 @@ def test_explained_variance_over_the_mask():
 
 
 def test_score_token_ids_is_the_classifier_score_at_the_last_token():
-    m = load_ppo_learning()
     torch.manual_seed(0)
     model = LlamaForSequenceClassification(tiny_llama_config(num_labels=1)).eval()
     sequences = [[5, 6, 7, 2], [8, 9], [10, 11, 12]]
@@ -67,7 +56,6 @@ def test_score_token_ids_is_the_classifier_score_at_the_last_token():
 
 
 def test_token_reward_scores_prompt_plus_completion_ids():
-    m = load_ppo_learning()
     from rlhf_ext.testing import tiny_tokenizer
 
     torch.manual_seed(0)
@@ -82,13 +70,11 @@ def test_token_reward_scores_prompt_plus_completion_ids():
 
 
 def test_every_variant_has_a_trainer_and_the_default_set_starts_with_trl():
-    m = load_ppo_learning()
     assert m.DEFAULT_VARIANTS[0] == "trl"
     assert all(m.VARIANTS[v].trainer in ("trl", "rlhf_ext") for v in m.VARIANTS)
 
 
 def test_value_embedding_variants_build_the_option_and_set_the_value_learning_rate():
-    m = load_ppo_learning()
     for name in ("shared_lora_vemb", "shared_lora_vemb_vlr3", "shared_lora_head_vemb"):
         assert m.VARIANTS[name].shared["value_lora_embeddings"] is True
     assert m.VARIANTS["shared_lora_vemb"].value_learning_rate is None
@@ -99,7 +85,6 @@ def test_value_embedding_variants_build_the_option_and_set_the_value_learning_ra
 
 
 def test_seed_average_gap_compares_per_seed_averages():
-    m = load_ppo_learning()
     runs = [run("trl", 0, [0.0, 0.2]), run("trl", 1, [0.2, 0.4]), run("separate", 0, [0.2, 0.4]),
             run("separate", 1, [0.4, 0.6])]  # fmt: skip
     gap = m.seed_average_gap(runs, "separate", "trl")
@@ -113,7 +98,6 @@ def test_models_are_built_after_seeding_so_runs_reproduce(tmp_path, variant):
     # seed first, two runs with the same seed start from different adapters (issue 22 item 5).
     from rlhf_ext.testing import save_tiny_model
 
-    m = load_ppo_learning()
     save_tiny_model(tmp_path / "policy", seed=0, hidden_size=64)
     settings = m.Settings()
 
@@ -131,7 +115,6 @@ def test_models_are_built_after_seeding_so_runs_reproduce(tmp_path, variant):
 
 
 def test_score_at_kl_interpolates_at_the_first_crossing():
-    m = load_ppo_learning()
     assert m.score_at_kl([0.1, 0.2, 0.4], [0.0, 0.1, 0.3], 0.2) == pytest.approx(0.3)  # halfway from 0.1 to 0.3
     assert m.score_at_kl([0.1, 0.2, 0.4], [0.0, 0.6, 0.1], 0.5) == pytest.approx(0.1 + 0.1 * 5 / 6)
     assert math.isnan(m.score_at_kl([0.1, 0.2], [0.0, 0.1], 0.5))

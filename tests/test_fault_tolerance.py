@@ -400,7 +400,6 @@ import os, signal, sys
 import torch
 from datasets import Dataset
 from peft import LoraConfig, get_peft_model
-sys.path.insert(0, "tests")
 from kway_records import LISTS
 from rlhf_ext.testing import tiny_causal_lm, tiny_tokenizer
 from rlhf_ext.trainers import PlackettLuceDPOConfig, PlackettLuceDPOTrainer
@@ -425,7 +424,9 @@ trainer.train()
 
 def test_a_real_sigkill_while_saving_leaves_the_last_checkpoint_resumable(tmp_path, rlhf_logs):
     out = tmp_path / "out"
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1]), "OMP_NUM_THREADS": "1"}
+    # the repository root for rlhf_ext, tests/ for kway_records
+    python_path = os.pathsep.join([str(Path(__file__).parents[1]), str(Path(__file__).parent)])
+    env = {**os.environ, "PYTHONPATH": python_path, "OMP_NUM_THREADS": "1"}
     child = subprocess.run([sys.executable, "-c", KILLED_WHILE_SAVING, str(out)], cwd=Path(__file__).parents[1],
                            env=env, capture_output=True, text=True, timeout=300)  # fmt: skip
     assert child.returncode == -signal.SIGKILL, child.stderr[-3000:]
