@@ -54,7 +54,7 @@ FUSED_HEAD_TOKENS, FUSED_HEAD_VOCAB = 4096, 32768
 # softmax, gradient ...): 7 measured, from the 135M K-way DPO step's backward peak (0.77 GiB over 0.104 GiB tiles).
 FUSED_HEAD_TILE_BUFFERS = {"cuda": 2, "cpu": 7}
 # Resident set of a process that imported torch, transformers, peft, accelerate and TRL
-# and training a model of 0.3 MB (measured: `benchmarks/real_size.py --size tiny` peaks at 0.55 GiB)
+# and training a model of 0.3 MB (measured: `python -m benchmarks.real_size --size tiny` peaks at 0.55 GiB)
 CPU_RUNTIME_BYTES = int(0.55 * GIB)
 ADAMW_MOMENTS = 2
 
