@@ -197,8 +197,10 @@ def _online_kway(args, run: dict) -> dict:
         "samples K completions per prompt, the reward ranks them, and the adapter learns the ranking; the base "
         "itself is the reference.",
         method=f"Online K-way Plackett-Luce DPO, K = {args.num_generations} completions per prompt ranked by the "
-        f"reward (beta {args.dpo_beta}, top_m {args.top_m})",
-        fields=RUN_FIELDS + SAMPLING_FIELDS + ["dpo_beta", "top_m", "length_normalization"], layout=POLICY_LAYOUT,
+        f"reward (beta {args.dpo_beta}, top_m {args.top_m}"
+        + (f", robust with rho {args.robust_rho}" if args.robust_rho else "") + ")",
+        fields=RUN_FIELDS + SAMPLING_FIELDS + ["dpo_beta", "robust_rho", "top_m", "length_normalization"],
+        layout=POLICY_LAYOUT,
         usage=PEFT_USAGE, headline=("loss", "rewards/accuracies", "reward", "objective/kl", "eval_loss"),
     )
 

@@ -1,6 +1,7 @@
 """OnlinePlackettLuceTrainer on tiny models: the ranking, the loss it optimises (K-way and K=2), what trains,
 learning, checkpoints and resume, gradient checkpointing, bad rewards, metrics, and the recipe."""
 
+import itertools
 import json
 import math
 import os
@@ -16,7 +17,7 @@ from safetensors.torch import load_file
 from scripts import load_recipe
 
 from rlhf_ext.models import SharedBase, SharedBaseArguments, save_adapter_with_head
-from rlhf_ext.ops import dpo_plackett_luce_loss
+from rlhf_ext.ops import dpo_plackett_luce_loss, plackett_luce_loss
 from rlhf_ext.testing import StopAfter, fraction_of_a, randomize_lora, save_tiny_model, tiny_causal_lm
 from rlhf_ext.trainers import SharedBaseReward
 from rlhf_ext.trainers.kway.online import OnlinePlackettLuceConfig, OnlinePlackettLuceTrainer, rank_groups
@@ -140,6 +141,30 @@ def test_loss_optimised_equals_dpo_plackett_luce_loss_of_the_reward_ranking(
     expected = dpo_plackett_luce_loss(policy, reference, beta=args.dpo_beta).mean()
     loss = trainer._compute_loss(trainer.model, batch)
     torch.testing.assert_close(loss, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_robust_rho_optimises_the_mixture_with_the_worst_order_of_the_implicit_rewards(
+    tmp_path, reward_folder, left_tokenizer
+):
+    shared = make_shared(reward_folder)
+    args = config(tmp_path, gradient_checkpointing=False, robust_rho=0.3)
+    trainer = OnlinePlackettLuceTrainer(shared, args=args, train_dataset=prompts(), processing_class=left_tokenizer)
+    batch = rollout(trainer)
+    _, policy, reference = independent_terms(shared, left_tokenizer, batch)
+    implicit = args.dpo_beta * (policy - reference)
+    worst = [
+        max(plackett_luce_loss(row[list(order)][None]).item() for order in itertools.permutations(range(4)))
+        for row in implicit
+    ]
+    expected = (0.7 * plackett_luce_loss(implicit) + 0.3 * torch.tensor(worst)).mean()
+    loss = trainer._compute_loss(trainer.model, batch)
+    torch.testing.assert_close(loss, expected.to(loss.dtype), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("rho", [-0.1, 1.0])
+def test_robust_rho_outside_zero_one_is_refused(tmp_path, rho):
+    with pytest.raises(ValueError, match="robust_rho"):
+        config(tmp_path, robust_rho=rho)
 
 
 def test_at_k2_the_loss_is_the_sigmoid_dpo_loss_of_better_and_worse(tmp_path, reward_folder, left_tokenizer):

@@ -212,3 +212,57 @@ def test_non_finite_real_scores_are_errors_anywhere():
             rx.plackett_luce_loss(torch.tensor([[0.0, bad, 1.0]]))
         with pytest.raises(ValueError, match=r"non-finite value .*inf at index \(1, 2\)"):
             rx.plackett_luce_loss(torch.tensor([[0.0, 1.0, 2.0], [0.0, 1.0, bad]]), torch.ones(2, 3, dtype=torch.bool))
+
+
+# ----------------------------------------------------------------------------- robust Plackett-Luce (arXiv 2607.01715)
+
+
+def worst_permutation_loss(scores, length, top_m=None):
+    """max over every order of the first `length` items of their PL loss, by enumeration (K! orders)."""
+    return max(brute_force_pl_nll([scores[i] for i in order], top_m) for order in itertools.permutations(range(length)))
+
+
+@pytest.mark.parametrize("top_m", [None, 2])
+def test_worst_ranking_is_the_order_with_the_largest_loss_among_all_orders(top_m):
+    torch.manual_seed(3)
+    scores = torch.randn(5, 4, dtype=torch.float64) * 2
+    lengths = [4, 3, 4, 2, 4]
+    mask = torch.arange(4)[None, :] < torch.tensor(lengths)[:, None]
+    order = rx.worst_ranking(scores, mask)
+    worst = rx.plackett_luce_loss(scores.gather(1, order), mask=mask, top_m=top_m)
+    expected = [worst_permutation_loss(row.tolist(), n, top_m) for row, n in zip(scores, lengths)]
+    torch.testing.assert_close(worst, torch.tensor(expected, dtype=torch.float64))
+    assert (order[~mask] >= torch.tensor(lengths)[:, None].expand(-1, 4)[~mask]).all()  # padding stays last
+
+
+@pytest.mark.parametrize("rho", [0.0, 0.25, 0.9])
+def test_robust_loss_and_gradient_are_the_mixture_with_the_enumerated_worst_order(rho):
+    torch.manual_seed(4)
+    scores = (torch.randn(6, 4, dtype=torch.float64) * 2).requires_grad_()
+    loss = rx.robust_plackett_luce_loss(scores, rho)
+    nominal = [brute_force_pl_nll(row.tolist()) for row in scores]
+    worst = [worst_permutation_loss(row.tolist(), 4) for row in scores]
+    expected = [(1 - rho) * n + rho * w for n, w in zip(nominal, worst)]
+    torch.testing.assert_close(loss, torch.tensor(expected, dtype=torch.float64))
+    # Danskin: the gradient of max over orders is the gradient at the maximising order (found here by enumeration)
+    (grad,) = torch.autograd.grad(loss.sum(), scores)
+    expected_grad = torch.zeros_like(scores)
+    for b, row in enumerate(scores.detach()):
+        best = max(itertools.permutations(range(4)), key=lambda o: brute_force_pl_nll([row[i].item() for i in o]))
+        leaf = row.clone().requires_grad_()
+        mixed = (1 - rho) * rx.plackett_luce_loss(leaf[None]) + rho * rx.plackett_luce_loss(leaf[list(best)][None])
+        (expected_grad[b],) = torch.autograd.grad(mixed.sum(), leaf)
+    torch.testing.assert_close(grad, expected_grad)
+
+
+def test_robust_dpo_loss_at_rho_zero_is_the_plain_loss_and_rho_is_range_checked():
+    torch.manual_seed(5)
+    policy, ref = torch.randn(3, 4), torch.randn(3, 4)
+    torch.testing.assert_close(
+        rx.dpo_plackett_luce_loss(policy, ref, beta=0.5, robust_rho=0.0), rx.dpo_plackett_luce_loss(policy, ref, 0.5)
+    )
+    robust = rx.dpo_plackett_luce_loss(policy, ref, 0.5, robust_rho=0.5)
+    assert not torch.allclose(robust, rx.dpo_plackett_luce_loss(policy, ref, 0.5))
+    for rho in (-0.1, 1.0):
+        with pytest.raises(ValueError, match=r"rho must be in \[0, 1\)"):
+            rx.robust_plackett_luce_loss(policy, rho)

@@ -7,6 +7,8 @@ from .plackett_luce import (
     dpo_plackett_luce_loss,
     plackett_luce_loss,
     reverse_logcumsumexp,
+    robust_plackett_luce_loss,
+    worst_ranking,
 )
 from .ppo_loss import (
     PPOLossOutput,
@@ -39,5 +41,7 @@ __all__ = [
     "clipped_value_loss",
     "plackett_luce_loss",
     "dpo_plackett_luce_loss",
+    "robust_plackett_luce_loss",
+    "worst_ranking",
     "reverse_logcumsumexp",
 ]

@@ -169,12 +169,55 @@ def plackett_luce_loss(
     return terms.sum(dim=1).to(scores.dtype)
 
 
+def worst_ranking(scores: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """[B, K] indices that order each row's real items by ascending score (worst first for the model), padding last.
+
+    Under the current scores this is the ranking with the largest Plackett-Luce loss (Wu et al. 2026, arXiv
+    2607.01715, Theorem 1): each factor exp(s_k) / sum_{j>=k} exp(s_j) is smallest when the lowest remaining score
+    is placed first. The sort is on detached scores: a ranking is a label, not a function to differentiate.
+    """
+    key = scores.detach().to(torch.promote_types(scores.dtype, torch.float32))
+    if mask is not None:
+        key = key.masked_fill(~mask.bool(), float("inf"))  # padding sorts after every real item
+    return key.argsort(dim=1, stable=True)
+
+
+def robust_plackett_luce_loss(
+    scores: torch.Tensor,
+    rho: float,
+    mask: torch.Tensor | None = None,
+    top_m: int | torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Total-variation robust Plackett-Luce loss (Wu et al. 2026, arXiv 2607.01715, Lemma 1), one value per list.
+
+        loss_b = (1 - rho) * PL(s_b in the observed order) + rho * PL(s_b in its worst order)
+
+    with the worst order = ascending current scores (`worst_ranking`). It is the loss of the worst ranking label
+    within total-variation distance rho of the observed one, so a ranking the model already agrees with costs
+    little while confidently separated scores are pulled back together: a guard against a noisy ranker (a reward
+    model's near-ties, label noise) being fitted with ever-larger implicit reward gaps. rho = 0 is
+    `plackett_luce_loss`.
+
+    Args:
+        scores, mask, top_m: as in `plackett_luce_loss` (the worst order is modelled to the same depth).
+        rho: the radius of the ambiguity set, in [0, 1).
+    """
+    if not 0.0 <= rho < 1.0:
+        raise ValueError(f"rho must be in [0, 1), got {rho}")
+    nominal = plackett_luce_loss(scores, mask=mask, top_m=top_m)
+    if rho == 0.0:
+        return nominal
+    worst = scores.gather(1, worst_ranking(scores, mask))
+    return (1.0 - rho) * nominal + rho * plackett_luce_loss(worst, mask=mask, top_m=top_m)
+
+
 def dpo_plackett_luce_loss(
     policy_logps: torch.Tensor,
     ref_logps: torch.Tensor,
     beta: float = 0.1,
     mask: torch.Tensor | None = None,
     top_m: int | torch.Tensor | None = None,
+    robust_rho: float = 0.0,
 ) -> torch.Tensor:
     """K-way DPO loss: Plackett-Luce on implicit rewards (seed 5.2, the final L_DPO for K > 2).
 
@@ -186,9 +229,11 @@ def dpo_plackett_luce_loss(
         policy_logps, ref_logps: [B, K] summed completion log-probs, each row ordered best first.
         beta: inverse temperature of the implicit reward.
         mask, top_m: as in `plackett_luce_loss`.
+        robust_rho: 0 (default) for the plain loss; in (0, 1) for `robust_plackett_luce_loss` of the implicit
+            rewards.
 
     Returns:
         [B] loss per list.
     """
     check_same_shape(policy_logps=policy_logps, ref_logps=ref_logps)
-    return plackett_luce_loss(beta * (policy_logps - ref_logps), mask=mask, top_m=top_m)
+    return robust_plackett_luce_loss(beta * (policy_logps - ref_logps), robust_rho, mask=mask, top_m=top_m)

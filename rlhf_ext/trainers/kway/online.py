@@ -60,6 +60,7 @@ from ...models import SharedBase
 from ...ops import dpo_plackett_luce_loss
 from ..checkpointing_name import ActivationCheckpointingByDefault
 from ..config_checks import (
+    CLOSED_OPEN_UNIT,
     COMMON_RULES,
     COUNT,
     DPO_BETA_WHY,
@@ -125,6 +126,7 @@ GROUP_FIELDS = ("ref_logps", "item_mask", "depth")
 ONLINE_RULES = {
     **COMMON_RULES,
     "dpo_beta": POSITIVE,
+    "robust_rho": CLOSED_OPEN_UNIT,
     "top_m": COUNT.or_none(),
     "max_completion_length": COUNT.or_none(),
     "temperature": POSITIVE,
@@ -147,6 +149,15 @@ class OnlinePlackettLuceConfig(NoStoredHubToken, ActivationCheckpointingByDefaul
     dpo_beta: float = field(
         default=0.1,
         metadata={"help": "DPO's beta: implicit reward s = dpo_beta * (log pi - log pi_ref), summed over tokens."},
+    )
+    robust_rho: float = field(
+        default=0.0,
+        metadata={
+            "help": "Radius of the total-variation robust Plackett-Luce loss (Wu et al. 2026): (1 - rho) x the loss "
+            "of the reward's ranking + rho x the loss of the worst ranking under the current implicit rewards "
+            "(ascending order). It keeps the policy from fitting a noisy reward's ranking with ever-wider implicit "
+            "reward gaps; 0 is the plain loss."
+        },
     )
     top_m: int | None = field(default=None, metadata={"help": TOP_M_HELP})
     length_normalization: bool = field(
@@ -226,11 +237,17 @@ def rank_groups(
 
 
 def group_dpo_loss(
-    policy_logps: torch.Tensor, ref_logps: torch.Tensor, item_mask: torch.Tensor, depth: torch.Tensor, beta: float
+    policy_logps: torch.Tensor,
+    ref_logps: torch.Tensor,
+    item_mask: torch.Tensor,
+    depth: torch.Tensor,
+    beta: float,
+    robust_rho: float = 0.0,
 ) -> torch.Tensor:
     """Plackett-Luce DPO loss of each ranked group [G] (0 for a group with fewer than 2 scored completions).
 
-    policy_logps, ref_logps [G, K] in ranked order; item_mask, depth as `rank_groups` returns them. The zero of a
+    policy_logps, ref_logps [G, K] in ranked order; item_mask, depth as `rank_groups` returns them; robust_rho > 0
+    gives the robust loss (`rlhf_ext.ops.robust_plackett_luce_loss`). The zero of a
     skipped group keeps the graph (0 * log-probs), so every process backpropagates through its forward, as DDP needs.
     """
     losses = 0.0 * policy_logps.sum(dim=1)
@@ -238,7 +255,8 @@ def group_dpo_loss(
     if rankable.any():
         rows = rankable.nonzero().squeeze(1)
         ranked = dpo_plackett_luce_loss(
-            policy_logps[rows], ref_logps[rows], beta=beta, mask=item_mask[rows], top_m=depth[rows]
+            policy_logps[rows], ref_logps[rows], beta=beta, mask=item_mask[rows], top_m=depth[rows],
+            robust_rho=robust_rho,
         )
         losses = losses.index_put((rows,), ranked)
     return losses
@@ -396,7 +414,9 @@ class OnlinePlackettLuceTrainer(SharedBaseGRPOTrainer):
             lengths = mask.sum(dim=1).view(num_groups, k).clamp(min=1)  # an empty completion stays finite
             policy_logps, ref_logps = policy_logps / lengths, ref_logps / lengths
         item_mask, depth = inputs["item_mask"], inputs["depth"]
-        loss = group_dpo_loss(policy_logps, ref_logps, item_mask, depth, self.args.dpo_beta).mean()
+        loss = group_dpo_loss(
+            policy_logps, ref_logps, item_mask, depth, self.args.dpo_beta, self.args.robust_rho
+        ).mean()
         mode = "train" if self.model.training else "eval"
         self._log_update(mode, policy_logps.detach(), ref_logps, item_mask, depth, kl)
         # As GRPO: Trainer's gradient-accumulation scaling is off for this trainer, so the loss scales itself.
