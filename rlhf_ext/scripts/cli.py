@@ -2,6 +2,7 @@
 
     rlhf-ext ppo --config recipes/configs/ppo.yaml --reward_adapter_path out/reward
     rlhf-ext dpo --help
+    rlhf-ext frontier --reference BASE --policies ppo=out/ppo --prompts heldout.jsonl --proxy out/reward --gold m:f
 
 It runs the recipe in this process (one GPU or the CPU). On several GPUs launch the module with accelerate instead:
 `accelerate launch --config_file recipes/accelerate_configs/ddp.yaml -m rlhf_ext.scripts.ppo --config ...`.
@@ -17,6 +18,7 @@ COMMANDS = {
     "online_kway": "online K-way DPO: K sampled completions ranked by a reward",
     "dpo": "K-way (Plackett-Luce) DPO on ranked completions",
     "reward": "K-way (Plackett-Luce) reward model on ranked completions",
+    "frontier": "gold and proxy reward against KL to the reference, for a run's policies (no training)",
 }
 
 
@@ -25,13 +27,14 @@ def usage() -> str:
     width = max(map(len, COMMANDS))
     lines = [f"  {name:<{width}}  {what}" for name, what in COMMANDS.items()]
     return (
-        "usage: rlhf-ext {" + ",".join(COMMANDS) + "} --config FILE.yaml [--FLAG VALUE ...]\n\n"
+        "usage: rlhf-ext {" + ",".join(COMMANDS) + "} [--config FILE.yaml] [--FLAG VALUE ...]\n\n"
         "commands:\n" + "\n".join(lines) + "\n\n`rlhf-ext <command> --help` lists a command's flags.\n"
     )
 
 
 def run(command: str, argv: list[str] | None = None):
-    """Parse `argv` (default: the command line) with the recipe's parser and run it; returns its trainer."""
+    """Parse `argv` (default: the command line) with the recipe's parser and run it; returns its trainer (the
+    report, for frontier)."""
     recipe = import_module(f"rlhf_ext.scripts.{command}")
     return recipe.main(*recipe.make_parser().parse_args_and_config(argv))
 
