@@ -156,3 +156,15 @@ def test_trl_splits_and_shuffles_the_buffered_batch_along_its_first_dimension():
     assert [h["x"].tolist() for h in halves] == [groups[:2].tolist(), groups[2:].tolist()], VERSIONS
     shuffled = trl_utils.shuffle_sequence_dict({"x": groups})["x"]
     assert sorted(shuffled.tolist()) == sorted(groups.tolist()), f"rows were split or mixed ({VERSIONS})"
+
+
+def test_dpo_reference_pass_and_fused_head_are_what_the_shared_prompt_layout_reuses():
+    """With `shared_prompt`, PL-DPO runs its reference pass in DPOTrainer.compute_ref_log_probs' context
+    (`rlhf_ext.trainers.kway.common.reference_forward`: that method sums whole rows, and a shared row holds K
+    completions) and gives the fused LM head pre-shifted labels (`shift_labels`)."""
+    source = inspect.getsource(DPOTrainer.compute_ref_log_probs)
+    for piece in ("torch.no_grad()", "disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kw",
+                  "use_adapter(", 'adapter_name="ref" if "ref" in', "self.accelerator.autocast()",
+                  "self.ref_model is None and is_peft_model(self.model)"):
+        assert piece in source, f"DPOTrainer.compute_ref_log_probs changed its context ({VERSIONS}): {piece}"
+    assert "shift_labels" in inspect.getsource(trl_utils.add_fused_lm_head), VERSIONS

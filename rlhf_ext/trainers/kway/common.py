@@ -4,18 +4,22 @@ ranking metrics."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from accelerate.utils import is_peft_model
 from datasets import IterableDataset
 from transformers import AutoTokenizer, TrainerCallback
-from trl.trainer.utils import get_config_model_id, global_then_local_main_first
+from trl.models.utils import disable_gradient_checkpointing
+from trl.trainer.utils import get_config_model_id, global_then_local_main_first, use_adapter
 
 from ...data import TIE_POLICIES, DataCollatorForRankedPreference, StreamCounts, prepare_ranked_dataset
 from ...data.prepare import check_not_empty
 from ...data.ranked import check_field_mapping
+from ...models.shared_prompt import SharedPromptBatch, shared_prompt_blocker
 from ..checkpointing_name import ActivationCheckpointingByDefault
 from ..config_checks import COMMON_RULES, COUNT, check_fields, warn_if_warmup_outlasts_run
 from ..hub_token import NoStoredHubToken
@@ -28,6 +32,13 @@ TIE_POLICY_HELP = (
     "log-likelihood of the order the scores determine; all items still compete in each denominator). 'error': "
     "raise a ValueError naming the record."
 )
+SHARED_PROMPT_HELP = (
+    "Compute each prompt once: one row per list, [prompt | completion 1 | ... | completion K], each completion "
+    "attending to the prompt and to itself only (docs/kway.md, 'Each prompt computed once'); the loss, gradients and "
+    "metrics are those of the K separate rows. None: on wherever that is exact (a decoder with causal sdpa or eager "
+    "attention; see the docs), else off with one log line saying why. True: on, and a ValueError where it cannot be "
+    "exact. False: off."
+)
 TOP_M_HELP = (
     "Model only the first top_m places of each ranking (a partial ranking: the order among the rest is unknown). "
     "None models the full ranking."
@@ -36,7 +47,8 @@ TOP_M_HELP = (
 
 @dataclass
 class RankedDataArguments(NoStoredHubToken, ActivationCheckpointingByDefault):
-    """The fields both K-way configs add to TRL's: how much of each ranking is modelled, and how records are read.
+    """The fields both K-way configs add to TRL's: how much of each ranking is modelled, how records are read, and
+    whether each prompt is computed once (`shared_prompt`).
 
     A mixin: list it before the TRL config (`class C(RankedDataArguments, DPOConfig)`), so TRL's fields keep their
     positions (`C("out")` is still `output_dir="out"`) and `__post_init__` runs TRL's checks first.
@@ -63,6 +75,8 @@ class RankedDataArguments(NoStoredHubToken, ActivationCheckpointingByDefault):
         },
     )
 
+    shared_prompt: bool | None = field(default=None, metadata={"help": SHARED_PROMPT_HELP})
+
     def __post_init__(self):
         super().__post_init__()
         check_fields(self, {**COMMON_RULES, "top_m": COUNT.or_none(), "max_length": COUNT.or_none()})
@@ -70,6 +84,8 @@ class RankedDataArguments(NoStoredHubToken, ActivationCheckpointingByDefault):
         if self.tie_policy not in TIE_POLICIES:
             raise ValueError(f"tie_policy must be one of {TIE_POLICIES}, got {self.tie_policy!r}")
         check_field_mapping(self.prompt_key, self.completion_text_key, self.completion_score_key)
+        if self.shared_prompt not in (None, True, False):
+            raise ValueError(f"shared_prompt must be None (where exact), True or False, got {self.shared_prompt!r}")
 
 
 def check_datasets_not_empty(train_dataset, eval_dataset) -> None:
@@ -280,3 +296,67 @@ def ratio(numerator: torch.Tensor, denominator: torch.Tensor) -> float:
     """sum(numerator) / sum(denominator), 0 when nothing was counted."""
     den = denominator.sum().item()
     return numerator.sum().item() / den if den > 0 else 0.0
+
+
+class SharedPromptSwitch:
+    """Whether a K-way trainer computes each prompt once (`shared_prompt`, rlhf_ext/models/shared_prompt.py).
+
+    The model check runs at the first batch or at `decide` (the trainer calls it at the end of `__init__`; DPO's
+    reference precompute, inside TRL's `__init__`, may come first): None turns the layout off with one log line where
+    a model cannot run it exactly, True raises a ValueError there. Each batch is checked too (`layout_problem`: right
+    padded rows, one prompt per list); a batch that fails runs unshared (None, one log line for the run) or raises
+    (True). `pack` (not a config field, see the docs) puts every list of a batch in one row.
+    """
+
+    def __init__(self, setting: bool | None, *, scores: bool, pack: bool = False):
+        self.setting, self.scores, self.pack = setting, scores, pack
+        self.active: bool | None = None if setting is not False else False
+        self._logged_batch = False
+
+    def decide(self, trainer) -> bool:
+        """On or off for this trainer's models (policy, and a separate reference model), once."""
+        if self.active is None:
+            models = [trainer.model] + [m for m in [getattr(trainer, "ref_model", None)] if m is not None]
+            reason = next((r for m in models
+                           if (r := shared_prompt_blocker(m, max_length=trainer.args.max_length, scores=self.scores))),
+                          None)
+            if reason is not None and self.setting:
+                raise ValueError(f"shared_prompt=True, but computing each prompt once cannot be exact here: {reason}. "
+                                 "Set shared_prompt=None (on where exact) or False.")
+            if reason is not None:
+                logger.warning("shared_prompt: off (each prompt is computed once per completion): %s", reason)
+            self.active = reason is None
+        return self.active
+
+    def batch(self, inputs: dict, trainer) -> SharedPromptBatch | None:
+        """The batch as shared rows, or None to run it unshared."""
+        if not self.decide(trainer):
+            return None
+        problem = SharedPromptBatch.problem(inputs)
+        if problem is not None:
+            if self.setting:
+                raise ValueError(f"shared_prompt=True, but this batch cannot share its prompts: {problem}. Set "
+                                 "shared_prompt=None to run such batches unshared, or False.")
+            if not self._logged_batch:
+                logger.warning("shared_prompt: a batch runs unshared, and so will any other like it: %s", problem)
+                self._logged_batch = True
+            return None
+        return SharedPromptBatch.from_inputs(inputs, pack=self.pack, pad_to_multiple_of=trainer.args.pad_to_multiple_of)
+
+
+@contextlib.contextmanager
+def reference_forward(trainer):
+    """The context of DPOTrainer.compute_ref_log_probs (TRL 1.16) for a reference pass it cannot make itself (it sums
+    each row, and a shared row holds K completions): no gradient, the policy's checkpointing off, the peft adapter
+    off (or the "ref" adapter) when the reference is the policy's base, and accelerate's autocast."""
+    adapter = contextlib.nullcontext()
+    if trainer.ref_model is None and is_peft_model(trainer.model):
+        unwrapped = trainer.accelerator.unwrap_model(trainer.model)
+        adapter = use_adapter(unwrapped, adapter_name="ref" if "ref" in unwrapped.peft_config else None)
+    with (
+        torch.no_grad(),
+        disable_gradient_checkpointing(trainer.model, trainer.args.gradient_checkpointing_kwargs),
+        adapter,
+        trainer.accelerator.autocast(),
+    ):
+        yield

@@ -14,7 +14,8 @@ with m = K - 1 for a full ranking (the last term is 0), fewer for a partial rank
 `length_normalization=True` (log-probs divided by the completion length) TRL's "sigmoid_norm".
 
 A batch of B lists is one padded batch of K_1 + ... + K_B sequences, so an epoch costs K forward passes
-per list where TRL on all pairs costs K(K-1) (two per pair).
+per list where TRL on all pairs costs K(K-1) (two per pair). Where exact (`shared_prompt`), the forward runs each
+list as one row [prompt | y_1 | ... | y_K] instead, computing the prompt once (docs/kway.md).
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from trl import DPOConfig, DPOTrainer
 from ...data import split_into_lists
 from ...distributed import check_engine_supports
 from ...models.quantization import match_trainable_dtype
+from ...models.shared_prompt import shared_token_outputs
 from ...ops import dpo_plackett_luce_loss
 from ..config_checks import (
     COUNT,
@@ -43,6 +45,7 @@ from ..config_checks import (
 from ..fault_tolerance import FaultTolerantMixin
 from .common import (
     RankedDataArguments,
+    SharedPromptSwitch,
     StreamCountsCallback,
     best_and_rest_mean,
     gather_lists,
@@ -52,6 +55,7 @@ from .common import (
     ranking_depth,
     ranking_stats,
     ratio,
+    reference_forward,
     refuse_streams_with_precomputed_reference,
 )
 
@@ -126,6 +130,8 @@ class PlackettLuceDPOTrainer(FaultTolerantMixin, DPOTrainer):
         )
         self._max_positions = positions_of(model, args)  # the datasets are checked against it as they are prepared
         self._stream_counts = {}  # what preparing a streamed dataset dropped or cut, counted as it is read
+        # set before TRL's __init__, whose reference precompute already runs the forward
+        self._shared_prompt = SharedPromptSwitch(args.shared_prompt, scores=False)
         super().__init__(model, ref_model=ref_model, args=args, data_collator=data_collator,
                          train_dataset=train_dataset, eval_dataset=eval_dataset, processing_class=processing_class,
                          **kwargs)
@@ -133,6 +139,7 @@ class PlackettLuceDPOTrainer(FaultTolerantMixin, DPOTrainer):
         # TRL casts the trainable weights of a quantized base to bfloat16 whatever its compute dtype
         match_trainable_dtype(self.model)
         check_engine_supports(self.model, self.accelerator, type(self).__name__)
+        self._shared_prompt.decide(self)
 
     # Replaces DPOTrainer._prepare_dataset: ranked records are validated, ordered best first and tokenized into
     # one prompt and K completions, with TRL's tokenization; truncation to max_length happens (and is counted) here.
@@ -144,11 +151,15 @@ class PlackettLuceDPOTrainer(FaultTolerantMixin, DPOTrainer):
         if self._signature_columns is None:
             self._signature_columns = ["prompt_ids", "completion_ids", "num_ranked", "ref_logps"]
 
-    def _reference_logps(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+    def _reference_logps(self, inputs: dict[str, torch.Tensor], shared=None) -> torch.Tensor:
         """Summed reference log-probs per sequence [N], through DPOTrainer.compute_ref_log_probs (ref model, or
-        the base with adapters off), which returns the batch as two halves; they are joined back in order."""
-        ref_inputs = {k: inputs[k] for k in (*_MODEL_KEYS, "completion_mask")}
+        the base with adapters off), which returns the batch as two halves; they are joined back in order. With
+        `shared` rows (`SharedPromptBatch`), one forward on them in compute_ref_log_probs' context."""
         reference = self.ref_model if self.ref_model is not None else self.model
+        if shared is not None:
+            with reference_forward(self):
+                return shared_token_outputs(reference, shared).log_probs.sum(dim=1)
+        ref_inputs = {k: inputs[k] for k in (*_MODEL_KEYS, "completion_mask")}
         return torch.cat(self.compute_ref_log_probs(reference, ref_inputs))
 
     # Replaces DPOTrainer._precompute_ref_logps, which stores one chosen and one rejected value per record; a
@@ -159,14 +170,19 @@ class PlackettLuceDPOTrainer(FaultTolerantMixin, DPOTrainer):
         loader = DataLoader(dataset, batch_size=batch_size, collate_fn=self.data_collator, shuffle=False)
         tables = []
         for batch in tqdm(self.accelerator.prepare(loader), desc=f"Computing reference log probs for {name}"):
-            table, _ = split_into_lists(self._reference_logps(batch), batch["num_completions"])
+            ref_logps = self._reference_logps(batch, self._shared_prompt.batch(batch, self))
+            table, _ = split_into_lists(ref_logps, batch["num_completions"])
             table = F.pad(table, (0, max(sizes) - table.shape[1]))  # equal widths so processes can gather
             tables.append(self.accelerator.gather_for_metrics(table).cpu())
         table = torch.cat(tables)
         return dataset.add_column("ref_logps", [row[:k].tolist() for row, k in zip(table, sizes)])
 
-    def _sequence_logps(self, model, inputs) -> tuple[torch.Tensor, object]:
-        """Summed policy log-probs of each sequence's completion tokens [N], and the model outputs."""
+    def _sequence_logps(self, model, inputs, shared=None) -> tuple[torch.Tensor, object]:
+        """Summed policy log-probs of each sequence's completion tokens [N], and the model outputs (per-token fields
+        [N, T - 1], from the `shared` rows when given)."""
+        if shared is not None:  # no MoE router loss here: `shared_prompt_blocker` turns the layout off for it
+            outputs = shared_token_outputs(model, shared)
+            return outputs.log_probs.sum(dim=1), outputs
         model_kwargs = {k: inputs[k] for k in _MODEL_KEYS}
         if self.aux_loss_enabled:
             model_kwargs["output_router_logits"] = True
@@ -181,12 +197,13 @@ class PlackettLuceDPOTrainer(FaultTolerantMixin, DPOTrainer):
     def _compute_loss(self, model, inputs, return_outputs):
         mode = "train" if self.model.training else "eval"
         num_completions = inputs["num_completions"]
-        seq_logps, outputs = self._sequence_logps(model, inputs)
+        shared = self._shared_prompt.batch(inputs, self)  # None: the K rows of each list run as they are
+        seq_logps, outputs = self._sequence_logps(model, inputs, shared)
         policy_logps, mask = split_into_lists(seq_logps, num_completions)
         if self.precompute_ref_logps:
             ref_logps = inputs["ref_logps"]
         else:
-            ref_logps, _ = split_into_lists(self._reference_logps(inputs), num_completions)
+            ref_logps, _ = split_into_lists(self._reference_logps(inputs, shared), num_completions)
         if self.args.length_normalization:
             lengths, _ = split_into_lists(inputs["completion_mask"].sum(dim=1), num_completions)
             lengths = lengths.clamp(min=1)  # padding has length 0: keep its (masked-out) entries finite

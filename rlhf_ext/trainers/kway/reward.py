@@ -6,7 +6,8 @@ negative log Plackett-Luce likelihood of the ranking (seed section 5.2, "PT mode
     loss = - sum_{k < m} [ r(x, y_k) - log sum_{j >= k} exp r(x, y_j) ]      (`rlhf_ext.plackett_luce_loss`)
 
 At K=2 (TRL's pairwise data) this is -log sigmoid(r_chosen - r_rejected), TRL's RewardTrainer loss.
-One forward pass scores the K_1 + ... + K_B sequences of a batch. What both K-way trainers share is in
+One forward pass scores the K_1 + ... + K_B sequences of a batch; where exact (`shared_prompt`), each list runs as
+one row [prompt | y_1 | ... | y_K], computing its prompt once (docs/kway.md). What both K-way trainers share is in
 `common.py`.
 """
 
@@ -23,11 +24,13 @@ from ...data import split_into_lists
 from ...distributed import check_engine_supports, whole_weights_on_main_process
 from ...models.quantization import match_trainable_dtype
 from ...models.scoring import mark_last_real_token_scoring, sequence_classifier_scores
+from ...models.shared_prompt import shared_sequence_scores
 from ...ops import plackett_luce_loss
 from ..config_checks import KWAY_PAD_TOKEN_INSTEAD, NON_NEGATIVE, check_fields, refuse_unused_options
 from ..fault_tolerance import FaultTolerantMixin
 from .common import (
     RankedDataArguments,
+    SharedPromptSwitch,
     StreamCountsCallback,
     gather_lists,
     positions_of,
@@ -84,6 +87,7 @@ class PlackettLuceRewardTrainer(FaultTolerantMixin, RewardTrainer):
         )
         self._max_positions = positions_of(model, args)  # the datasets are checked against it as they are prepared
         self._stream_counts = {}  # what preparing a streamed dataset dropped or cut, counted as it is read
+        self._shared_prompt = SharedPromptSwitch(args.shared_prompt, scores=True)
         peft_config = kwargs.get("peft_config")
         if peft_config is not None and peft_config.task_type != "SEQ_CLS":
             # A reward model is a sequence classifier, and peft trains and saves the score head beside the adapter
@@ -96,6 +100,7 @@ class PlackettLuceRewardTrainer(FaultTolerantMixin, RewardTrainer):
         # its compute dtype; a float32 base would then fail at step 1 (float != BFloat16 in the head)
         match_trainable_dtype(self.model)
         check_engine_supports(self.model, self.accelerator, type(self).__name__)
+        self._shared_prompt.decide(self)
 
     # Replaces RewardTrainer._prepare_dataset: ranked records are validated, ordered best first and tokenized
     # into one prompt and K completions (pairwise records become K=2 lists, TRL's `margin` column is read).
@@ -114,7 +119,11 @@ class PlackettLuceRewardTrainer(FaultTolerantMixin, RewardTrainer):
         # Read at the last real token (`rlhf_ext.models.scoring`), not by transformers' pad-based pooling: with pad =
         # EOS that pooling skips the EOS, and the PPO reward role, which reads by the attention mask, would score
         # another token than the one trained here.
-        scores = sequence_classifier_scores(model, inputs["input_ids"], inputs["attention_mask"])
+        shared = self._shared_prompt.batch(inputs, self)  # None: the K rows of each list run as they are
+        if shared is not None:
+            scores = shared_sequence_scores(model, shared)
+        else:
+            scores = sequence_classifier_scores(model, inputs["input_ids"], inputs["attention_mask"])
         rewards, mask = split_into_lists(scores.squeeze(-1), inputs["num_completions"])
         depth = ranking_depth(inputs["num_ranked"], self.args.top_m)
         loss = plackett_luce_loss(with_margin(rewards, inputs.get("margin")), mask, top_m=depth).mean()

@@ -1,0 +1,184 @@
+"""The model side of "each prompt computed once" (layout: `rlhf_ext.ops.shared_prompt`).
+
+`shared_prompt_blocker` says why a model cannot run the shared layout exactly (or None); `SharedPromptBatch` is an
+unshared K-way batch rebuilt as shared rows; `shared_token_outputs` (a causal LM with TRL's fused LM head: K-way DPO)
+and `shared_sequence_scores` (a sequence classifier: the K-way reward model) run one forward on the shared rows and
+give back what the unshared forward gives, in its shape: per-token values [N, T - 1], scores [N, num_labels].
+
+The attention mask goes to the model as a 4-D tensor [R, 1, L, L]. transformers 5 (`masking_utils.
+_preprocess_mask_arguments`) passes a 4-D mask to the attention function as it is, so it must already be in that
+function's format: boolean, True = attend, for sdpa (what `masking_utils.sdpa_mask` builds); additive float, 0 or the
+dtype's minimum, for eager (`eager_mask`, which the eager attention adds to the scores). flash-attention ignores a
+4-D mask, flex-attention wants a BlockMask.
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ..ops.shared_prompt import (
+    IGNORE_INDEX,
+    SharedPromptLayout,
+    attention_allowed,
+    gather_shared,
+    layout_problem,
+    next_token_labels,
+    read_last_tokens,
+    scatter_to_unshared,
+    shared_prompt_layout,
+)
+from .scoring import capture_output, score_module
+
+# attention implementations that read a 4-D attention mask as given (see the module docstring)
+MASK_FORMATS = {"sdpa": "bool", "eager": "additive"}
+# per-token fields of TRL's FusedCausalLMOutput, [rows, positions] with shift_labels
+_TOKEN_FIELDS = ("log_probs", "entropy", "log_sum_sq_probs", "mean_logits", "is_top1", "label_mask")
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The transformers model inside DDP / DeepSpeed (`.module`) and peft (`get_base_model()`)."""
+    model = getattr(model, "module", model)
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def _attention_window(config) -> tuple[str, int] | None:
+    """The narrowest local-attention span of the model, as (setting, tokens): a sliding window or chunked attention
+    that some layer uses; None when every layer attends globally."""
+    spans = []
+    layer_types = getattr(config, "layer_types", None)
+    sliding = getattr(config, "sliding_window", None)
+    if sliding is not None and getattr(config, "use_sliding_window", True) is not False:
+        if layer_types is None or any("sliding" in str(kind) for kind in layer_types):
+            spans.append(("sliding window (sliding_window", int(sliding)))
+    chunk = getattr(config, "attention_chunk_size", None)
+    if chunk is not None and (layer_types is None or any("chunked" in str(kind) for kind in layer_types)):
+        spans.append(("chunked attention (attention_chunk_size", int(chunk)))
+    return min(spans, key=lambda span: span[1]) if spans else None
+
+
+def shared_prompt_blocker(model: nn.Module, *, max_length: int | None, scores: bool = False) -> str | None:
+    """Why `model` cannot compute the shared layout exactly (a phrase naming the setting), or None when it can.
+
+    Exact needs a decoder whose attention is causal, global (or local over a span the longest sequence fits in:
+    max_length <= window), without soft-capping, that takes position ids and reads a 4-D mask (sdpa, eager); no
+    prompt-learning adapter (virtual tokens) or activated LoRA; no MoE router loss (it counts the prompt's tokens K
+    times unshared). `scores`: a sequence classifier must score with a per-token `score` layer (an encoder classifier
+    pools its first token, and attends both ways).
+    """
+    peft_config = getattr(getattr(model, "module", model), "active_peft_config", None)
+    if peft_config is not None and getattr(peft_config, "is_prompt_learning", False):
+        return f"the peft adapter is a prompt-learning one ({peft_config.peft_type}), which prepends virtual tokens"
+    if peft_config is not None and getattr(peft_config, "alora_invocation_tokens", None):
+        return "the peft adapter is an activated LoRA, which finds its invocation tokens in the unshared rows"
+    base = unwrap(model)
+    config = getattr(base, "config", None)
+    if config is None:
+        return f"{type(base).__name__} has no transformers config"
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    if not type(base).__module__.startswith("transformers.models."):
+        return f"{type(base).__name__} is not a transformers model class (remote code), so its mask handling is unknown"
+    implementation = getattr(config, "_attn_implementation", None)
+    if implementation not in MASK_FORMATS:
+        return (f"attn_implementation={implementation!r}: only 'sdpa' and 'eager' read a 4-D attention mask "
+                "(flash-attention ignores it)")
+    if getattr(text, "is_encoder_decoder", False) or not getattr(text, "is_causal", True) or getattr(
+            text, "use_bidirectional_attention", False):
+        return f"{type(base).__name__} does not attend causally (an encoder or bidirectional attention)"
+    if scores and score_module(model) is None:
+        return f"{type(base).__name__} has no per-token `score` layer (an encoder classifier pooling its first token)"
+    if getattr(text, "attn_logit_softcapping", None) is not None:
+        return f"the attention is soft-capped (attn_logit_softcapping={text.attn_logit_softcapping})"
+    if getattr(text, "alibi", False) or getattr(text, "position_embedding_type", None) == "alibi":
+        return "the model's ALiBi attention bias is computed from token indices, not position ids"
+    window = _attention_window(text)
+    if window is not None and (max_length is None or max_length > window[1]):
+        return (f"the model uses a {window[0]}={window[1]}) and max_length={max_length} allows longer sequences, "
+                "where the window would bite: the shared rows' 4-D mask does not hold it")
+    if getattr(text, "output_router_logits", False):
+        return ("the MoE router load-balancing loss (output_router_logits=True) averages over the tokens, and counts "
+                "each prompt token K times unshared")
+    backbone = getattr(base, "base_model", base)
+    if "position_ids" not in inspect.signature(backbone.forward).parameters:
+        return f"{type(backbone).__name__}.forward takes no position_ids"
+    source = inspect.getmodule(type(backbone))
+    if not any(hasattr(source, name) for name in ("create_causal_mask", "create_sliding_window_causal_mask")):
+        return f"{type(backbone).__name__} does not build its mask with transformers' masking_utils"
+    return None
+
+
+def model_attention_mask(allowed: torch.Tensor, model: nn.Module) -> torch.Tensor:
+    """The 4-D mask [R, 1, L, L] in the format `model`'s attention reads: bool for sdpa, additive float for eager."""
+    base = unwrap(model)
+    if MASK_FORMATS.get(base.config._attn_implementation) == "bool":
+        return allowed
+    dtype = base.get_input_embeddings().weight.dtype
+    dtype = dtype if dtype.is_floating_point else torch.float32
+    return torch.zeros((), dtype=dtype, device=allowed.device).masked_fill(~allowed, torch.finfo(dtype).min)
+
+
+@dataclass
+class SharedPromptBatch:
+    """An unshared K-way batch rebuilt as shared rows: what the model is given, and the layout to map results back.
+
+    input_ids [R, L], position_ids [R, L], labels [R, L] (the next-token label of each position, -100 where none),
+    allowed bool [R, 1, L, L] (`rlhf_ext.ops.shared_prompt.attention_allowed`).
+    """
+
+    layout: SharedPromptLayout
+    input_ids: torch.Tensor
+    position_ids: torch.Tensor
+    labels: torch.Tensor
+    allowed: torch.Tensor
+
+    @classmethod
+    def from_inputs(cls, inputs: dict, *, pack: bool = False, pad_to_multiple_of: int | None = None):
+        """Build from the K-way collator's keys (input_ids, attention_mask, completion_mask, num_completions)."""
+        layout = shared_prompt_layout(inputs["attention_mask"], inputs["completion_mask"], inputs["num_completions"],
+                                      pack=pack, pad_to_multiple_of=pad_to_multiple_of)
+        labels = next_token_labels(inputs["input_ids"], inputs["completion_mask"])
+        return cls(
+            layout=layout,
+            input_ids=gather_shared(inputs["input_ids"], layout, fill=0),
+            position_ids=layout.source_position,
+            labels=gather_shared(labels, layout, fill=IGNORE_INDEX),
+            allowed=attention_allowed(layout),
+        )
+
+    @staticmethod
+    def problem(inputs: dict) -> str | None:
+        """Why this batch cannot be shared (`rlhf_ext.ops.shared_prompt.layout_problem`), or None."""
+        return layout_problem(inputs["input_ids"], inputs["attention_mask"], inputs["completion_mask"],
+                              inputs["num_completions"])
+
+    def model_inputs(self, model: nn.Module) -> dict:
+        return {"input_ids": self.input_ids, "attention_mask": model_attention_mask(self.allowed, model),
+                "position_ids": self.position_ids, "use_cache": False}
+
+
+def shared_token_outputs(model: nn.Module, batch: SharedPromptBatch, **kwargs):
+    """One forward of a causal LM carrying TRL's fused LM head (`trl.trainer.utils.add_fused_lm_head`) on the shared
+    rows; its per-token fields (log_probs, entropy, mean_logits, is_top1, ...) come back as the unshared forward gives
+    them, [N, T - 1], column t the prediction of token t + 1, 0 where there is no completion label.
+
+    The labels are given pre-shifted (`shift_labels`): in a shared row a position's next token is not the next
+    column (a segment's last token is followed by the next segment).
+    """
+    outputs = model(**batch.model_inputs(model), shift_labels=batch.labels, fused_lm_head=True, **kwargs)
+    for name in _TOKEN_FIELDS:
+        value = getattr(outputs, name, None)
+        if value is not None:
+            setattr(outputs, name, scatter_to_unshared(value, batch.layout, batch.labels))
+    return outputs
+
+
+def shared_sequence_scores(model: nn.Module, batch: SharedPromptBatch) -> torch.Tensor:
+    """Scores [N, num_labels] of a decoder sequence classifier, each read at its sequence's last token in the shared
+    rows: the hidden state the unshared row has at its last real token (`rlhf_ext.models.scoring`'s rule), so the
+    `score` layer sees the same input. The model runs its normal forward (DDP, DeepSpeed, peft see the call)."""
+    with capture_output(score_module(model)) as outputs:
+        model(**batch.model_inputs(model))
+    return read_last_tokens(outputs[-1], batch.layout)
