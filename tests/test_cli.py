@@ -43,6 +43,7 @@ def test_an_unknown_command_names_the_commands(capsys):
 
 
 def test_the_module_runs_as_accelerate_launch_m_runs_it():
-    done = subprocess.run([sys.executable, "-m", "rlhf_ext.scripts.reward", "--help"], capture_output=True, text=True,
-                          timeout=300)
+    done = subprocess.run(
+        [sys.executable, "-m", "rlhf_ext.scripts.reward", "--help"], capture_output=True, text=True, timeout=300
+    )
     assert done.returncode == 0 and done.stdout.startswith("usage: reward.py --config")
