@@ -338,3 +338,5 @@ def test_shared_prompt_batch_is_built_from_the_collators_keys():
     assert shared.input_ids.shape[0] == len(TOKENIZED)  # one row per list
     assert shared.allowed.shape == (len(TOKENIZED), 1, shared.input_ids.shape[1], shared.input_ids.shape[1])
     assert SharedPromptBatch.from_inputs(batch, pack=True).input_ids.shape[0] == 1
+    padded = SharedPromptBatch.from_inputs(batch, pad_to_multiple_of=8)
+    assert padded.input_ids.shape[1] % 8 == 0 and padded.layout.num_tokens == shared.layout.num_tokens

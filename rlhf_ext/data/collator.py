@@ -2,6 +2,10 @@
 
 Sequences are laid out list by list, each list best first, so one forward pass scores every completion of
 the batch; `split_into_lists` turns the N per-sequence values back into a [B, K_max] table.
+
+This stays the batch format wherever the K-way trainers compute each prompt once (`shared_prompt`): they rebuild
+the batch as one row per list from these tensors (`rlhf_ext.ops.shared_prompt`, which checks the layout below and
+that the K rows of a list hold the same prompt), and the per-sequence results come back in this layout.
 """
 
 from __future__ import annotations

@@ -1,0 +1,230 @@
+"""Each prompt computed once: one K-way DPO training step today (K rows per list) vs shared prompts (one row per list,
+`shared_prompt=True`) vs shared and packed (every list of the step in one row), side by side in one run.
+
+A step is what `PlackettLuceDPOTrainer` runs for a batch: the policy forward with TRL's fused LM head, its backward,
+and the reference model's forward (a separate reference, full fine-tuning), through `trainer.compute_loss` and
+`loss.backward()` (no optimizer step: the same for every variant). Model: a Llama-shaped decoder from config,
+hidden 768, 12 layers, 12 heads, intermediate 2048, vocabulary 32000, tied embeddings (109.5M parameters), float32,
+sdpa attention, one CPU thread (`torch.set_num_threads(1)`), random weights and token ids: the cost of a step does
+not depend on them.
+
+Lengths (tokens) are drawn per list from log-normal distributions shaped like three public preference sets. They
+are approximations from their published statistics and typical Llama-tokenizer counts, not measured here (nothing is
+downloaded); the prompt and each completion are drawn independently, clipped to [min, max]:
+
+    dataset          prompt mean (sigma, clip)     completion mean (sigma, clip)
+    UltraFeedback    160 (0.9, 8..1024)            300 (0.7, 4..1024)     long-tailed prompts and answers
+    HH-RLHF          180 (0.8, 8..1024)             90 (0.8, 2..512)      dialogue history, short replies
+    TL;DR            400 (0.35, 64..1024)           40 (0.35, 8..128)     a Reddit post, a short summary
+
+Reported per (dataset, K, variant): positions the model computes (the padded batch, rows x width), real tokens (the
+unshared count is TRL's `num_tokens`; the shared one counts each prompt once plus its last token once more per extra
+completion), the median over `--repeats` steps of the wall time and of this process's CPU time (steadier when other
+jobs share the CPU; benchmarks/harness.py's clock), the speed-up over today, the bytes autograd saves for the
+backward (activations, parameters excluded, each storage once) and the peak resident set above the one at the step's
+start (Linux: /proc/self/clear_refs; approximate, as the allocator keeps some freed memory).
+
+    python -m benchmarks.shared_prompt                 # K=4, the three datasets, 2 lists per step (~10 min, 1 core)
+    python -m benchmarks.shared_prompt --ks 2 4 8      # the whole grid (about 3x longer)
+    python -m benchmarks.shared_prompt --quick         # 2 layers, half lengths, 1 dataset: about a minute
+
+Activation checkpointing is off (`--checkpointing` turns it on, TRL's default): it adds the same recomputation to
+every variant. A JSON copy of the table goes to benchmarks/results/shared_prompt[-quick].json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import math
+import platform
+import random
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from datasets import Dataset
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from benchmarks.harness import RESULTS_DIR, Clock, Lap, median_lap, proc_status_gib, write_json
+from rlhf_ext.testing import tiny_tokenizer
+from rlhf_ext.trainers import PlackettLuceDPOConfig, PlackettLuceDPOTrainer
+from rlhf_ext.trainers.kway.common import SharedPromptSwitch
+
+
+@dataclass(frozen=True)
+class LengthModel:
+    """Log-normal token counts with the given mean: exp(N(ln(mean) - sigma^2 / 2, sigma^2)), clipped."""
+
+    mean: float
+    sigma: float
+    low: int
+    high: int
+
+    def draw(self, rng: random.Random, scale: float = 1.0) -> int:
+        value = rng.lognormvariate(math.log(self.mean * scale) - self.sigma**2 / 2, self.sigma)
+        return int(min(max(round(value), max(1, round(self.low * scale))), round(self.high * scale)))
+
+
+DATASETS = {
+    "UltraFeedback": (LengthModel(160, 0.9, 8, 1024), LengthModel(300, 0.7, 4, 1024)),
+    "HH-RLHF": (LengthModel(180, 0.8, 8, 1024), LengthModel(90, 0.8, 2, 512)),
+    "TL;DR": (LengthModel(400, 0.35, 64, 1024), LengthModel(40, 0.35, 8, 128)),
+}
+MODEL = dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, num_key_value_heads=12,
+             intermediate_size=2048, vocab_size=32000, tie_word_embeddings=True, max_position_embeddings=4096)
+QUICK_MODEL = {**MODEL, "num_hidden_layers": 2}
+VARIANTS = {"today": (False, False), "shared": (True, False), "shared+packed": (True, True)}
+
+
+def ranked_lists(dataset: str, k: int, num_lists: int, seed: int, scale: float, vocab: int) -> list[dict]:
+    """`num_lists` pre-tokenized lists of K completions with random ids, lengths drawn from DATASETS[dataset]."""
+    prompt_lengths, completion_lengths = DATASETS[dataset]
+    rng = random.Random(f"{dataset}-{k}-{seed}")
+    lists = []
+    for _ in range(num_lists):
+        prompt = [rng.randrange(3, vocab) for _ in range(prompt_lengths.draw(rng, scale))]
+        completions = [[rng.randrange(3, vocab) for _ in range(completion_lengths.draw(rng, scale))]
+                       for _ in range(k)]  # fmt: skip
+        lists.append({"prompt_ids": prompt, "completion_ids": completions, "num_ranked": k - 1})
+    return lists
+
+
+def build_trainer(model_settings: dict, checkpointing: bool, output_dir: str) -> PlackettLuceDPOTrainer:
+    torch.manual_seed(0)
+    config = LlamaConfig(**model_settings, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    policy, reference = LlamaForCausalLM(config), LlamaForCausalLM(config)
+    args = PlackettLuceDPOConfig(output_dir, use_cpu=True, bf16=False, report_to=[], disable_tqdm=True, max_length=None,
+                                 gradient_checkpointing=checkpointing, per_device_train_batch_size=1)
+    placeholder = Dataset.from_list([{"prompt_ids": [5, 6], "completion_ids": [[7], [8]]}])
+    trainer = PlackettLuceDPOTrainer(model=policy, ref_model=reference, args=args, train_dataset=placeholder,
+                                     processing_class=tiny_tokenizer())
+    if checkpointing:  # as Trainer.train turns it on
+        trainer.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    trainer.model.train()
+    return trainer
+
+
+@contextlib.contextmanager
+def saved_for_backward(parameters):
+    """Count the bytes autograd saves for the backward in the block (each storage once, parameters excluded)."""
+    skip = {p.untyped_storage().data_ptr() for p in parameters}
+    seen: dict[int, int] = {}
+
+    def pack(tensor):
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in skip:
+            seen[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    total = [0]
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        yield total
+    total[0] = sum(seen.values())
+
+
+def reset_peak_rss() -> bool:
+    """Reset this process's peak RSS (VmHWM) to its current RSS; False where Linux's clear_refs is not writable."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+def one_step(trainer, batch) -> dict:
+    """One training step's forward + backward, with what it saved for the backward and its peak RSS rise."""
+    trainer.model.zero_grad(set_to_none=True)
+    can_reset = reset_peak_rss()
+    start = proc_status_gib("VmRSS")
+    clock = Clock()
+    with saved_for_backward(list(trainer.model.parameters())) as saved:
+        loss = trainer.compute_loss(trainer.model, batch)
+    loss.backward()
+    lap = clock.lap()
+    peak = proc_status_gib("VmHWM") if can_reset else None
+    rise = None if peak is None or start is None else max(peak - start, 0.0) * 1024
+    return {"wall_s": lap.wall_s, "cpu_s": lap.cpu_s, "saved_mib": saved[0] / 2**20, "peak_rss_rise_mib": rise}
+
+
+def measure(trainer, batch, variant: str, repeats: int) -> dict:
+    shared, pack = VARIANTS[variant]
+    trainer._shared_prompt = SharedPromptSwitch(shared, scores=False, pack=pack)
+    layout = trainer._shared_prompt.batch(batch, trainer)
+    if layout is None:
+        positions, tokens = batch["input_ids"].numel(), int(batch["attention_mask"].sum())
+    else:
+        positions, tokens = layout.input_ids.numel(), layout.layout.num_tokens
+    steps = [one_step(trainer, batch) for _ in range(repeats)]
+    lap = median_lap(Lap(s["wall_s"], s["cpu_s"]) for s in steps)
+    return {"variant": variant, "positions": positions, "tokens": tokens, "wall_s": lap.wall_s, "cpu_s": lap.cpu_s,
+            "saved_mib": max(s["saved_mib"] for s in steps),
+            "peak_rss_rise_mib": max((s["peak_rss_rise_mib"] for s in steps if s["peak_rss_rise_mib"] is not None),
+                                     default=None)}  # fmt: skip
+
+
+def print_table(rows: list[dict]) -> None:
+    header = (f"{'dataset':<14}{'K':>3} {'variant':<14}{'positions':>10}{'tokens':>8}{'wall s':>9}{'cpu s':>9}"
+              f"{'x wall':>8}{'x cpu':>7}{'saved MiB':>11}{'peak+ MiB':>11}")
+    print(header)
+    print("-" * len(header))
+    for row in rows:
+        rise = "" if row["peak_rss_rise_mib"] is None else f"{row['peak_rss_rise_mib']:.0f}"
+        print(f"{row['dataset']:<14}{row['k']:>3} {row['variant']:<14}{row['positions']:>10}{row['tokens']:>8}"
+              f"{row['wall_s']:>9.2f}{row['cpu_s']:>9.2f}{row['speedup_wall']:>7.2f}x{row['speedup_cpu']:>6.2f}x"
+              f"{row['saved_mib']:>11.0f}{rise:>11}")
+
+
+def main(argv=None) -> list[dict]:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="2 layers, half lengths, UltraFeedback-like, K=4")
+    parser.add_argument("--ks", type=int, nargs="+", default=None, help="list sizes K (default 4)")
+    parser.add_argument("--datasets", nargs="+", default=None, choices=list(DATASETS))
+    parser.add_argument("--lists_per_step", type=int, default=2, help="lists per training step (B)")
+    parser.add_argument("--repeats", type=int, default=None, help="timed steps per variant (median; default 2)")
+    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    parser.add_argument("--checkpointing", action="store_true", help="activation checkpointing on (TRL's default)")
+    parser.add_argument("--output", type=Path, default=None, help="JSON results (default benchmarks/results/)")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(1)
+
+    model_settings, scale = (QUICK_MODEL, 0.5) if args.quick else (MODEL, 1.0)
+    ks = args.ks or [4]
+    datasets = args.datasets or (["UltraFeedback"] if args.quick else list(DATASETS))
+    repeats = args.repeats or (1 if args.quick else 2)
+    with tempfile.TemporaryDirectory() as output_dir:
+        trainer = build_trainer(model_settings, args.checkpointing, output_dir)
+        parameters = sum(p.numel() for p in trainer.model.parameters())
+        print(f"Llama {model_settings['num_hidden_layers']} layers x {model_settings['hidden_size']}, "
+              f"vocab {model_settings['vocab_size']}: {parameters / 1e6:.1f}M parameters; {args.lists_per_step} lists "
+              f"per step, {repeats} timed steps per variant (median), 1 thread, checkpointing "
+              f"{'on' if args.checkpointing else 'off'}")
+        warmup = trainer.data_collator(ranked_lists("HH-RLHF", 2, 1, seed=99, scale=0.1, vocab=32000))
+        for variant in args.variants:  # first calls of each kernel and allocator pools, untimed
+            measure(trainer, warmup, variant, 1)
+        rows = []
+        for dataset in datasets:
+            for k in ks:
+                lists = ranked_lists(dataset, k, args.lists_per_step, seed=0, scale=scale,
+                                     vocab=model_settings["vocab_size"])
+                batch = trainer.data_collator(lists)
+                results = [measure(trainer, batch, variant, repeats) for variant in args.variants]
+                base = results[0]
+                for result in results:
+                    rows.append({"dataset": dataset, "k": k, **result,
+                                 "speedup_wall": base["wall_s"] / result["wall_s"],
+                                 "speedup_cpu": base["cpu_s"] / result["cpu_s"]})
+                print_table(rows[-len(results):])
+    print()
+    print_table(rows)
+    output = args.output or RESULTS_DIR / f"shared_prompt{'-quick' if args.quick else ''}.json"
+    write_json(output, {"model": model_settings, "parameters": parameters, "lists_per_step": args.lists_per_step,
+                        "repeats": repeats, "checkpointing": args.checkpointing, "length_scale": scale,
+                        "machine": platform.processor() or platform.machine(), "rows": rows})
+    print(f"\nwrote {output}")
+    return rows
+
+
+if __name__ == "__main__":
+    main()
