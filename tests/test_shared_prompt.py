@@ -14,6 +14,7 @@ import torch
 from datasets import Dataset
 from peft import LoraConfig
 from transformers import (
+    LlamaForCausalLM,
     LlamaForSequenceClassification,
     MistralConfig,
     MistralForCausalLM,
@@ -310,6 +311,11 @@ def test_a_batch_without_one_prompt_per_list_runs_unshared_or_is_refused(tmp_pat
 def test_models_that_cannot_be_exact_are_named_with_the_reason():
     llama = tiny_causal_lm(seed=0)
     assert shared_prompt_blocker(llama, max_length=None) is None
+
+    class OwnHead(LlamaForCausalLM):  # a user's subclass keeps transformers' decoder: still exact
+        pass
+
+    assert shared_prompt_blocker(OwnHead(tiny_llama_config()), max_length=None) is None
     llama.config._attn_implementation = "flash_attention_2"
     assert "attn_implementation='flash_attention_2'" in shared_prompt_blocker(llama, max_length=None)
     assert "soft-capped" in shared_prompt_blocker(tiny_causal_lm(seed=0, attn_logit_softcapping=50.0),

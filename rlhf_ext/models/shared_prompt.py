@@ -79,8 +79,10 @@ def shared_prompt_blocker(model: nn.Module, *, max_length: int | None, scores: b
     if config is None:
         return f"{type(base).__name__} has no transformers config"
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
-    if not type(base).__module__.startswith("transformers.models."):
-        return f"{type(base).__name__} is not a transformers model class (remote code), so its mask handling is unknown"
+    backbone = getattr(base, "base_model", base)  # the decoder that builds the mask (what TRL's fused head calls)
+    if not type(backbone).__module__.startswith("transformers.models."):
+        return (f"{type(backbone).__name__} is not a transformers model class (remote code), so its mask handling is "
+                "unknown")
     implementation = getattr(config, "_attn_implementation", None)
     if implementation not in MASK_FORMATS:
         return (f"attn_implementation={implementation!r}: only 'sdpa' and 'eager' read a 4-D attention mask "
@@ -101,7 +103,6 @@ def shared_prompt_blocker(model: nn.Module, *, max_length: int | None, scores: b
     if getattr(text, "output_router_logits", False):
         return ("the MoE router load-balancing loss (output_router_logits=True) averages over the tokens, and counts "
                 "each prompt token K times unshared")
-    backbone = getattr(base, "base_model", base)
     if "position_ids" not in inspect.signature(backbone.forward).parameters:
         return f"{type(backbone).__name__}.forward takes no position_ids"
     source = inspect.getmodule(type(backbone))
