@@ -17,12 +17,13 @@ COMMON = dict(report_to=[], use_cpu=True, bf16=False, gradient_checkpointing=Fal
               disable_tqdm=True, seed=0, max_steps=1, per_device_train_batch_size=2, max_completion_length=4)
 
 
-def build(trainer_class, tmp_path, prompts, tokenizer):
+def build(trainer_class, tmp_path, prompts, tokenizer, **overrides):
     shared = SharedBase(tiny_causal_lm(seed=0), SharedBaseArguments(lora_r=4, lora_alpha=8, lora_dropout=0.0))
+    settings = {**COMMON, **overrides}
     if trainer_class is PPOTrainer:
-        args = PPOConfig(output_dir=str(tmp_path), **COMMON)
+        args = PPOConfig(output_dir=str(tmp_path), **settings)
     else:
-        args = OnlinePlackettLuceConfig(output_dir=str(tmp_path), num_generations=2, **COMMON)
+        args = OnlinePlackettLuceConfig(output_dir=str(tmp_path), num_generations=2, **settings)
     return trainer_class(shared, reward_funcs=fraction_of_a, args=args, train_dataset=Dataset.from_dict(
         {"prompt": prompts}), processing_class=tokenizer)
 
@@ -59,3 +60,17 @@ def test_ppo_recipe_reads_csv_prompts_and_names_a_utf16_file(tmp_path):
     args.dataset_name = str(tmp_path / "prompts.jsonl")
     with pytest.raises(ValueError, match=r"prompts\.jsonl.*UTF-16.*UTF-8"):
         ppo.load_prompts(args, training_args)
+
+
+@pytest.mark.parametrize("trainer_class", [PPOTrainer, OnlinePlackettLuceTrainer])
+def test_fewer_prompts_than_one_generation_batch_is_refused_instead_of_training_zero_steps(tmp_path, trainer_class):
+    # 4 completions per generation batch: PPO samples them for 4 prompts, online K-way (2 completions each) for 2.
+    # GRPO's sampler yields only whole batches, so fewer prompts trained 0 steps and the recipe saved the untrained
+    # policy as if it had trained.
+    needed = 4 if trainer_class is PPOTrainer else 2
+    prompts = ["abc", "de", "fgh", "ij"]
+    with pytest.raises(ValueError, match=rf"train dataset has {needed - 1} prompt.*one generation batch.*{needed}"):
+        build(trainer_class, tmp_path, prompts[: needed - 1], left_tokenizer(), per_device_train_batch_size=4)
+    trainer = build(trainer_class, tmp_path, prompts[:needed], left_tokenizer(), per_device_train_batch_size=4)
+    trainer.train()
+    assert trainer.state.global_step == 1

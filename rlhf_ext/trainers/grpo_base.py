@@ -334,6 +334,25 @@ def check_prompt(prompt, split: str, index: int) -> None:
             raise ValueError(f"{where}, message {turn}: {role_problem(message['role'])}.")
 
 
+def check_enough_prompts(dataset, args) -> None:
+    """ValueError when the train set holds fewer prompts than one generation batch needs.
+
+    GRPOTrainer's RepeatSampler yields only whole batches of generation_batch_size / num_generations prompts, so a
+    smaller set gives no batch at all: training ran 0 steps, and a recipe saved the untrained policy as if trained.
+    A streamed set (no length) is not checked. Called by the subclasses after their prompt checks, which name a bad
+    record and may drop over-long prompts.
+    """
+    if dataset is None or not hasattr(dataset, "__len__"):
+        return
+    needed = args.generation_batch_size // args.num_generations
+    if len(dataset) < needed:
+        raise ValueError(
+            f"The train dataset has {len(dataset)} prompt(s), fewer than one generation batch needs ({needed} = "
+            f"generation_batch_size {args.generation_batch_size} / num_generations {args.num_generations}), so "
+            "training would run 0 steps. Add prompts, or lower per_device_train_batch_size or steps_per_generation."
+        )
+
+
 def check_eos_token(processing_class) -> None:
     """ValueError unless the tokenizer has an EOS token: sampling stops at it (transformers' generation fails on
     None at the first step) and a plain-text completion's reward text ends with it."""

@@ -71,7 +71,7 @@ from ..config_checks import (
     refuse_unused_options,
     warn_if_warmup_outlasts_run,
 )
-from ..grpo_base import SharedBaseGRPOTrainer, with_router_aux_loss
+from ..grpo_base import SharedBaseGRPOTrainer, check_enough_prompts, with_router_aux_loss
 from ..hub_token import NoStoredHubToken
 from ..position_limits import check_prompts_leave_room, max_positions
 from .common import TOP_M_HELP, ranking_stats
@@ -352,6 +352,7 @@ class OnlinePlackettLuceTrainer(SharedBaseGRPOTrainer):
         if self.shared_base is not None:
             freeze_value_role(self.shared_base)  # before `train()` builds the optimizer from requires_grad
         self._check_prompts_leave_room()
+        check_enough_prompts(self.train_dataset, self.args)
 
     def _check_prompts_leave_room(self) -> None:
         """Refuse, before training, prompts that with max_completion_length tokens pass the model's positions

@@ -51,7 +51,7 @@ from ...ops import (
     rewards_to_go,
     token_rewards,
 )
-from ..grpo_base import SharedBaseGRPOTrainer, with_router_aux_loss
+from ..grpo_base import SharedBaseGRPOTrainer, check_enough_prompts, with_router_aux_loss
 from ..policy_tokens import compact, expand, policy_token_order
 from ..position_limits import check_prompts_leave_room
 from .config import PPOConfig
@@ -217,6 +217,7 @@ class PPOTrainer(SharedBaseGRPOTrainer):
             self.eval_dataset = {key: self._checked_prompts(d, f"eval {key}") for key, d in self.eval_dataset.items()}
         else:
             self.eval_dataset = self._checked_prompts(self.eval_dataset, "eval")
+        check_enough_prompts(self.train_dataset, self.args)
 
     # ---------------------------------------------------------------- setup
 
