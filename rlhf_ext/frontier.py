@@ -783,8 +783,7 @@ def load_proxy(proxy: str, base: str, settings: FrontierSettings, device: torch.
     """The proxy reward (checked by `check_proxy`) scored as the PPO trainers score it: a reward role folder on `base`
     through `SharedBaseReward`, a reward model the K-way reward trainer saved through `scored_as_trained`; both read
     the sequence at its last real token (`rlhf_ext.models.scoring`)."""
-    from .trainers import SharedBaseReward
-    from .trainers.grpo_base import scored_as_trained
+    from .trainers import SharedBaseReward, scored_as_trained
 
     if is_reward_role_folder(proxy):
         args = SharedBaseArguments(reward_adapter_path=str(proxy), dtype=settings.dtype)

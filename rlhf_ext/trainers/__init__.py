@@ -1,7 +1,7 @@
 """Thin subclasses of TRL trainers: PPO with a critic and online K-way DPO (on GRPOTrainer), K-way (Plackett-Luce)
 DPO and reward models."""
 
-from .grpo_base import SharedBaseGRPOTrainer, SharedBaseReward
+from .grpo_base import SharedBaseGRPOTrainer, SharedBaseReward, scored_as_trained
 from .kway import (
     OnlinePlackettLuceConfig,
     OnlinePlackettLuceTrainer,
@@ -18,6 +18,7 @@ __all__ = [
     "SharedBaseCritic",
     "SharedBaseGRPOTrainer",
     "SharedBaseReward",
+    "scored_as_trained",
     "PlackettLuceDPOConfig",
     "PlackettLuceDPOTrainer",
     "PlackettLuceRewardConfig",
