@@ -7,7 +7,7 @@ TORCH_SPEC ?= torch==2.13.0
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 
-.PHONY: venv install-test install-demo test test-slow demo clean
+.PHONY: venv install-test install-demo test test-slow demo demo-frontier clean
 
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
@@ -32,6 +32,9 @@ test-slow: install-demo
 
 demo: install-demo
 	$(PY) -m demo --config recipes/configs/demo.yaml
+
+demo-frontier: install-demo
+	$(PY) -m demo.frontier --config recipes/configs/demo.yaml
 
 clean:
 	rm -rf $(VENV) outputs .pytest_cache

@@ -111,6 +111,14 @@ class DemoConfig:
     )
     ppo_args: dict = field(default_factory=dict, metadata={"help": "Arguments of recipes/ppo.py (its YAML keys)."})
     dpo_args: dict = field(default_factory=dict, metadata={"help": "Arguments of recipes/dpo.py (its YAML keys)."})
+    online_kway_args: dict = field(
+        default_factory=dict,
+        metadata={"help": "Arguments of recipes/online_kway.py (its YAML keys); `python -m demo.frontier` trains it."},
+    )
+    frontier_args: dict = field(
+        default_factory=dict,
+        metadata={"help": "FrontierSettings (rlhf_ext.frontier) of `python -m demo.frontier`: num_samples, ..."},
+    )
 
     def sampling(self) -> SamplingConfig:
         return SamplingConfig(max_new_tokens=self.max_new_tokens, temperature=self.temperature)
@@ -296,24 +304,37 @@ def make_plots(out: Path, policies: dict[str, dict], k: int, max_new_tokens: int
     return {title: str(path.relative_to(out)) for title, path in plots.items()}
 
 
-def main(cfg: DemoConfig) -> dict[str, Any]:
-    """Run every stage (reusing cached ones), then write metrics.json, plots and report.md; return the metrics."""
+def sampling_trainer_paths(out: Path, stages: dict[str, StageResult]) -> dict[str, str]:
+    """What PPO and online K-way train on: the base, the training prompts and the reward role of stage 2."""
+    return {
+        "model_name_or_path": stages["base"].summary["path"],
+        "dataset_name": str(out / "prompts" / "train.jsonl"),
+        "reward_adapter_path": stages["reward"].summary["role_dir"],
+    }
+
+
+def run_stages(cfg: DemoConfig) -> tuple[Path, PromptSplit, dict[str, StageResult], dict[str, PolicySamples]]:
+    """Stages 0-5, each reused when cached: (output folder, prompt split, stage results, held-out samples)."""
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
     out = Path(cfg.output_dir)
     split = demo_split(cfg.n_train_prompts, cfg.n_heldout_prompts)
     base = base_model_stage(cfg, out)
-    base_path = base.summary["path"]
     stages = {"base": base}
     stages["sample"] = sample_stage(cfg, out, base, split)
-    ranked_data = {"model_name_or_path": base_path, "dataset_name": str(out / "ranked")}
+    ranked_data = {"model_name_or_path": base.summary["path"], "dataset_name": str(out / "ranked")}
     stages["reward"] = recipe_stage("reward", cfg, out, [stages["sample"]], ranked_data, summarize_reward)
-    stages["ppo"] = recipe_stage("ppo", cfg, out, [stages["sample"], stages["reward"]], {
-        "model_name_or_path": base_path, "dataset_name": str(out / "prompts" / "train.jsonl"),
-        "reward_adapter_path": stages["reward"].summary["role_dir"],
-    }, summarize_policy)  # fmt: skip
+    stages["ppo"] = recipe_stage("ppo", cfg, out, [stages["sample"], stages["reward"]],
+                                 sampling_trainer_paths(out, stages), summarize_policy)  # fmt: skip
     stages["dpo"] = recipe_stage("dpo", cfg, out, [stages["sample"]], ranked_data, summarize_policy)
     stages["eval"], samples = eval_stage(cfg, out, base, {"ppo": stages["ppo"], "dpo": stages["dpo"]}, split)
+    return out, split, stages, samples
+
+
+def main(cfg: DemoConfig) -> dict[str, Any]:
+    """Run every stage (reusing cached ones), then write metrics.json, plots and report.md; return the metrics."""
+    out, split, stages, samples = run_stages(cfg)
+    base = stages["base"]
 
     metrics = {
         "base_model": base.summary["name"],

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-POLICY_LABELS = {"base": "base", "ppo": "PPO", "dpo": "K-way DPO"}
+POLICY_LABELS = {"base": "base", "ppo": "PPO", "dpo": "K-way DPO", "online_kway": "online K-way"}
 
 
 def policy_label(name: str) -> str:

@@ -83,7 +83,13 @@ class FrontierSettings:
     )
     policy_samples: int = field(default=4, metadata={"help": "Completions sampled from each policy per prompt."})
     max_new_tokens: int = field(default=64, metadata={"help": "Longest completion, in tokens."})
-    batch_size: int = field(default=8, metadata={"help": "Prompts per generate call (times the samples per prompt)."})
+    batch_size: int = field(
+        default=64,
+        metadata={
+            "help": "Sequences per generate call: batch_size // samples-per-prompt prompts (at least one), so the "
+            "reference's M samples and a policy's few fill calls alike."
+        },
+    )
     seed: int = field(default=0, metadata={"help": "Seed of every sampling run: the same seed gives the same report."})
     dtype: str = field(default="float32", metadata={"help": "dtype the models are loaded in.", "choices": DTYPES})
     trust_remote_code: bool = field(
@@ -392,8 +398,9 @@ def sample_and_score(
     """
     set_seed(settings.seed)
     samples = PolicySamples([], [], [], [], [], [])
-    for start in tqdm(range(0, len(records), settings.batch_size), desc=desc, unit="batch"):
-        chunk = records[start : start + settings.batch_size]
+    prompts_per_call = max(1, settings.batch_size // num_samples)
+    for start in tqdm(range(0, len(records), prompts_per_call), desc=desc, unit="batch"):
+        chunk = records[start : start + prompts_per_call]
         batch = sample_batch(model, tokenizer, [r["prompt"] for r in chunk], num_samples, settings.max_new_tokens)
         repeated = [record for record in chunk for _ in range(num_samples)]  # row i * S + j: sample j of prompt i
         prompts = [record["prompt"] for record in repeated]
@@ -464,6 +471,22 @@ def policy_point(
         settings=settings, reference=reference, desc=f"sampling {label}",
     )  # fmt: skip
     return point_of(label, samples)
+
+
+def best_of_n_at(best_of_n: list[BestOfNPoint], kl: float, reward: str = "gold") -> float | None:
+    """Best of n's `reward` at `kl`, linear between the measured n (in KL), None beyond its largest n: the curve a
+    trained policy at that KL should reach, since best of n needs no training at all. A KL below n = 1's (0: a
+    policy's Monte-Carlo estimate can fall just below) reads n = 1's value."""
+    points = sorted(best_of_n, key=lambda p: p.kl)
+    if not points or kl > points[-1].kl:
+        return None
+    if kl <= points[0].kl:
+        return getattr(points[0], reward)
+    for low, high in zip(points, points[1:]):
+        if kl <= high.kl:
+            share = (kl - low.kl) / (high.kl - low.kl)
+            return getattr(low, reward) + share * (getattr(high, reward) - getattr(low, reward))
+    return getattr(points[-1], reward)
 
 
 # -- the report -------------------------------------------------------------------------------------------------------
@@ -587,12 +610,28 @@ def draw_reference_curves(ax, report: FrontierReport, reward: str) -> None:
     )
 
 
+def policy_series(policies: list[PolicyPoint]) -> dict[str, list[PolicyPoint]]:
+    """Policies grouped by the part of their label before "@": "PPO@8", "PPO@16" are checkpoints of one run, drawn
+    as one curve in label order; a label without "@" is a series of its own."""
+    series: dict[str, list[PolicyPoint]] = {}
+    for point in policies:
+        series.setdefault(point.label.split("@")[0], []).append(point)
+    return series
+
+
 def draw_policies(ax, report: FrontierReport, reward: str) -> None:
-    """The reference (a star at KL 0) and each policy (a diamond with standard-error bars, labelled)."""
+    """The reference (a star at KL 0) and each policy (a diamond with standard-error bars), checkpoints of one run
+    joined by a line (`policy_series`) with their step written beside."""
     ax.plot(0.0, getattr(report.reference, reward), "*", color="black", markersize=11, label="reference")
-    for i, p in enumerate(report.policies):
-        ax.errorbar(p.kl, getattr(p, reward), xerr=p.kl_stderr, yerr=getattr(p, f"{reward}_stderr"), fmt="D",
-                    color=f"C{i + 2}", capsize=3, label=p.label)  # fmt: skip
+    for i, (name, points) in enumerate(policy_series(report.policies).items()):
+        kls, values = [p.kl for p in points], [getattr(p, reward) for p in points]
+        ax.errorbar(kls, values, xerr=[p.kl_stderr for p in points],
+                    yerr=[getattr(p, f"{reward}_stderr") for p in points], fmt="D-", color=f"C{i + 2}", capsize=3,
+                    linewidth=1, label=name)  # fmt: skip
+        for point in points:
+            if "@" in point.label:
+                ax.annotate(point.label.split("@", 1)[1], (point.kl, getattr(point, reward)),
+                            textcoords="offset points", xytext=(3, 4), fontsize=7, color=f"C{i + 2}")  # fmt: skip
 
 
 def frontier_figure(report: FrontierReport):

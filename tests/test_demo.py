@@ -78,3 +78,23 @@ def test_a_changed_setting_reruns_its_stage(demo, tiny_run, monkeypatch):
     monkeypatch.setattr(demo, "build_ranked_dataset", sampled_with)
     with pytest.raises(StageRan, match=str(config.k + 1)):
         demo.main(type(config)(**{**vars(config), "k": config.k + 1}))
+
+
+def test_frontier_draws_every_checkpoint_of_ppo_dpo_and_online_kway(tiny_run, monkeypatch):
+    """`python -m demo.frontier` on the demo's outputs: online K-way trains, and every checkpoint of the three runs is
+    a point of the frontier, with best of n and the optimum; a rerun samples nothing again."""
+    import demo.frontier as demo_frontier
+
+    config, _ = tiny_run
+    out = Path(config.output_dir)
+    rows = demo_frontier.main(config)["rows"]
+    labels = [row["policy"] for row in rows]
+    assert labels == ["reference", "PPO@1", "PPO@2", "K-way DPO@1", "K-way DPO@2", "online K-way@1", "online K-way@2"]
+    report = json.loads((out / "frontier" / "frontier.json").read_text())
+    assert [p["n"] for p in report["best_of_n"]] == [1, 2, 4] and len(report["kl_regularised_optimum"]) == 2
+    assert report["reference"]["kl"] == 0.0 and rows[0]["versus_best_of_n"] == pytest.approx(0.0, abs=1e-12)
+    assert (out / "plots" / "frontier.png").read_bytes()[:4] == b"\x89PNG"
+    assert "| online K-way@2 |" in (out / "frontier.md").read_text()
+
+    monkeypatch.setattr(demo_frontier, "frontier_report", lambda *a, **k: pytest.fail("the cached frontier reran"))
+    assert demo_frontier.main(config)["rows"] == rows

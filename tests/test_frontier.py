@@ -6,6 +6,7 @@ import itertools
 import json
 import math
 import re
+import warnings
 from pathlib import Path
 
 import pytest
@@ -135,7 +136,7 @@ def test_the_optimum_kl_stops_at_log_m_and_is_flagged_near_it():
 # -- a policy's point ------------------------------------------------------------------------------------------------
 
 
-SETTINGS = FrontierSettings(num_samples=1, best_of_n=1, policy_samples=4, max_new_tokens=6, batch_size=2, seed=0)
+SETTINGS = FrontierSettings(num_samples=1, best_of_n=1, policy_samples=4, max_new_tokens=6, batch_size=8, seed=0)
 TEXT_PROMPTS = ["abc", "hello there", "xy"]
 CHAT_PROMPTS = [[{"role": "user", "content": text}] for text in TEXT_PROMPTS]
 
@@ -300,7 +301,11 @@ def test_a_ppo_output_folder_and_its_checkpoint_are_policies(run_files, tmp_path
          "--max_completion_length", "4", "--max_steps", "2", "--num_ppo_epochs", "1", "--learning_rate", "1e-2",
          "--use_cpu", "true", "--save_strategy", "steps", "--save_steps", "1", "--disable_tqdm", "true"])  # fmt: skip
     policies = [f"final={out}", f"step2={out / 'checkpoint-2'}"]
-    assert cli(frontier_argv(run_files, tmp_path / "report", policies=policies)) == 0
+    # a checkpoint's policy records its base, as a role folder does, so it loads with the base check and no warning
+    assert (out / "checkpoint-2" / "policy" / "base_fingerprint.json").is_file()
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*does not record the base")
+        assert cli(frontier_argv(run_files, tmp_path / "report", policies=policies)) == 0
     final, step2 = json.loads((tmp_path / "report" / "frontier.json").read_text())["policies"]
     assert final == {**step2, "label": "final", "source": str(out)} and final["kl"] != 0.0
 
@@ -370,3 +375,25 @@ def test_bad_input_is_refused_before_any_model_loads(case, run_files, other_voca
     with pytest.raises(error, match=re.escape(message)):
         cli(frontier_argv(run_files, tmp_path, **{name: filled(value) for name, value in overrides.items()}))
     assert not (tmp_path / "frontier.json").exists()
+
+
+def test_best_of_n_at_interpolates_linearly_in_kl_and_stops_at_the_largest_n():
+    measured = ((1, 0.1), (2, 0.3), (4, 0.4))
+    points = [frontier.BestOfNPoint(n=n, kl=frontier.best_of_n_kl(n), gold=g, proxy=0.0) for n, g in measured]
+    middle = (points[1].kl + points[2].kl) / 2
+    assert frontier.best_of_n_at(points, 0.0) == pytest.approx(0.1)
+    assert frontier.best_of_n_at(points, -0.01) == pytest.approx(0.1)  # a Monte-Carlo KL just below 0
+    assert frontier.best_of_n_at(points, middle) == pytest.approx(0.35)
+    assert frontier.best_of_n_at(points, points[2].kl) == pytest.approx(0.4)
+    assert frontier.best_of_n_at(points, points[2].kl + 1e-6) is None
+
+
+def test_checkpoints_labelled_run_at_step_form_one_series_in_order():
+    def point(label):
+        return frontier.PolicyPoint(label=label, kl=0.0, kl_stderr=0.0, gold=0.0, gold_stderr=0.0, proxy=0.0,
+                                    proxy_stderr=0.0, num_completions=1)  # fmt: skip
+
+    series = frontier.policy_series([point("PPO@8"), point("DPO"), point("PPO@16")])
+    assert {name: [p.label for p in points] for name, points in series.items()} == {
+        "PPO": ["PPO@8", "PPO@16"], "DPO": ["DPO"]
+    }

@@ -23,6 +23,7 @@ import copy
 import functools
 import logging
 import numbers
+import os
 from collections.abc import Callable, Mapping
 from contextlib import contextmanager, nullcontext
 
@@ -38,6 +39,7 @@ from trl.trainer.utils import add_fused_lm_head, create_model_from_path, is_asyn
 from ..data.ranked import role_problem
 from ..distributed import check_engine_supports
 from ..models import SharedBase
+from ..models.fingerprint import write_base_fingerprint
 from ..models.role_checks import check_trainer_reward_models
 from ..models.scoring import reads_last_real_token, right_padded, sequence_classifier_scores
 from .fault_tolerance import FaultTolerantMixin
@@ -164,8 +166,10 @@ class SharedBaseGRPOTrainer(FaultTolerantMixin, GRPOTrainer):
         return scores_global[local].nan_to_num(0.0), scored_global[local]
 
     @contextmanager
-    def _saving_only_the_policy_adapter(self):
-        """While active, the shared base's peft model saves only the policy adapter (in `<output_dir>/policy`).
+    def _saving_only_the_policy_adapter(self, output_dir: str):
+        """While active, the shared base's peft model saves only the policy adapter (in `<output_dir>/policy`);
+        then the base's fingerprint is written beside it, so a checkpoint's policy loads with the base check that a
+        role folder gets (`rlhf_ext.models.fingerprint`).
 
         Trainer._save calls peft's `save_pretrained`, which writes every adapter, each but "default" in a subfolder
         named after it: the frozen reward adapter landed in `<output_dir>/reward` without its head, looking like a
@@ -183,6 +187,9 @@ class SharedBaseGRPOTrainer(FaultTolerantMixin, GRPOTrainer):
             yield
         finally:
             del peft_model.save_pretrained  # back to the class's method
+        if self.args.should_save:
+            policy_folder = os.path.join(output_dir, POLICY_ADAPTER)
+            write_base_fingerprint(peft_model, policy_folder, self.shared_base.base_model_name_or_path)
 
     def _prompts_known_upfront(self, dataset: Dataset) -> bool:
         """Whether the dataset's prompts are exactly what generation tokenizes (no environment, rollout function or

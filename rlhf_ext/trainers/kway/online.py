@@ -455,7 +455,8 @@ class OnlinePlackettLuceTrainer(SharedBaseGRPOTrainer):
     def _save(self, output_dir: str | None = None, state_dict=None):
         # Extends Trainer._save: on a shared base only the policy adapter is written (peft would also write the frozen
         # reward adapter without its head, and the unused value adapter: `_saving_only_the_policy_adapter`).
-        with self._saving_only_the_policy_adapter():
+        output_dir = output_dir if output_dir is not None else self.args.output_dir
+        with self._saving_only_the_policy_adapter(output_dir):
             super()._save(output_dir, state_dict=state_dict)
 
 

@@ -671,7 +671,7 @@ class PPOTrainer(SharedBaseGRPOTrainer):
         if state_dict is None:
             state_dict = self.accelerator.unwrap_model(self.model).state_dict()
         policy_state = {k: v for k, v in state_dict.items() if not k.startswith("value_model.")}
-        with self._saving_only_the_policy_adapter():
+        with self._saving_only_the_policy_adapter(output_dir):
             super()._save(output_dir, state_dict=policy_state)
         if self.args.should_save:
             # ZeRO-3: the live critic holds 1/N of each weight; save the whole values the Trainer gathered instead
