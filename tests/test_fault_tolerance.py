@@ -35,6 +35,7 @@ from rlhf_ext.trainers import (
     PlackettLuceDPOTrainer,
     PlackettLuceRewardConfig,
     PlackettLuceRewardTrainer,
+    fault_tolerance,
 )
 from rlhf_ext.trainers.fault_tolerance import RUN_FILE, CheckpointWarning
 from rlhf_ext.trainers.ppo.config import PPOConfig
@@ -204,6 +205,39 @@ def test_a_kill_while_saving_leaves_no_partial_checkpoint(tmp_path, monkeypatch)
     with pytest.raises(KeyboardInterrupt):
         trainer.train()
     assert checkpoints(out) == []  # before: checkpoint-2 with weights and no trainer_state.json
+
+
+def test_one_kill_while_saving_then_the_crash_save_writes_a_complete_checkpoint(tmp_path, monkeypatch):
+    """A single interrupt inside the save (the test above interrupts every save, the crash save included): the staged
+    folder is dropped, the crash handler saves the completed step again, and nothing partial is left."""
+    out = tmp_path / "out"
+    trainer = build("kway_dpo", out, max_steps=2, save_strategy="steps", save_steps=2)
+    save_rng_state, calls = trainer._save_rng_state, []
+
+    def interrupted_once(output_dir):
+        calls.append(output_dir)
+        if len(calls) == 1:
+            raise KeyboardInterrupt
+        save_rng_state(output_dir)
+
+    monkeypatch.setattr(trainer, "_save_rng_state", interrupted_once)
+    with pytest.raises(KeyboardInterrupt):
+        trainer.train()
+    assert len(calls) == 2 and checkpoints(out) == ["checkpoint-2"] and is_complete(out / "checkpoint-2")
+    assert not [p.name for p in out.iterdir() if p.name.startswith(fault_tolerance.STAGING_PREFIX)]
+
+
+def test_a_checkpoint_is_synced_to_disk_before_it_is_renamed_into_place(tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    synced, renamed = [], []
+    monkeypatch.setattr(fault_tolerance, "sync_path", lambda path: synced.append(Path(path)))
+    rename = os.rename
+    monkeypatch.setattr(fault_tolerance.os, "rename", lambda a, b: (renamed.append(len(synced)), rename(a, b)))
+    build("kway_dpo", out, max_steps=2, save_strategy="steps", save_steps=2).train()
+    staged = out / (fault_tolerance.STAGING_PREFIX + "checkpoint-2") / "checkpoint-2"
+    files = {staged / p.relative_to(out / "checkpoint-2") for p in (out / "checkpoint-2").rglob("*")}
+    assert files and files <= set(synced[: renamed[0]])  # every file and folder, before the rename
+    assert synced[-1] == out  # then the rename itself
 
 
 def test_rotation_never_keeps_a_partial_checkpoint_over_the_last_complete_one(tmp_path):

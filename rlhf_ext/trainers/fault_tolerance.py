@@ -725,12 +725,34 @@ def first_line(error: BaseException) -> str:
     return (str(error).strip().splitlines() or [type(error).__name__])[0]
 
 
+def sync_tree(folder: str) -> None:
+    """fsync every file under `folder`, then every folder (their entries), deepest first.
+
+    A rename is atomic but not durable: after a power loss or a kernel crash the renamed checkpoint could hold files
+    whose data never reached the disk. Syncing before the rename makes "checkpoint-N exists" imply "its bytes do".
+    """
+    for root, _, files in os.walk(folder, topdown=False):
+        for name in files:
+            sync_path(os.path.join(root, name))
+        sync_path(root)
+
+
+def sync_path(path: str) -> None:
+    """fsync one file or folder (a folder's fsync makes its entries durable, e.g. a rename into it)."""
+    descriptor = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+
+
 def publish(staged: str, final: str) -> None:
-    """Rename the complete `staged` folder to `final` (atomic on one file system).
+    """Rename the complete `staged` folder to `final` (atomic on one file system), durably (`sync_tree`).
 
     A `final` already there (a folder older code left half-written, or a checkpoint of the same step from an earlier
     run) is moved aside first and deleted after, so `final` is at every moment absent or complete.
     """
+    sync_tree(staged)
     if os.path.exists(final):
         aside = os.path.join(os.path.dirname(final), STAGING_PREFIX + "replaced-" + os.path.basename(final))
         shutil.rmtree(aside, ignore_errors=True)
@@ -739,3 +761,4 @@ def publish(staged: str, final: str) -> None:
         shutil.rmtree(aside, ignore_errors=True)
     else:
         os.rename(staged, final)
+    sync_path(os.path.dirname(final))
