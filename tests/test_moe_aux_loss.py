@@ -54,12 +54,12 @@ def own_aux_loss(model, batch: dict) -> float:
         return model(input_ids=input_ids, attention_mask=attention_mask, output_router_logits=True).aux_loss.item()
 
 
-def ppo(tmp_path, policy, coef):
+def ppo(tmp_path, policy, coef, gradient_checkpointing=False):
     torch.manual_seed(1)
     critic = AutoModelForSequenceClassification.from_config(tiny_llama_config(num_labels=1))
     args = PPOConfig(
         output_dir=str(tmp_path / f"ppo{coef}"), per_device_train_batch_size=4, max_completion_length=6, max_steps=1,
-        num_ppo_epochs=1, router_aux_loss_coef=coef, **RUN,
+        num_ppo_epochs=1, router_aux_loss_coef=coef, **{**RUN, "gradient_checkpointing": gradient_checkpointing},
     )  # fmt: skip
     return PPOTrainer(
         policy, reward_funcs=fraction_of_a, args=args, train_dataset=Dataset.from_dict({"prompt": PROMPTS * 2}),
@@ -67,10 +67,11 @@ def ppo(tmp_path, policy, coef):
     )  # fmt: skip
 
 
-def online(tmp_path, policy, coef):
+def online(tmp_path, policy, coef, gradient_checkpointing=False):
     args = OnlinePlackettLuceConfig(
         output_dir=str(tmp_path / f"online{coef}"), per_device_train_batch_size=4, num_generations=2,
-        max_completion_length=6, max_steps=1, router_aux_loss_coef=coef, **RUN,
+        max_completion_length=6, max_steps=1, router_aux_loss_coef=coef,
+        **{**RUN, "gradient_checkpointing": gradient_checkpointing},
     )  # fmt: skip
     return OnlinePlackettLuceTrainer(
         policy, reward_funcs=fraction_of_a, args=args, train_dataset=Dataset.from_dict({"prompt": PROMPTS * 2}),
@@ -88,10 +89,11 @@ def flat(batch: dict) -> dict:
 
 
 @pytest.mark.parametrize("build", [ppo, online], ids=["ppo", "online_kway"])
-@pytest.mark.parametrize("accumulation", [1, 2])
-def test_grpo_based_trainers_add_and_log_the_router_aux_loss(tmp_path, build, accumulation):
+@pytest.mark.parametrize(("accumulation", "checkpointing"), [(1, True), (2, False)])  # True: TRL's default
+def test_grpo_based_trainers_add_and_log_the_router_aux_loss(tmp_path, build, accumulation, checkpointing):
     policy = tiny_moe()
-    with_aux, without = build(tmp_path, policy, COEF), build(tmp_path, copy.deepcopy(policy), 0.0)
+    with_aux = build(tmp_path, policy, COEF, checkpointing)
+    without = build(tmp_path, copy.deepcopy(policy), 0.0, checkpointing)
     assert with_aux.aux_loss_enabled
     with_aux.model.train()
     without.model.train()

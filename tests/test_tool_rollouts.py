@@ -50,10 +50,11 @@ def tool_rollout(prompts, trainer):
     return {"prompt_ids": prompt_ids, "completion_ids": completion_ids, "logprobs": logprobs, "env_mask": env_mask}
 
 
-def online_trainer(tmp_path, **multi_turn):
+def online_trainer(tmp_path, gradient_checkpointing: bool = False, **multi_turn):
     args = OnlinePlackettLuceConfig(
-        output_dir=str(tmp_path / "online"), per_device_train_batch_size=2 * K, num_generations=K, dpo_beta=0.5, **RUN
-    )
+        output_dir=str(tmp_path / "online"), per_device_train_batch_size=2 * K, num_generations=K, dpo_beta=0.5,
+        **{**RUN, "gradient_checkpointing": gradient_checkpointing},
+    )  # fmt: skip
     return OnlinePlackettLuceTrainer(
         tiny_causal_lm(seed=0), reward_funcs=fewer_a_is_better, args=args,
         train_dataset=Dataset.from_dict({"prompt": PROMPTS * 4}), processing_class=left_tokenizer(), **multi_turn,
@@ -78,8 +79,9 @@ def policy_token_gradients(trainer, batch) -> tuple[torch.Tensor, torch.Tensor]:
     return captured["logps"].grad, grouped.reshape(-1, grouped.shape[-1])
 
 
-def test_online_kway_rollout_func_trains_only_on_the_policys_tokens(tmp_path):
-    trainer = online_trainer(tmp_path, rollout_func=tool_rollout)
+@pytest.mark.parametrize("gradient_checkpointing", [True, False])  # True: TRL's default
+def test_online_kway_rollout_func_trains_only_on_the_policys_tokens(tmp_path, gradient_checkpointing):
+    trainer = online_trainer(tmp_path, gradient_checkpointing, rollout_func=tool_rollout)
     trainer.model.train()
     trainer.current_gradient_accumulation_steps = 1
     batch = trainer._generate_and_score_completions([{"prompt": p} for p in PROMPTS for _ in range(K)])
@@ -129,8 +131,9 @@ def test_ppo_gae_runs_over_the_policys_tokens_bootstrapping_across_the_tool_outp
         assert torch.allclose(batch["returns"][row][policy[row]], returns[0], atol=1e-6)
 
 
-def test_ppo_rollout_func_trains_only_on_the_policys_tokens(tmp_path):
-    trainer = ppo_trainer(tmp_path, rollout_func=tool_rollout)
+@pytest.mark.parametrize("gradient_checkpointing", [True, False])  # True: TRL's default
+def test_ppo_rollout_func_trains_only_on_the_policys_tokens(tmp_path, gradient_checkpointing):
+    trainer = ppo_trainer(tmp_path, rollout_func=tool_rollout, gradient_checkpointing=gradient_checkpointing)
     trainer.model.train()
     trainer.current_gradient_accumulation_steps = 1
     batch = trainer._generate_and_score_completions([{"prompt": p} for p in PROMPTS for _ in range(K)])
