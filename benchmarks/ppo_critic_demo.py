@@ -50,6 +50,9 @@ logger = logging.getLogger("ppo_critic_demo")
 # critic, so the policy's first update sees a critic that has fitted one rollout.
 CRITIC = {"value_head_init": "first_rollout_mean", "value_learning_rate": 5.0e-3, "value_warmup_steps": 4}
 NO_VALUE_CLIP = {"cliprange_value": None}
+# The shared-base critic's fix of benchmarks/ppo_learning.py (docs/shared-base.md): a LoRA on the input embeddings
+# in the value adapter only, so the critic can move what the frozen embeddings hold fixed.
+VALUE_EMBEDDINGS = {"value_lora_embeddings": True}
 
 SETTINGS: dict[str, dict] = {
     "demo": {"lam": 1.0},  # the shipped demo PPO, as `make demo` trained it in --demo_dir/ppo: reused, not retrained
@@ -59,6 +62,8 @@ SETTINGS: dict[str, dict] = {
     "lam1.0+critic": {"lam": 1.0, **CRITIC},
     "lam0.95+critic+noclip": {"lam": 0.95, **CRITIC, **NO_VALUE_CLIP},
     "lam1.0+critic+noclip": {"lam": 1.0, **CRITIC, **NO_VALUE_CLIP},
+    "lam1.0+vemb": {"lam": 1.0, **VALUE_EMBEDDINGS},
+    "lam0.95+vemb": {"lam": 0.95, **VALUE_EMBEDDINGS},
 }
 
 ROLLOUT_KEYS = ("val/explained_variance", "val/explained_variance_mc", "objective/scores", "objective/kl")
