@@ -1,5 +1,5 @@
-"""Each prompt computed once: one K-way DPO training step today (K rows per list) vs shared prompts (one row per list,
-`shared_prompt=True`) vs shared and packed (every list of the step in one row), side by side in one run.
+"""Each prompt computed once: one K-way DPO training step today (K rows per list) vs shared prompts (one row per list)
+vs shared and packed (the lists grouped into rows as the trainers do, `rows_by_cost`), side by side in one run.
 
 A step is what `PlackettLuceDPOTrainer` runs for a batch: the policy forward with TRL's fused LM head, its backward,
 and the reference model's forward (a separate reference, full fine-tuning), through `trainer.compute_loss` and
@@ -25,8 +25,12 @@ backward (activations, parameters excluded, each storage once) and the peak resi
 start (Linux: /proc/self/clear_refs; approximate, as the allocator keeps some freed memory).
 
     python -m benchmarks.shared_prompt                 # K=4, the three datasets, 2 lists per step (~10 min, 1 core)
-    python -m benchmarks.shared_prompt --ks 2 4 8      # the whole grid (about 3x longer)
+    python -m benchmarks.shared_prompt --ks 2 4 8 --repeats 3   # the whole grid, medians of 3 (about 9x longer)
     python -m benchmarks.shared_prompt --quick         # 2 layers, half lengths, 1 dataset: about a minute
+
+The default times one step per variant after an untimed warm-up (a step is 10 s to a minute on one core; `--repeats`
+gives the median of several). One batch of `--lists_per_step` lists per (dataset, K), drawn with a fixed seed: the
+ratios move with the draw (how long the longest completion is), `--seed` draws another.
 
 Activation checkpointing is off (`--checkpointing` turns it on, TRL's default): it adds the same recomputation to
 every variant. A JSON copy of the table goes to benchmarks/results/shared_prompt[-quick].json.
@@ -36,6 +40,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import ctypes
 import math
 import platform
 import random
@@ -75,7 +80,7 @@ DATASETS = {
 MODEL = dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, num_key_value_heads=12,
              intermediate_size=2048, vocab_size=32000, tie_word_embeddings=True, max_position_embeddings=4096)
 QUICK_MODEL = {**MODEL, "num_hidden_layers": 2}
-VARIANTS = {"today": (False, False), "shared": (True, False), "shared+packed": (True, True)}
+VARIANTS = {"today": (False, False), "shared": (True, False), "shared+packed": (True, "auto")}
 
 
 def ranked_lists(dataset: str, k: int, num_lists: int, seed: int, scale: float, vocab: int) -> list[dict]:
@@ -125,7 +130,11 @@ def saved_for_backward(parameters):
 
 
 def reset_peak_rss() -> bool:
-    """Reset this process's peak RSS (VmHWM) to its current RSS; False where Linux's clear_refs is not writable."""
+    """Reset this process's peak RSS (VmHWM) to its current RSS, after handing the allocator's free memory back to the
+    system (glibc's malloc_trim, so that an earlier, larger step's freed pages do not hide this one's rise); False
+    where Linux's clear_refs is not writable."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
     try:
         Path("/proc/self/clear_refs").write_text("5")
         return True
@@ -182,7 +191,8 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--ks", type=int, nargs="+", default=None, help="list sizes K (default 4)")
     parser.add_argument("--datasets", nargs="+", default=None, choices=list(DATASETS))
     parser.add_argument("--lists_per_step", type=int, default=2, help="lists per training step (B)")
-    parser.add_argument("--repeats", type=int, default=None, help="timed steps per variant (median; default 2)")
+    parser.add_argument("--repeats", type=int, default=1, help="timed steps per variant (their median is reported)")
+    parser.add_argument("--seed", type=int, default=0, help="which lists are drawn")
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     parser.add_argument("--checkpointing", action="store_true", help="activation checkpointing on (TRL's default)")
     parser.add_argument("--output", type=Path, default=None, help="JSON results (default benchmarks/results/)")
@@ -192,13 +202,13 @@ def main(argv=None) -> list[dict]:
     model_settings, scale = (QUICK_MODEL, 0.5) if args.quick else (MODEL, 1.0)
     ks = args.ks or [4]
     datasets = args.datasets or (["UltraFeedback"] if args.quick else list(DATASETS))
-    repeats = args.repeats or (1 if args.quick else 2)
+    repeats = args.repeats
     with tempfile.TemporaryDirectory() as output_dir:
         trainer = build_trainer(model_settings, args.checkpointing, output_dir)
         parameters = sum(p.numel() for p in trainer.model.parameters())
         print(f"Llama {model_settings['num_hidden_layers']} layers x {model_settings['hidden_size']}, "
               f"vocab {model_settings['vocab_size']}: {parameters / 1e6:.1f}M parameters; {args.lists_per_step} lists "
-              f"per step, {repeats} timed steps per variant (median), 1 thread, checkpointing "
+              f"per step, median of {repeats} timed step(s) per variant, 1 thread, activation checkpointing "
               f"{'on' if args.checkpointing else 'off'}")
         warmup = trainer.data_collator(ranked_lists("HH-RLHF", 2, 1, seed=99, scale=0.1, vocab=32000))
         for variant in args.variants:  # first calls of each kernel and allocator pools, untimed
@@ -206,7 +216,7 @@ def main(argv=None) -> list[dict]:
         rows = []
         for dataset in datasets:
             for k in ks:
-                lists = ranked_lists(dataset, k, args.lists_per_step, seed=0, scale=scale,
+                lists = ranked_lists(dataset, k, args.lists_per_step, seed=args.seed, scale=scale,
                                      vocab=model_settings["vocab_size"])
                 batch = trainer.data_collator(lists)
                 results = [measure(trainer, batch, variant, repeats) for variant in args.variants]
@@ -220,8 +230,8 @@ def main(argv=None) -> list[dict]:
     print_table(rows)
     output = args.output or RESULTS_DIR / f"shared_prompt{'-quick' if args.quick else ''}.json"
     write_json(output, {"model": model_settings, "parameters": parameters, "lists_per_step": args.lists_per_step,
-                        "repeats": repeats, "checkpointing": args.checkpointing, "length_scale": scale,
-                        "machine": platform.processor() or platform.machine(), "rows": rows})
+                        "repeats": repeats, "seed": args.seed, "checkpointing": args.checkpointing,
+                        "length_scale": scale, "machine": platform.processor() or platform.machine(), "rows": rows})
     print(f"\nwrote {output}")
     return rows
 

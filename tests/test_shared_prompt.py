@@ -27,9 +27,11 @@ from rlhf_ext.models.shared_prompt import SharedPromptBatch, shared_prompt_block
 from rlhf_ext.ops.shared_prompt import (
     IGNORE_INDEX,
     attention_allowed,
+    block_lengths,
     gather_shared,
     layout_problem,
     next_token_labels,
+    rows_by_cost,
     shared_prompt_layout,
 )
 from rlhf_ext.testing import randomize_lora, tiny_causal_lm, tiny_llama_config, tiny_tokenizer
@@ -75,13 +77,15 @@ def collated(records=TOKENIZED):
     return collator([{**r, "num_ranked": len(r["completion_ids"]) - 1} for r in records])
 
 
-@pytest.mark.parametrize("pack", [False, True], ids=["row_per_list", "packed"])
-def test_each_shared_token_sees_exactly_its_unshared_context_at_the_same_positions(pack):
+@pytest.mark.parametrize("rows", [None, [[0, 1, 2]], [[0, 2], [1]]], ids=["row_per_list", "one_row", "two_rows"])
+def test_each_shared_token_sees_exactly_its_unshared_context_at_the_same_positions(rows):
     """For every token of the shared rows, read from (n, t): the (position, id) pairs of the keys it may attend to are
     exactly those of row n's tokens 0..t unshared. This pins the mask and the positions together."""
     batch = collated()
     layout = shared_prompt_layout(batch["attention_mask"], batch["completion_mask"], batch["num_completions"],
-                                  pack=pack)
+                                  rows=rows)
+    blocks = block_lengths(batch["attention_mask"], batch["completion_mask"], batch["num_completions"])
+    assert blocks == [int((layout.block == b).sum()) for b in range(len(TOKENIZED))]
     ids = gather_shared(batch["input_ids"], layout, fill=-1)
     allowed = attention_allowed(layout)[:, 0]
     checked = 0
@@ -175,7 +179,7 @@ def first_batch(trainer):
     return trainer.data_collator([dataset[i] for i in range(len(dataset))])
 
 
-def loss_grads_metrics(trainer, batch, setting: bool, pack: bool = False):
+def loss_grads_metrics(trainer, batch, setting: bool, pack: bool | str = "auto"):
     """Loss, every trainable parameter's gradient and the logged metrics of one training forward + backward."""
     trainer._shared_prompt = SharedPromptSwitch(setting, scores=isinstance(trainer, PlackettLuceRewardTrainer),
                                                 pack=pack)
@@ -191,18 +195,20 @@ def loss_grads_metrics(trainer, batch, setting: bool, pack: bool = False):
     return loss.detach(), grads, metrics
 
 
-def assert_same_training_step(trainer, batch, pack: bool = False):
+def assert_same_training_step(trainer, batch, packs=(False, "auto")):
+    """The shared step (each list its own row; the lists grouped into rows as in training) equals the unshared one."""
     loss, grads, metrics = loss_grads_metrics(trainer, batch, False)
-    shared_loss, shared_grads, shared_metrics = loss_grads_metrics(trainer, batch, True, pack)
     assert loss != 0 and torch.isfinite(loss)
-    torch.testing.assert_close(shared_loss, loss, rtol=1e-5, atol=0)
-    assert grads.keys() == shared_grads.keys() and grads
-    for name, grad in grads.items():
-        difference = (shared_grads[name] - grad).norm()
-        assert difference <= 1e-5 * grad.norm() + 1e-12, f"{name}: |shared - unshared| = {difference:.3g}"
-    assert shared_metrics.keys() == metrics.keys()
-    for name, value in metrics.items():
-        assert shared_metrics[name] == pytest.approx(value, rel=1e-5, abs=1e-6), name
+    for pack in packs:
+        shared_loss, shared_grads, shared_metrics = loss_grads_metrics(trainer, batch, True, pack)
+        torch.testing.assert_close(shared_loss, loss, rtol=1e-5, atol=0)
+        assert grads.keys() == shared_grads.keys() and grads
+        for name, grad in grads.items():
+            difference = (shared_grads[name] - grad).norm()
+            assert difference <= 1e-5 * grad.norm() + 1e-12, f"pack={pack}, {name}: differs by {difference:.3g}"
+        assert shared_metrics.keys() == metrics.keys()
+        for name, value in metrics.items():
+            assert shared_metrics[name] == pytest.approx(value, rel=1e-5, abs=1e-6), (pack, name)
 
 
 @pytest.mark.parametrize("checkpointing", CHECKPOINTING, ids=list(CHECKPOINTING))
@@ -233,8 +239,19 @@ def test_packed_rows_and_eager_attention_are_exact_too(tmp_path, attention):
     reward = reward_trainer(tmp_path, TOKENIZED)
     reward.model.config._attn_implementation = attention
     for trainer in (dpo, reward):
-        for pack in (False, True):
-            assert_same_training_step(trainer, first_batch(trainer), pack=pack)
+        assert_same_training_step(trainer, first_batch(trainer), packs=(False, True, "auto"))
+
+
+def test_lists_share_a_row_only_where_the_cost_model_says_it_saves():
+    span = 4608.0  # hidden 768, intermediate 2048
+    assert rows_by_cost([1000, 1000, 1000, 1000], span) == [[0], [1], [2], [3]]  # nothing to save, attention grows
+    assert rows_by_cost([1963, 762], span) == [[0, 1]]  # long-tailed: the padding costs more than the attention
+    assert rows_by_cost([3000, 2900, 200, 150], span) == [[0, 3], [1, 2]]  # the short ones fill the long rows
+    for lengths in ([5, 300, 40, 41, 900, 2], [64] * 8, [4000, 10]):
+        rows = rows_by_cost(lengths, span)
+        width = max(sum(lengths[b] for b in row) for row in rows)
+        assert len(rows) * width * (1 + width / span) <= len(lengths) * max(lengths) * (1 + max(lengths) / span)
+        assert sorted(b for row in rows for b in row) == list(range(len(lengths)))
 
 
 @pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
@@ -344,5 +361,7 @@ def test_shared_prompt_batch_is_built_from_the_collators_keys():
     assert shared.input_ids.shape[0] == len(TOKENIZED)  # one row per list
     assert shared.allowed.shape == (len(TOKENIZED), 1, shared.input_ids.shape[1], shared.input_ids.shape[1])
     assert SharedPromptBatch.from_inputs(batch, pack=True).input_ids.shape[0] == 1
+    assert SharedPromptBatch.from_inputs(batch, pack=1e9).input_ids.shape[0] == 1  # attention free: all in one row
+    assert SharedPromptBatch.from_inputs(batch, pack=1e-9).input_ids.shape[0] == 3  # attention dear: row per list
     padded = SharedPromptBatch.from_inputs(batch, pad_to_multiple_of=8)
     assert padded.input_ids.shape[1] % 8 == 0 and padded.layout.num_tokens == shared.layout.num_tokens

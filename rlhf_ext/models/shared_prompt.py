@@ -24,10 +24,12 @@ from ..ops.shared_prompt import (
     IGNORE_INDEX,
     SharedPromptLayout,
     attention_allowed,
+    block_lengths,
     gather_shared,
     layout_problem,
     next_token_labels,
     read_last_tokens,
+    rows_by_cost,
     scatter_to_unshared,
     shared_prompt_layout,
 )
@@ -111,6 +113,25 @@ def shared_prompt_blocker(model: nn.Module, *, max_length: int | None, scores: b
     return None
 
 
+def attention_span(model: nn.Module) -> float | None:
+    """The row width W at which a token's attention costs its linear layers, per layer, with a dense mask:
+
+        4 * heads * head_dim * W  (scores and values)  =  2 * (2 H heads head_dim + 2 H kv_heads head_dim + 3 H I)
+
+    (a gated MLP of intermediate size I assumed). 4608 for hidden 768 / intermediate 2048. None when the config
+    does not say (then each list keeps its own row)."""
+    try:
+        text = unwrap(model).config.get_text_config()
+        hidden, heads = int(text.hidden_size), int(text.num_attention_heads)
+        head_dim = int(getattr(text, "head_dim", None) or hidden // heads)
+        kv_heads = int(getattr(text, "num_key_value_heads", None) or heads)
+        intermediate = int(getattr(text, "intermediate_size", None) or 4 * hidden)
+    except (AttributeError, TypeError, ValueError, ZeroDivisionError):
+        return None
+    per_layer = 2 * hidden * heads * head_dim + 2 * hidden * kv_heads * head_dim + 3 * hidden * intermediate
+    return 2 * per_layer / (4 * heads * head_dim)
+
+
 def model_attention_mask(allowed: torch.Tensor, model: nn.Module) -> torch.Tensor:
     """The 4-D mask [R, 1, L, L] in the format `model`'s attention reads: bool for sdpa, additive float for eager."""
     base = unwrap(model)
@@ -136,10 +157,17 @@ class SharedPromptBatch:
     allowed: torch.Tensor
 
     @classmethod
-    def from_inputs(cls, inputs: dict, *, pack: bool = False, pad_to_multiple_of: int | None = None):
-        """Build from the K-way collator's keys (input_ids, attention_mask, completion_mask, num_completions)."""
-        layout = shared_prompt_layout(inputs["attention_mask"], inputs["completion_mask"], inputs["num_completions"],
-                                      pack=pack, pad_to_multiple_of=pad_to_multiple_of)
+    def from_inputs(cls, inputs: dict, *, pack: bool | float = False, pad_to_multiple_of: int | None = None):
+        """Build from the K-way collator's keys (input_ids, attention_mask, completion_mask, num_completions).
+
+        pack: False, one row per list; True, every list in one row; a number, the `attention_span` by which
+        `rows_by_cost` groups the lists into rows."""
+        masks = inputs["attention_mask"], inputs["completion_mask"], inputs["num_completions"]
+        if pack is True or pack is False:
+            rows = [list(range(len(inputs["num_completions"])))] if pack else None
+        else:
+            rows = rows_by_cost(block_lengths(*masks), float(pack))
+        layout = shared_prompt_layout(*masks, rows=rows, pad_to_multiple_of=pad_to_multiple_of)
         labels = next_token_labels(inputs["input_ids"], inputs["completion_mask"])
         return cls(
             layout=layout,

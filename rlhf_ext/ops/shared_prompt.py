@@ -26,8 +26,9 @@ gather with repeats outside the model's forward; repeating the token costs K - 1
 with its fused LM head, run unchanged.) A reward model's score of c_k is read at segment k's last token, the unshared
 row's last real token.
 
-Packing (`pack=True`) puts every list of the batch in one row, blocks side by side, a token attending only within its
-block: padding-free, at the cost of a dense mask over the packed length (docs/kway.md, "Each prompt computed once").
+Packing puts several lists' blocks side by side in one row, a token attending only within its block (positions restart
+with each block): less padding, at the cost of a dense mask over the packed row. `rows_by_cost` chooses how many rows
+by a cost model in which one row per list is always a candidate (docs/kway.md, "Each prompt computed once").
 
 Everything here is an index computed from the unshared batch: the shared row is a gather of it, so it holds only
 tokens of the batch at positions they had there, and per-token results scatter back to the unshared shape.
@@ -35,6 +36,7 @@ tokens of the batch at positions they had there, and per-token results scatter b
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -117,8 +119,46 @@ def layout_problem(input_ids: torch.Tensor, attention_mask: torch.Tensor, comple
     return None
 
 
+def block_lengths(attention_mask: torch.Tensor, completion_mask: torch.Tensor,
+                  num_completions: torch.Tensor) -> list[int]:
+    """Tokens of each list's block: L_b = max(P_b - 1, 0) + sum_k (P_b + R_{b,k} - max(P_b - 1, 0))."""
+    prompt_lengths, lengths = prompt_and_sequence_lengths(attention_mask, completion_mask)
+    first = torch.cumsum(num_completions, 0) - num_completions
+    shared = (prompt_lengths[first] - 1).clamp(min=0)
+    per_sequence = lengths - torch.repeat_interleave(shared, num_completions)
+    totals = torch.zeros_like(shared).index_add_(0, torch.repeat_interleave(
+        torch.arange(len(num_completions), device=shared.device), num_completions), per_sequence)
+    return (shared + totals).tolist()
+
+
+def rows_by_cost(lengths: list[int], attention_span: float) -> list[list[int]]:
+    """Which lists share a row: the grouping with the least modelled cost among r = 1 .. B rows,
+
+        cost(r) = r * W_r * (1 + W_r / attention_span)        W_r: the width of the r rows (their fullest fill)
+
+    each filled longest block first, each block into the emptiest row (so r = B is one row per list, and nothing is
+    chosen that the model says costs more). A row of width W costs W positions of linear layers plus, with a dense
+    mask, W^2 query-key pairs; `attention_span` is the width at which the two are equal (`attention_span` of
+    `rlhf_ext.models.shared_prompt`). Returns the list indices of each row.
+    """
+    order = sorted(range(len(lengths)), key=lambda b: -lengths[b])
+    best, best_cost = [[b] for b in range(len(lengths))], math.inf
+    for r in range(1, len(lengths) + 1):
+        rows, fills = [[] for _ in range(r)], [0] * r
+        for b in order:
+            emptiest = min(range(r), key=fills.__getitem__)
+            rows[emptiest].append(b)
+            fills[emptiest] += lengths[b]
+        width = max(fills)
+        cost = r * width * (1 + width / attention_span)
+        if cost < best_cost:
+            best, best_cost = [sorted(row) for row in rows], cost
+    return best
+
+
 def shared_prompt_layout(attention_mask: torch.Tensor, completion_mask: torch.Tensor, num_completions: torch.Tensor,
-                         *, pack: bool = False, pad_to_multiple_of: int | None = None) -> SharedPromptLayout:
+                         *, rows: list[list[int]] | None = None,
+                         pad_to_multiple_of: int | None = None) -> SharedPromptLayout:
     """The shared-prompt layout of an unshared K-way batch (checked by `layout_problem` first).
 
     Block b, for list b with prompt length P and sequences n_1..n_K (n_1 = its first row), reads
@@ -127,8 +167,8 @@ def shared_prompt_layout(attention_mask: torch.Tensor, completion_mask: torch.Te
         segment k    (n_k, t) for t = max(P-1, 0) .. P + R_k - 1     segment k      (k = 1..K)
 
     With P = 0 there is no prompt token to repeat: a segment starts with its completion, whose first token, as in the
-    unshared row, has no predecessor to be read from. Rows: one per list (pad to the longest block), or with `pack`
-    one row holding every block.
+    unshared row, has no predecessor to be read from. `rows`: the lists of each row (`rows_by_cost`; [[0, .., B-1]]
+    packs all in one row); None is one row per list. Rows are padded to the widest.
     """
     prompt_lengths, lengths = prompt_and_sequence_lengths(attention_mask, completion_mask)
     device = attention_mask.device
@@ -151,7 +191,10 @@ def shared_prompt_layout(attention_mask: torch.Tensor, completion_mask: torch.Te
                 ends.append((b, offset - 1))
         blocks.append((sequence, position, segment))
         first += size
-    rows = [blocks] if pack else [[block] for block in blocks]
+    row_lists = [[b] for b in range(len(blocks))] if rows is None else rows
+    if sorted(b for row in row_lists for b in row) != list(range(len(blocks))):
+        raise ValueError(f"rows {row_lists} must hold each of the {len(blocks)} lists once")
+    rows = [[blocks[b] for b in row] for row in row_lists]
     width = max(sum(len(seq) for seq, _, _ in row) for row in rows)
     if pad_to_multiple_of:
         width = -(-width // pad_to_multiple_of) * pad_to_multiple_of
@@ -160,18 +203,15 @@ def shared_prompt_layout(attention_mask: torch.Tensor, completion_mask: torch.Te
     source_position = torch.zeros(shape, dtype=torch.long)
     segment_ids = torch.full(shape, -1, dtype=torch.long)
     block_ids = torch.full(shape, -1, dtype=torch.long)
-    block_row, block_start = [], []
-    b = 0
-    for r, row in enumerate(rows):
+    block_row, block_start = {}, {}
+    for r, (row, members) in enumerate(zip(rows, row_lists)):
         column = 0
-        for sequence, position, segment in row:
+        for b, (sequence, position, segment) in zip(members, row):
             span = slice(column, column + len(sequence))
             source_sequence[r, span], source_position[r, span], segment_ids[r, span] = sequence, position, segment
             block_ids[r, span] = b
-            block_row.append(r)
-            block_start.append(column)
+            block_row[b], block_start[b] = r, column
             column += len(sequence)
-            b += 1
     last_token = torch.tensor([(block_row[b], block_start[b] + end) for b, end in ends], dtype=torch.long)
     return SharedPromptLayout(
         source_sequence=source_sequence.to(device), source_position=source_position.to(device),

@@ -19,7 +19,7 @@ from trl.trainer.utils import get_config_model_id, global_then_local_main_first,
 from ...data import TIE_POLICIES, DataCollatorForRankedPreference, StreamCounts, prepare_ranked_dataset
 from ...data.prepare import check_not_empty
 from ...data.ranked import check_field_mapping
-from ...models.shared_prompt import SharedPromptBatch, shared_prompt_blocker
+from ...models.shared_prompt import SharedPromptBatch, attention_span, shared_prompt_blocker
 from ..checkpointing_name import ActivationCheckpointingByDefault
 from ..config_checks import COMMON_RULES, COUNT, check_fields, warn_if_warmup_outlasts_run
 from ..hub_token import NoStoredHubToken
@@ -305,13 +305,15 @@ class SharedPromptSwitch:
     reference precompute, inside TRL's `__init__`, may come first): None turns the layout off with one log line where
     a model cannot run it exactly, True raises a ValueError there. Each batch is checked too (`layout_problem`: right
     padded rows, one prompt per list); a batch that fails runs unshared (None, one log line for the run) or raises
-    (True). `pack` (not a config field, see the docs) puts every list of a batch in one row.
+    (True). `pack`: "auto" groups a batch's lists into rows by the cost model of `rlhf_ext.ops.shared_prompt.
+    rows_by_cost` (one row per list among the candidates), False gives each list its own row, True puts all in one.
     """
 
-    def __init__(self, setting: bool | None, *, scores: bool, pack: bool = False):
+    def __init__(self, setting: bool | None, *, scores: bool, pack: bool | str = "auto"):
         self.setting, self.scores, self.pack = setting, scores, pack
         self.active: bool | None = None if setting is not False else False
         self._logged_batch = False
+        self._span: float | None = None
 
     def decide(self, trainer) -> bool:
         """On or off for this trainer's models (policy, and a separate reference model), once."""
@@ -326,6 +328,7 @@ class SharedPromptSwitch:
             if reason is not None:
                 logger.warning("shared_prompt: off (each prompt is computed once per completion): %s", reason)
             self.active = reason is None
+            self._span = attention_span(trainer.model)
         return self.active
 
     def batch(self, inputs: dict, trainer) -> SharedPromptBatch | None:
@@ -341,7 +344,8 @@ class SharedPromptSwitch:
                 logger.warning("shared_prompt: a batch runs unshared, and so will any other like it: %s", problem)
                 self._logged_batch = True
             return None
-        return SharedPromptBatch.from_inputs(inputs, pack=self.pack, pad_to_multiple_of=trainer.args.pad_to_multiple_of)
+        pack = self.pack if self.pack != "auto" else (self._span if self._span is not None else False)
+        return SharedPromptBatch.from_inputs(inputs, pack=pack, pad_to_multiple_of=trainer.args.pad_to_multiple_of)
 
 
 @contextlib.contextmanager
