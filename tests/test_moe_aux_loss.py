@@ -134,3 +134,14 @@ def test_plackett_luce_dpo_logs_the_aux_loss_trl_logs_and_adds_it(tmp_path):
     assert got["eval_aux_loss"] > 0 and "eval_aux_loss" not in without
     assert got["eval_loss"] == pytest.approx(expected["eval_loss"], rel=1e-5)
     assert got["eval_loss"] - without["eval_loss"] == pytest.approx(COEF * got["eval_aux_loss"], rel=1e-4)
+
+
+def test_shared_prompts_are_refused_while_the_router_loss_is_on(tmp_path):
+    """The router loss averages over every token the model sees, so with each prompt computed once it would change:
+    shared_prompt=True is refused (None runs unshared, the test above)."""
+    args = dpo_args(tmp_path, PlackettLuceDPOConfig, router_aux_loss_coef=COEF, shared_prompt=True)
+    with pytest.raises(ValueError, match=r"shared_prompt=True.*router load-balancing loss is on"):
+        PlackettLuceDPOTrainer(
+            model=tiny_moe(0), ref_model=tiny_moe(1), args=args, train_dataset=Dataset.from_list(PAIRS),
+            eval_dataset=Dataset.from_list(PAIRS), processing_class=tiny_tokenizer(),
+        ).evaluate()

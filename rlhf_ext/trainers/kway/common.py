@@ -322,6 +322,12 @@ class SharedPromptSwitch:
             reason = next((r for m in models
                            if (r := shared_prompt_blocker(m, max_length=trainer.args.max_length, scores=self.scores))),
                           None)
+            if reason is None and getattr(trainer, "aux_loss_enabled", False):
+                # TRL turns the router loss on from the config's field and router_aux_loss_coef, whatever the field's
+                # value (`shared_prompt_blocker` sees only a model that already returns router logits)
+                reason = (f"the MoE router load-balancing loss is on (router_aux_loss_coef="
+                          f"{trainer.router_aux_loss_coef}); it averages over the tokens, and counts each prompt "
+                          "token K times unshared")
             if reason is not None and self.setting:
                 raise ValueError(f"shared_prompt=True, but computing each prompt once cannot be exact here: {reason}. "
                                  "Set shared_prompt=None (on where exact) or False.")
