@@ -235,7 +235,7 @@ def estimate(config, stage: str = "ppo", bits: int = 16, lora_r: int = 16, batch
              gradient_checkpointing: bool = True, device: str = "cuda", optimizer: str = "adamw_torch",
              compute_dtype: str | None = None, target_modules=None,
              value_layout: str = "own_adapter", policy_lm_head: str = "frozen",
-             value_lora_embeddings: bool = False) -> MemoryEstimate:
+             value_lora_embeddings: bool = False, shared_prompt: bool = True) -> MemoryEstimate:
     """Predicted peak memory of one training step of `stage` ("ppo", "dpo" or "reward") on a base of `config`.
 
     bits: 32 (float32 base), 16 (bfloat16 base), 8 or 4 (bitsandbytes, computing in `compute_dtype`, by
@@ -247,6 +247,8 @@ def estimate(config, stage: str = "ppo", bits: int = 16, lora_r: int = 16, batch
     trains a copy of the LM head, counted in `adapters_optimizer` by `policy_head_bytes`).
     value_lora_embeddings: `SharedBaseArguments.value_lora_embeddings` (PPO with a value adapter): the value role's
     LoRA on the input embeddings, counted in `adapters_optimizer` by `embedding_lora_bytes`.
+    shared_prompt: the K-way trainers' `shared_prompt` (on by default where exact): each list runs as one row that
+    holds its prompt once (`kway_rows`), with a boolean [L, L] attention mask per row.
     """
     if stage not in STAGES:
         raise ValueError(f"stage must be one of {STAGES}, got {stage!r}")
@@ -274,8 +276,13 @@ def estimate(config, stage: str = "ppo", bits: int = 16, lora_r: int = 16, batch
     if value_lora_embeddings and value_adapter:
         adapters_optimizer += embedding_lora_bytes(config, lora_r, adapter, optimizer)
 
-    length = prompt_length + completion_length
-    sequences = batch_size * (num_completions if stage in ("dpo", "reward") else 1)
+    kway = stage in ("dpo", "reward")
+    shared = kway and shared_prompt
+    if kway:
+        sequences, length = kway_rows(batch_size, prompt_length, completion_length, num_completions, shared)
+    else:
+        sequences, length = batch_size, prompt_length + completion_length
+    labelled = completion_length * (num_completions if shared else 1)  # completion tokens per row
     forwards = 1 + value_adapter  # PPO with a value adapter: policy and value forwards before one backward
     tokens = sequences * length
     per_layer = saved_bytes_per_token_per_layer(config, compute, lora_r, length, target_modules)
@@ -285,8 +292,9 @@ def estimate(config, stage: str = "ppo", bits: int = 16, lora_r: int = 16, batch
         activations = inputs + per_layer * tokens  # one layer rebuilt at a time
     else:
         activations = forwards * tokens * layers * per_layer
-    logits = 0 if stage == "reward" else fused_head_bytes(config.vocab_size, sequences, length, completion_length,
-                                                          device, stage)
+    if shared:
+        activations += sequences * length * length  # the rows' boolean 4-D attention mask, one byte a pair
+    logits = 0 if stage == "reward" else fused_head_bytes(config.vocab_size, sequences, length, labelled, device, stage)
     return MemoryEstimate(
         stage=stage,
         weights=_weights_bytes(counts, bits, compute, adapters_held, adapter),
@@ -295,6 +303,16 @@ def estimate(config, stage: str = "ppo", bits: int = 16, lora_r: int = 16, batch
         logits=int(logits),
         runtime=CPU_RUNTIME_BYTES if device == "cpu" else 0,
     )
+
+
+def kway_rows(batch_size: int, prompt_length: int, completion_length: int, num_completions: int,
+              shared_prompt: bool) -> tuple[int, int]:
+    """(rows, tokens per row) of a K-way step's forward. Unshared: B x K rows of P + R. Shared
+    (rlhf_ext/ops/shared_prompt.py): B rows of P - 1 + K (1 + R), the prompt once and its last token repeated at the
+    head of each completion's segment."""
+    if shared_prompt:
+        return batch_size, prompt_length - 1 + num_completions * (1 + completion_length)
+    return batch_size * num_completions, prompt_length + completion_length
 
 
 def embedding_lora_bytes(config, lora_r: int, adapter: torch.dtype, optimizer: str = "adamw_torch") -> int:
@@ -373,11 +391,13 @@ def assumptions(**kwargs) -> str:
     defaults = {name: p.default for name, p in inspect.signature(estimate).parameters.items() if name != "config"}
     s = {**defaults, **kwargs}
     tokens = f"(prompt {s['prompt_length']} tokens + completion {s['completion_length']} tokens)"
+    layout = "each prompt computed once" if s["shared_prompt"] else "each completion its own row"
     return (
         f"Predicted peak memory of one training step, in GiB; yes/no: fits a GPU of that size with 10% kept free.\n"
         f"Assumed: PPO batch {s['batch_size']} prompts x {tokens}; K-way DPO and reward batch {s['batch_size']} "
-        f"lists x K = {s['num_completions']} x {tokens}; {s['bits']}-bit base, LoRA r {s['lora_r']}, gradient "
-        f"checkpointing {'on' if s['gradient_checkpointing'] else 'off'}, {s['optimizer']}."
+        f"lists x K = {s['num_completions']} x {tokens}, {layout}; "
+        f"{s['bits']}-bit base, LoRA r {s['lora_r']}, gradient checkpointing "
+        f"{'on' if s['gradient_checkpointing'] else 'off'}, {s['optimizer']}."
     )
 
 
@@ -421,6 +441,8 @@ def main(argv=None) -> None:
                         help="the policy's LM head: the base's, or a trainable copy (PPO and DPO)")
     parser.add_argument("--value_lora_embeddings", action="store_true",
                         help="PPO's value adapter also has LoRA on the input embeddings")
+    parser.add_argument("--no_shared_prompt", action="store_true",
+                        help="K-way DPO and reward with shared_prompt=False: each completion's row holds the prompt")
     args = parser.parse_args(argv)
     try:
         config = load_config(args.model)
@@ -431,7 +453,7 @@ def main(argv=None) -> None:
                 prompt_length=args.prompt_length, completion_length=args.completion_length,
                 num_completions=args.num_completions, gradient_checkpointing=not args.no_gradient_checkpointing,
                 optimizer=args.optim, value_layout=args.value_layout, policy_lm_head=args.policy_lm_head,
-                value_lora_embeddings=args.value_lora_embeddings))
+                value_lora_embeddings=args.value_lora_embeddings, shared_prompt=not args.no_shared_prompt))
 
 
 if __name__ == "__main__":

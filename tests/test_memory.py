@@ -1,6 +1,7 @@
 """The memory estimate's parts against independent counts; its validation against measured runs is in
 docs/benchmarks.md (benchmarks/real_size.py)."""
 
+import pytest
 import torch
 from peft import get_peft_model
 
@@ -68,6 +69,24 @@ def test_terms_scale_as_worked_by_hand():
     assert checkpointed.activations < plain.activations
     assert est(gradient_checkpointing=False, batch_size=4).activations == 2 * plain.activations
     assert est(stage="reward").logits == 0 and est(stage="dpo").adapters_optimizer == fp32.adapters_optimizer // 2
+
+
+@pytest.mark.parametrize("stage", ["dpo", "reward"])
+def test_shared_prompts_count_one_row_per_list_and_its_mask(stage):
+    """B lists of K completions: unshared B x K rows of P + R tokens; shared B rows of P - 1 + K (1 + R) tokens (the
+    prompt once, its last token at the head of each segment) and a boolean L x L mask per row, worked by hand."""
+    B, K, P, R = 3, 4, 20, 6
+    args = dict(stage=stage, bits=32, lora_r=4, batch_size=B, prompt_length=P, completion_length=R, num_completions=K,
+                device="cuda", gradient_checkpointing=False)  # fmt: skip
+    unshared, shared = estimate(CONFIG, **args, shared_prompt=False), estimate(CONFIG, **args)
+    length = P - 1 + K * (1 + R)
+    per_layer = saved_bytes_per_token_per_layer(CONFIG, torch.float32, 4, length)
+    assert shared.activations == int(B * length * 3 * per_layer + B * length**2)
+    per_layer_unshared = saved_bytes_per_token_per_layer(CONFIG, torch.float32, 4, P + R)
+    assert unshared.activations == int(B * K * (P + R) * 3 * per_layer_unshared)
+    assert shared.activations < unshared.activations
+    if stage == "dpo":  # the fused head projects the same B x K x R labelled tokens on a GPU
+        assert shared.logits == unshared.logits
 
 
 def test_estimate_of_a_shared_base_counts_its_real_adapters():
