@@ -19,6 +19,8 @@ from trl.trainer.utils import get_config_model_id, global_then_local_main_first,
 from ...data import TIE_POLICIES, DataCollatorForRankedPreference, StreamCounts, prepare_ranked_dataset
 from ...data.prepare import check_not_empty
 from ...data.ranked import check_field_mapping
+from ...distributed import check_engine_supports
+from ...models.quantization import match_trainable_dtype
 from ...models.shared_prompt import SharedPromptBatch, attention_span, shared_prompt_blocker
 from ..checkpointing_name import ActivationCheckpointingByDefault
 from ..config_checks import COMMON_RULES, COUNT, check_fields, warn_if_warmup_outlasts_run
@@ -219,6 +221,17 @@ class StreamCountsCallback(TrainerCallback):
                 if state.is_world_process_zero:
                     counts.log()
                 counts.reset()  # in place: the stream's map functions are bound to this object
+
+
+def finish_ranked_trainer_setup(trainer) -> None:
+    """What both K-way trainers do once TRL's `__init__` has built them: count streamed records, keep the trainable
+    weights in the model's compute dtype (TRL casts those of a quantized base, a score head's copy included, to
+    bfloat16 whatever the compute dtype, and a float32 base then fails at step 1), refuse an engine the trainer
+    cannot run on, and decide whether each prompt is computed once."""
+    trainer.add_callback(StreamCountsCallback(trainer._stream_counts))
+    match_trainable_dtype(trainer.model)
+    check_engine_supports(trainer.model, trainer.accelerator, type(trainer).__name__)
+    trainer._shared_prompt.decide(trainer)
 
 
 def ranking_depth(num_ranked: torch.Tensor, top_m: int | None) -> torch.Tensor:

@@ -29,8 +29,6 @@ from torch.utils.data import DataLoader
 from trl import DPOConfig, DPOTrainer
 
 from ...data import split_into_lists
-from ...distributed import check_engine_supports
-from ...models.quantization import match_trainable_dtype
 from ...models.shared_prompt import shared_token_outputs
 from ...ops import dpo_plackett_luce_loss
 from ..config_checks import (
@@ -46,8 +44,8 @@ from ..fault_tolerance import FaultTolerantMixin
 from .common import (
     RankedDataArguments,
     SharedPromptSwitch,
-    StreamCountsCallback,
     best_and_rest_mean,
+    finish_ranked_trainer_setup,
     gather_lists,
     positions_of,
     prepare_ranked_for_trainer,
@@ -135,11 +133,7 @@ class PlackettLuceDPOTrainer(FaultTolerantMixin, DPOTrainer):
         super().__init__(model, ref_model=ref_model, args=args, data_collator=data_collator,
                          train_dataset=train_dataset, eval_dataset=eval_dataset, processing_class=processing_class,
                          **kwargs)
-        self.add_callback(StreamCountsCallback(self._stream_counts))
-        # TRL casts the trainable weights of a quantized base to bfloat16 whatever its compute dtype
-        match_trainable_dtype(self.model)
-        check_engine_supports(self.model, self.accelerator, type(self).__name__)
-        self._shared_prompt.decide(self)
+        finish_ranked_trainer_setup(self)
 
     # Replaces DPOTrainer._prepare_dataset: ranked records are validated, ordered best first and tokenized into
     # one prompt and K completions, with TRL's tokenization; truncation to max_length happens (and is counted) here.

@@ -21,8 +21,7 @@ from accelerate.utils import is_peft_model
 from trl import RewardConfig, RewardTrainer
 
 from ...data import split_into_lists
-from ...distributed import check_engine_supports, whole_weights_on_main_process
-from ...models.quantization import match_trainable_dtype
+from ...distributed import whole_weights_on_main_process
 from ...models.scoring import mark_last_real_token_scoring, sequence_classifier_scores
 from ...models.shared_prompt import shared_sequence_scores
 from ...ops import plackett_luce_loss
@@ -31,7 +30,7 @@ from ..fault_tolerance import FaultTolerantMixin
 from .common import (
     RankedDataArguments,
     SharedPromptSwitch,
-    StreamCountsCallback,
+    finish_ranked_trainer_setup,
     gather_lists,
     positions_of,
     prepare_ranked_for_trainer,
@@ -95,12 +94,7 @@ class PlackettLuceRewardTrainer(FaultTolerantMixin, RewardTrainer):
             kwargs["peft_config"] = dataclasses.replace(peft_config, task_type="SEQ_CLS")
         super().__init__(model, args=args, data_collator=data_collator, train_dataset=train_dataset,
                          eval_dataset=eval_dataset, processing_class=processing_class, **kwargs)
-        self.add_callback(StreamCountsCallback(self._stream_counts))
-        # TRL casts the trainable weights of a quantized base, the score head's copy included, to bfloat16 whatever
-        # its compute dtype; a float32 base would then fail at step 1 (float != BFloat16 in the head)
-        match_trainable_dtype(self.model)
-        check_engine_supports(self.model, self.accelerator, type(self).__name__)
-        self._shared_prompt.decide(self)
+        finish_ranked_trainer_setup(self)
 
     # Replaces RewardTrainer._prepare_dataset: ranked records are validated, ordered best first and tokenized
     # into one prompt and K completions (pairwise records become K=2 lists, TRL's `margin` column is read).
