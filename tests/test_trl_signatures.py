@@ -35,7 +35,7 @@ SIGNATURES = [
                                            "shuffle", "seed"]),
     (Trainer, "_load_from_checkpoint", ["self", "resume_from_checkpoint", "model"]),
     (Trainer, "_get_grad_norm", ["self", "model", "grad_norm"]),  # a non-finite norm stops the run (issue 18)
-    # ... and calls
+    # ... and calls (and, for shared prompts, overrides: the rest of its parameters are passed on by name)
     (GRPOTrainer, "_get_per_token_logps_and_entropies",
      ["self", "model", "input_ids", "attention_mask", "logits_to_keep", "batch_size", "compute_entropy",
       "compute_aux_loss"]),
@@ -168,3 +168,18 @@ def test_dpo_reference_pass_and_fused_head_are_what_the_shared_prompt_layout_reu
                   "self.ref_model is None and is_peft_model(self.model)"):
         assert piece in source, f"DPOTrainer.compute_ref_log_probs changed its context ({VERSIONS}): {piece}"
     assert "shift_labels" in inspect.getsource(trl_utils.add_fused_lm_head), VERSIONS
+
+
+def test_grpo_forward_is_the_one_the_shared_prompt_groups_reproduce():
+    """With `shared_prompt`, SharedBaseGRPOTrainer._get_per_token_logps_and_entropies gives what TRL's gives: the
+    completion's labels (not padding, not the prompt) scored by the fused LM head under accelerate's autocast, the
+    last `logits_to_keep` columns kept, and no position ids (so a token's position is its column: the shared rows
+    give each token that column)."""
+    source = inspect.getsource(GRPOTrainer._get_per_token_logps_and_entropies)
+    for piece in ("labels = input_ids_batch.masked_fill(attention_mask_batch == 0, -100)",
+                  "labels[:, :-logits_to_keep] = -100", "with self.accelerator.autocast():",
+                  "model(**model_inputs, labels=labels, fused_lm_head=True)", "outputs.log_probs[:, -logits_to_keep:]",
+                  "outputs.entropy[:, -logits_to_keep:]"):
+        assert piece in source, f"GRPOTrainer._get_per_token_logps_and_entropies changed ({VERSIONS}): {piece}"
+    assert '"position_ids"' not in source, f"GRPOTrainer's forward now passes position ids ({VERSIONS})"
+    assert 'outputs=("log_probs", "entropy")' in inspect.getsource(GRPOTrainer.__init__), VERSIONS

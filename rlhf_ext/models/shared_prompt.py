@@ -4,6 +4,8 @@
 unshared K-way batch rebuilt as shared rows; `shared_token_outputs` (a causal LM with TRL's fused LM head: K-way DPO)
 and `shared_sequence_scores` (a sequence classifier: the K-way reward model) run one forward on the shared rows and
 give back what the unshared forward gives, in its shape: per-token values [N, T - 1], scores [N, num_labels].
+`grouped_inputs` reads GRPOTrainer's rows (left-padded prompts; a group of G completions = a list) as such a batch,
+and `shared_completion_outputs` gives back what GRPOTrainer's forward keeps, [N, C] (online K-way).
 
 The attention mask goes to the model as a 4-D tensor [R, 1, L, L]. transformers 5 (`masking_utils.
 _preprocess_mask_arguments`) passes a 4-D mask to the attention function as it is, so it must already be in that
@@ -25,10 +27,14 @@ from ..ops.shared_prompt import (
     SharedPromptLayout,
     attention_allowed,
     block_lengths,
+    completion_columns,
     gather_shared,
+    grouped_rows_problem,
     layout_problem,
     next_token_labels,
+    prompt_and_sequence_lengths,
     read_last_tokens,
+    right_padded_rows,
     rows_by_cost,
     scatter_to_unshared,
     shared_prompt_layout,
@@ -158,7 +164,8 @@ class SharedPromptBatch:
 
     @classmethod
     def from_inputs(cls, inputs: dict, *, pack: bool | float = False, pad_to_multiple_of: int | None = None):
-        """Build from the K-way collator's keys (input_ids, attention_mask, completion_mask, num_completions).
+        """Build from the K-way collator's keys (input_ids, attention_mask, completion_mask, num_completions), and
+        position_ids [N, T] where a token's position in the unshared forward is not its column (`grouped_inputs`).
 
         pack: False, one row per list; True, every list in one row; a number, the `attention_span` by which
         `rows_by_cost` groups the lists into rows."""
@@ -169,10 +176,11 @@ class SharedPromptBatch:
             rows = rows_by_cost(block_lengths(*masks), float(pack))
         layout = shared_prompt_layout(*masks, rows=rows, pad_to_multiple_of=pad_to_multiple_of)
         labels = next_token_labels(inputs["input_ids"], inputs["completion_mask"])
+        positions = inputs.get("position_ids")  # the unshared rows' own positions, if not their columns
         return cls(
             layout=layout,
             input_ids=gather_shared(inputs["input_ids"], layout, fill=0),
-            position_ids=layout.source_position,
+            position_ids=layout.source_position if positions is None else gather_shared(positions, layout, fill=0),
             labels=gather_shared(labels, layout, fill=IGNORE_INDEX),
             allowed=attention_allowed(layout),
         )
@@ -211,3 +219,40 @@ def shared_sequence_scores(model: nn.Module, batch: SharedPromptBatch) -> torch.
     with capture_output(score_module(model)) as outputs:
         model(**batch.model_inputs(model))
     return read_last_tokens(outputs[-1], batch.layout)
+
+
+def grouped_inputs(input_ids: torch.Tensor, attention_mask: torch.Tensor, completion_length: int,
+                   group_size: int) -> tuple[dict | None, str | None]:
+    """GRPOTrainer's unshared rows as the keys `SharedPromptBatch.from_inputs` reads, each run of `group_size`
+    consecutive rows one list: (inputs, None), or (None, why not).
+
+    The rows are those of `GRPOTrainer._get_per_token_logps_and_entropies`: input_ids = prompt_ids then completion_ids
+    [N, T], attention_mask = prompt_mask (left padded) then completion_mask (right padded), the last
+    `completion_length` columns the completion. They are shifted to right-padded `[prompt | completion]` rows
+    (`rlhf_ext.ops.shared_prompt.right_padded_rows`), each token keeping its unshared position (its column there);
+    whether a group's rows hold one prompt is checked when the batch is (`SharedPromptBatch.problem`).
+    """
+    num_rows = input_ids.shape[0]
+    if num_rows % group_size != 0:
+        return None, f"the batch holds {num_rows} sequences, not whole groups of {group_size}"
+    prompt_width = input_ids.shape[1] - completion_length
+    problem = grouped_rows_problem(attention_mask[:, :prompt_width], attention_mask[:, prompt_width:])
+    if problem is not None:
+        return None, problem
+    inputs = right_padded_rows(input_ids, attention_mask[:, :prompt_width], attention_mask[:, prompt_width:])
+    inputs["num_completions"] = torch.full((num_rows // group_size,), group_size, dtype=torch.long,
+                                           device=input_ids.device)
+    return inputs, None
+
+
+def shared_completion_outputs(model: nn.Module, batch: SharedPromptBatch, inputs: dict, completion_length: int):
+    """`shared_token_outputs` with its per-token fields read at each sequence's completion, [N, C]: what
+    GRPOTrainer's unshared forward keeps (`outputs.log_probs[:, -logits_to_keep:]`), column j the prediction of
+    completion token j, 0 past the completion. `inputs` as `grouped_inputs` built them."""
+    outputs = shared_token_outputs(model, batch)
+    prompt_lengths, _ = prompt_and_sequence_lengths(inputs["attention_mask"], inputs["completion_mask"])
+    for name in _TOKEN_FIELDS:
+        value = getattr(outputs, name, None)
+        if value is not None:
+            setattr(outputs, name, completion_columns(value, prompt_lengths, completion_length))
+    return outputs

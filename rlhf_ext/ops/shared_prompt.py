@@ -276,3 +276,65 @@ def scatter_to_unshared(values: torch.Tensor, layout: SharedPromptLayout, labels
 def read_last_tokens(per_token: torch.Tensor, layout: SharedPromptLayout) -> torch.Tensor:
     """per_token [R, L, ...] read at each sequence's last token -> [N, ...] (sequence order of the unshared batch)."""
     return per_token[layout.last_token[:, 0], layout.last_token[:, 1]]
+
+
+# ------------------------------------------------------------------ GRPO's groups: left-padded prompts
+
+
+def grouped_rows_problem(prompt_mask: torch.Tensor, completion_mask: torch.Tensor) -> str | None:
+    """Why GRPO-style rows `[padding | prompt | completion | padding]` (prompt_mask [N, P_w] left padded,
+    completion_mask [N, C] right padded) cannot be read as prompt + completion, or None when they can.
+
+    They can when each prompt mask is 0 then 1 (at least one 1: a completion's first token is predicted from the
+    prompt's last one, which an empty prompt lacks; unshared, it would be read at a padding column) and each completion
+    mask 1 then 0. GRPOTrainer pads exactly so; the check makes the shared forward exact for any rollout.
+    """
+    prompt_lengths, completion_lengths = prompt_mask.long().sum(dim=1), completion_mask.long().sum(dim=1)
+    prompt_columns = torch.arange(prompt_mask.shape[1], device=prompt_mask.device)
+    left_padded = prompt_mask.bool() == (prompt_columns >= prompt_mask.shape[1] - prompt_lengths[:, None])
+    bad = ~left_padded.all(dim=1)
+    if bad.any():
+        return f"sequence {int(bad.nonzero()[0])} of the batch: its prompt mask is not left padding then the prompt"
+    if (prompt_lengths == 0).any():
+        return f"sequence {int((prompt_lengths == 0).nonzero()[0])} of the batch has an empty prompt"
+    completion_columns = torch.arange(completion_mask.shape[1], device=completion_mask.device)
+    right_padded = completion_mask.bool() == (completion_columns < completion_lengths[:, None])
+    bad = ~right_padded.all(dim=1)
+    if bad.any():
+        return (f"sequence {int(bad.nonzero()[0])} of the batch: its completion mask is not the completion then "
+                "right padding")
+    return None
+
+
+def right_padded_rows(input_ids: torch.Tensor, prompt_mask: torch.Tensor,
+                      completion_mask: torch.Tensor) -> dict[str, torch.Tensor]:
+    """GRPO-style rows `[padding | prompt | completion | padding]` [N, T] (input_ids = prompt_ids then completion_ids;
+    masks as `grouped_rows_problem` accepts) as the right-padded rows `[prompt | completion | padding]` the layout
+    reads: each row shifted left by its z_n padding columns.
+
+    Returns input_ids, attention_mask, completion_mask [N, T] and position_ids [N, T]: position_ids[n, t] = t + z_n,
+    the column the token has in the unshared row, which is its position there (transformers numbers a row's columns,
+    padding included, when it is given no position ids, as GRPOTrainer's forward is not).
+    """
+    num_rows, width = input_ids.shape
+    prompt_width = prompt_mask.shape[1]
+    shift = prompt_width - prompt_mask.long().sum(dim=1)  # z_n, the left padding of row n
+    source = torch.arange(width, device=input_ids.device)[None, :] + shift[:, None]
+    inside = source < width
+    source = source.clamp(max=width - 1)
+    attention = torch.cat([prompt_mask, completion_mask], dim=1).long()
+    completion = torch.cat([torch.zeros_like(prompt_mask), completion_mask], dim=1).long()
+    return {
+        "input_ids": input_ids.gather(1, source).masked_fill(~inside, 0),
+        "attention_mask": attention.gather(1, source).masked_fill(~inside, 0),
+        "completion_mask": completion.gather(1, source).masked_fill(~inside, 0),
+        "position_ids": source.masked_fill(~inside, 0),
+    }
+
+
+def completion_columns(per_token: torch.Tensor, prompt_lengths: torch.Tensor, completion_length: int) -> torch.Tensor:
+    """Per-token values of right-padded rows in the next-token layout [N, T - 1] (column t predicts token t + 1) read
+    at each row's completion: out[n, j] = per_token[n, P_n - 1 + j], the prediction of completion token j, for
+    j < C = completion_length. [N, C]: the columns GRPOTrainer keeps (`[:, -logits_to_keep:]` of its unshared rows)."""
+    columns = prompt_lengths[:, None] - 1 + torch.arange(completion_length, device=per_token.device)[None, :]
+    return per_token.gather(1, columns.clamp(0, per_token.shape[1] - 1))

@@ -10,6 +10,7 @@ online K-way with a Plackett-Luce ranking of each group. What they share is here
     _calculate_rewards               keeps the raw rewards of the generation batch (refusing inf or all-missing)
     _global_scores, _local_scores    the weighted reward sums, all processes' and this process's slice
     _reference_logprobs              the reference: a ref model, the shared base's reference role, or adapters off
+    _get_per_token_logps_and_entropies  with `shared_prompt` on, each group's prompt computed once (online K-way)
     _prompt_lengths                  prompts tokenized as generation tokenizes them, for the up-front checks
     _get_train_sampler               each epoch's shuffle seeded by the epoch (exact resume)
     _saving_only_the_policy_adapter  a shared base's checkpoint holds the policy adapter, not the frozen reward
@@ -42,9 +43,11 @@ from ..models import SharedBase
 from ..models.fingerprint import write_base_fingerprint
 from ..models.role_checks import check_trainer_reward_models
 from ..models.scoring import reads_last_real_token, right_padded, sequence_classifier_scores
+from ..models.shared_prompt import grouped_inputs, shared_completion_outputs
 from .fault_tolerance import FaultTolerantMixin
 from .position_limits import max_positions
 from .sampling import epoch_seeded
+from .shared_prompt import SharedPromptSwitch
 from .vllm_sync import SharedBaseVLLMGeneration
 
 logger = logging.getLogger(__name__)
@@ -86,6 +89,8 @@ class SharedBaseGRPOTrainer(FaultTolerantMixin, GRPOTrainer):
         if ref_model is None and not (is_peft_model(model) or peft_config is not None):
             # A full fine-tune moves every weight, so the reference must be a copy taken before training.
             ref_model = copy.deepcopy(model).eval().requires_grad_(False)
+        # each group's prompt computed once (`_get_per_token_logps_and_entropies`); PPOConfig has no such field: off
+        self._shared_prompt = SharedPromptSwitch(getattr(args, "shared_prompt", False), scores=False)
         super().__init__(
             model=model, reward_funcs=reward_funcs, args=args, processing_class=processing_class,
             peft_config=peft_config, **grpo_kwargs,
@@ -109,6 +114,7 @@ class SharedBaseGRPOTrainer(FaultTolerantMixin, GRPOTrainer):
             )
         ]
         check_eos_token(self.processing_class)
+        self._shared_prompt.decide(self)  # on or off for the policy and the reference, with its one log line
 
     def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
         # Extends GRPOTrainer._calculate_rewards: keep the gathered [N_global, n_funcs] rewards, which super() turns
@@ -144,6 +150,47 @@ class SharedBaseGRPOTrainer(FaultTolerantMixin, GRPOTrainer):
                 model, input_ids, attention_mask, completion_length, batch_size=self.args.per_device_train_batch_size
             )
         return logps
+
+    def _get_per_token_logps_and_entropies(self, model, input_ids, attention_mask, logits_to_keep, batch_size=None,
+                                           compute_entropy=False, compute_aux_loss=False, **multimodal):
+        # Extends GRPOTrainer._get_per_token_logps_and_entropies, through which every forward of the sampled tokens
+        # goes (the loss's, the reference's in `_reference_logprobs`, GRPO's old log-probs): with `shared_prompt` on,
+        # the G = num_generations consecutive rows of each group run as one row [prompt | completion 1 | ... |
+        # completion G] (rlhf_ext/models/shared_prompt.py), computing the prompt once; the log-probs and entropies
+        # [N, logits_to_keep] are what TRL's forward gives. A call it cannot take (images, the router loss, rows that
+        # are not whole groups of one left-padded prompt) and every call with `shared_prompt` off are TRL's own.
+        inputs = self._shared_prompt_groups(input_ids, attention_mask, logits_to_keep, compute_aux_loss, multimodal)
+        if inputs is None:
+            return super()._get_per_token_logps_and_entropies(
+                model, input_ids, attention_mask, logits_to_keep, batch_size=batch_size,
+                compute_entropy=compute_entropy, compute_aux_loss=compute_aux_loss, **multimodal,
+            )  # fmt: skip
+        group = int(inputs["num_completions"][0])
+        rows = max((batch_size or input_ids.size(0)) // group, 1) * group  # TRL's chunks, rounded to whole groups
+        logps, entropies = [], []
+        for start in range(0, input_ids.size(0), rows):
+            chunk = {key: value[start : start + rows] for key, value in inputs.items() if key != "num_completions"}
+            chunk["num_completions"] = inputs["num_completions"][start // group : (start + rows) // group]
+            with self.accelerator.autocast():  # as TRL's forward
+                outputs = shared_completion_outputs(model, self._shared_prompt.build(chunk, self), chunk,
+                                                    logits_to_keep)
+            logps.append(outputs.log_probs)
+            if compute_entropy:
+                entropies.append(outputs.entropy)
+        return torch.cat(logps), torch.cat(entropies) if compute_entropy else None, None
+
+    def _shared_prompt_groups(self, input_ids, attention_mask, logits_to_keep, compute_aux_loss, multimodal):
+        """The rows of a `_get_per_token_logps_and_entropies` call as `grouped_inputs` reads them when they run
+        shared, else None (the switch off; or a batch it cannot take: one log line, or a ValueError for True)."""
+        if not self._shared_prompt.decide(self) or compute_aux_loss:  # (the router loss turns the switch off)
+            return None
+        carried = [name for name, value in multimodal.items() if value is not None]
+        if carried:
+            inputs, problem = None, f"its sequences carry {', '.join(carried)}, which the shared rows do not lay out"
+        else:
+            group = self.num_generations if self.model.training else self.num_generations_eval
+            inputs, problem = grouped_inputs(input_ids, attention_mask, logits_to_keep, group)
+        return inputs if self._shared_prompt.check(inputs, self, problem) else None
 
     def _global_scores(self) -> tuple[torch.Tensor, torch.Tensor]:
         """[N_global] weighted reward sums of the generation batch (all processes), and whether any function scored

@@ -21,11 +21,11 @@ from ...data.prepare import check_not_empty
 from ...data.ranked import check_field_mapping
 from ...distributed import check_engine_supports
 from ...models.quantization import match_trainable_dtype
-from ...models.shared_prompt import SharedPromptBatch, attention_span, shared_prompt_blocker
 from ..checkpointing_name import ActivationCheckpointingByDefault
 from ..config_checks import COMMON_RULES, COUNT, check_fields, warn_if_warmup_outlasts_run
 from ..hub_token import NoStoredHubToken
 from ..position_limits import model_max_positions
+from ..shared_prompt import SharedPromptSwitch  # noqa: F401 (re-exported: the K-way trainers import it here)
 
 logger = logging.getLogger(__name__)
 
@@ -309,62 +309,6 @@ def ratio(numerator: torch.Tensor, denominator: torch.Tensor) -> float:
     """sum(numerator) / sum(denominator), 0 when nothing was counted."""
     den = denominator.sum().item()
     return numerator.sum().item() / den if den > 0 else 0.0
-
-
-class SharedPromptSwitch:
-    """Whether a K-way trainer computes each prompt once (`shared_prompt`, rlhf_ext/models/shared_prompt.py).
-
-    The model check runs at the first batch or at `decide` (the trainer calls it at the end of `__init__`; DPO's
-    reference precompute, inside TRL's `__init__`, may come first): None turns the layout off with one log line where
-    a model cannot run it exactly, True raises a ValueError there. Each batch is checked too (`layout_problem`: right
-    padded rows, one prompt per list); a batch that fails runs unshared (None, one log line for the run) or raises
-    (True). `pack`: "auto" groups a batch's lists into rows by the cost model of `rlhf_ext.ops.shared_prompt.
-    rows_by_cost` (one row per list among the candidates), False gives each list its own row, True puts all in one.
-    """
-
-    def __init__(self, setting: bool | None, *, scores: bool, pack: bool | str = "auto"):
-        self.setting, self.scores, self.pack = setting, scores, pack
-        self.active: bool | None = None if setting is not False else False
-        self._logged_batch = False
-        self._span: float | None = None
-
-    def decide(self, trainer) -> bool:
-        """On or off for this trainer's models (policy, and a separate reference model), once."""
-        if self.active is None:
-            models = [trainer.model] + [m for m in [getattr(trainer, "ref_model", None)] if m is not None]
-            reason = next((r for m in models
-                           if (r := shared_prompt_blocker(m, max_length=trainer.args.max_length, scores=self.scores))),
-                          None)
-            if reason is None and getattr(trainer, "aux_loss_enabled", False):
-                # TRL turns the router loss on from the config's field and router_aux_loss_coef, whatever the field's
-                # value (`shared_prompt_blocker` sees only a model that already returns router logits)
-                reason = (f"the MoE router load-balancing loss is on (router_aux_loss_coef="
-                          f"{trainer.router_aux_loss_coef}); it averages over the tokens, and counts each prompt "
-                          "token K times unshared")
-            if reason is not None and self.setting:
-                raise ValueError(f"shared_prompt=True, but computing each prompt once cannot be exact here: {reason}. "
-                                 "Set shared_prompt=None (on where exact) or False.")
-            if reason is not None:
-                logger.warning("shared_prompt: off (each prompt is computed once per completion): %s", reason)
-            self.active = reason is None
-            self._span = attention_span(trainer.model)
-        return self.active
-
-    def batch(self, inputs: dict, trainer) -> SharedPromptBatch | None:
-        """The batch as shared rows, or None to run it unshared."""
-        if not self.decide(trainer):
-            return None
-        problem = SharedPromptBatch.problem(inputs)
-        if problem is not None:
-            if self.setting:
-                raise ValueError(f"shared_prompt=True, but this batch cannot share its prompts: {problem}. Set "
-                                 "shared_prompt=None to run such batches unshared, or False.")
-            if not self._logged_batch:
-                logger.warning("shared_prompt: a batch runs unshared, and so will any other like it: %s", problem)
-                self._logged_batch = True
-            return None
-        pack = self.pack if self.pack != "auto" else (self._span if self._span is not None else False)
-        return SharedPromptBatch.from_inputs(inputs, pack=pack, pad_to_multiple_of=trainer.args.pad_to_multiple_of)
 
 
 @contextlib.contextmanager

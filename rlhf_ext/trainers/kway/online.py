@@ -119,6 +119,13 @@ GRPO_OPTIONS_ONLINE_IGNORES = {
     "vllm_importance_sampling_clip_min": _NO_VLLM_IS,
     "vllm_importance_sampling_cap": _NO_VLLM_IS,
 }
+SHARED_PROMPT_GROUPS_HELP = (
+    "Compute each prompt once: the num_generations completions of a group run as one row, [prompt | completion 1 | "
+    "... | completion G], each completion attending to the prompt and to itself only, in the policy's forward of the "
+    "loss and in the reference's (docs/kway.md, 'Each prompt computed once'); the log-probs, loss and gradients are "
+    "those of the G separate rows. None: on wherever that is exact (a decoder with causal sdpa or eager attention; see "
+    "the docs), else off with one log line saying why. True: on, and a ValueError where it cannot be exact. False: off."
+)
 # Fields of the regrouped batch that the loss reads and the regrouping builds; everything else GRPO returns
 # per completion is regrouped alongside.
 GROUP_FIELDS = ("ref_logps", "item_mask", "depth")
@@ -138,9 +145,9 @@ ONLINE_RULES = {
 class OnlinePlackettLuceConfig(NoStoredHubToken, ActivationCheckpointingByDefault, GRPOConfig):
     r"""GRPOConfig for online K-way DPO: K = `num_generations` completions per prompt, ranked by their reward.
 
-    Adds `dpo_beta` (DPO's beta, the inverse temperature of the implicit reward), `top_m` and
-    `length_normalization` (as in `PlackettLuceDPOConfig`). GRPO's own `beta` (the coefficient of its in-loss
-    KL term) must stay 0: the reference enters through the implicit reward instead. GRPO's advantage, clipping and
+    Adds `dpo_beta` (DPO's beta, the inverse temperature of the implicit reward), `top_m`, `length_normalization`
+    and `shared_prompt` (as in `PlackettLuceDPOConfig`). GRPO's own `beta` (the coefficient of its in-loss KL term)
+    must stay 0: the reference enters through the implicit reward instead. GRPO's advantage, clipping and
     entropy options (`scale_rewards`, `loss_type`, `epsilon`, ...: `GRPO_OPTIONS_ONLINE_IGNORES`) are not used and
     are refused when set; `num_iterations > 1` reuses each generation batch for more updates, with no importance
     weights (the DPO loss is off-policy by nature).
@@ -181,6 +188,7 @@ class OnlinePlackettLuceConfig(NoStoredHubToken, ActivationCheckpointingByDefaul
             "importance ratio to correct."
         },
     )
+    shared_prompt: bool | None = field(default=None, metadata={"help": SHARED_PROMPT_GROUPS_HELP})
 
     def __post_init__(self):
         refuse_unused_options(self, GRPO_OPTIONS_ONLINE_IGNORES, "GRPO", "online K-way DPO")  # before GRPO rewrites any
@@ -193,6 +201,8 @@ class OnlinePlackettLuceConfig(NoStoredHubToken, ActivationCheckpointingByDefaul
         check_fields(self, ONLINE_RULES, {"dpo_beta": DPO_BETA_WHY})
         check_finite_weights(self)
         warn_if_warmup_outlasts_run(self)
+        if self.shared_prompt not in (None, True, False):
+            raise ValueError(f"shared_prompt must be None (where exact), True or False, got {self.shared_prompt!r}")
         check_whole_groups(self.per_device_train_batch_size, self.num_generations, "per_device_train_batch_size")
         if str(getattr(self.eval_strategy, "value", self.eval_strategy)) != "no":
             check_whole_groups(
