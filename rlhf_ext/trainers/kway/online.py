@@ -26,7 +26,9 @@ over `steps_per_generation` micro-batches, logs and checkpoints. This subclass c
     _save                             save only a shared base's policy adapter
 
 What it shares with PPO (the shared base's roles, the reward functions and their checks, the reference, the raw
-rewards, the prompt checks' tokenization) is `SharedBaseGRPOTrainer` (grpo_base.py), its base class.
+rewards, the prompt checks' tokenization) is `SharedBaseGRPOTrainer` (grpo_base.py), its base class. Its forwards of
+the sampled tokens (the policy's in the loss, the reference's) compute each group's prompt once where exact
+(`shared_prompt`: the base's `_get_per_token_logps_and_entropies`, docs/kway.md).
 
 Regrouping matters: GRPO shuffles a generation batch along its first dimension and splits it into micro-batches;
 with one group per row the shuffle permutes whole groups and each micro-batch holds whole groups, which a
