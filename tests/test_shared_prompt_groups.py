@@ -9,7 +9,8 @@ different lengths across groups (so each group has its own left padding; a one-t
 positions are checked on a GPT-2 too: its learned absolute position embeddings see a position that is off by the left
 padding, which a rotary model's relative attention hides. Policies: a `SharedBase` (adapter switching, the reference
 its adapters off), a full fine-tune (the reference a frozen copy) and a peft LoRA (the reference its adapter off),
-with TRL's activation checkpointing on (the default) and off.
+with TRL's activation checkpointing on (the default) and off. PPO (num_generations > 1) shares its rollout's
+reference and theta_old forwards, not its loss's.
 """
 
 import logging
@@ -24,6 +25,8 @@ from rlhf_ext.models import SharedBase, SharedBaseArguments, save_adapter_with_h
 from rlhf_ext.ops.shared_prompt import grouped_rows_problem, right_padded_rows
 from rlhf_ext.testing import randomize_lora, tiny_causal_lm
 from rlhf_ext.trainers.kway.online import OnlinePlackettLuceConfig, OnlinePlackettLuceTrainer, regroup
+from rlhf_ext.trainers.ppo.config import PPOConfig
+from rlhf_ext.trainers.ppo.trainer import PPOTrainer
 from rlhf_ext.trainers.shared_prompt import SharedPromptSwitch
 
 LORA = dict(lora_r=4, lora_alpha=8, lora_dropout=0.0)
@@ -336,3 +339,59 @@ def test_shared_prompt_config_field_takes_only_none_true_false(tmp_path):
     assert OnlinePlackettLuceConfig(**args).shared_prompt is None
     with pytest.raises(ValueError, match="shared_prompt must be None"):
         OnlinePlackettLuceConfig(**args, shared_prompt="auto")
+
+
+# ----------------------------------------------------------------------------- PPO: the rollout's forwards
+
+
+def ppo_trainer(tmp_path, reward_folder, left_tokenizer, value_layout="own_adapter", **overrides):
+    shared = SharedBase(tiny_causal_lm(seed=0), SharedBaseArguments(reward_adapter_path=reward_folder,
+                                                                    value_layout=value_layout, **LORA))
+    randomize_lora(shared.peft_model, "policy", seed=5, scale=0.1)  # policy != reference
+    args = PPOConfig(**{
+        **dict(output_dir=str(tmp_path / "out"), per_device_train_batch_size=2 * K, num_generations=K,
+               max_completion_length=7, max_steps=1, num_ppo_epochs=1, learning_rate=1e-2, kl_coef=0.1,
+               temperature=0.7, report_to=[], use_cpu=True, bf16=False, save_strategy="no", disable_tqdm=True,
+               seed=0),
+        **overrides,
+    })  # fmt: skip
+    dataset = Dataset.from_dict({"prompt": ["abc", "hello", "xy", "qrs"]})
+    return PPOTrainer(shared, args=args, train_dataset=dataset, processing_class=left_tokenizer)
+
+
+def ppo_rollout(trainer, setting) -> tuple[dict, list]:
+    """One generation batch, sampled from the same seed whatever the setting (the layout draws no random number)."""
+    builds = switched(trainer, setting)
+    trainer.model.train()
+    trainer.current_gradient_accumulation_steps = 1  # set by Trainer's loop, bypassed here
+    torch.manual_seed(0)
+    return trainer._generate_and_score_completions([{"prompt": p} for p in ("abc", "hello") for _ in range(K)]), builds
+
+
+@pytest.mark.parametrize("value_layout", ["own_adapter", "policy_trunk"])
+def test_ppo_rollout_equals_the_unshared_one_and_the_loss_runs_unshared(tmp_path, reward_folder, left_tokenizer,
+                                                                       value_layout):
+    """The rollout's theta_old log-probs (shared unless the values read the policy's hidden states) and reference
+    log-probs, and so the advantages and returns, equal the unshared rollout's; the loss's forward stays TRL's."""
+    trainer = ppo_trainer(tmp_path, reward_folder, left_tokenizer, value_layout)
+    assert trainer._shared_prompt.active
+    unshared, _ = ppo_rollout(trainer, False)
+    shared, builds = ppo_rollout(trainer, True)
+    assert len(builds) == (2 if value_layout == "own_adapter" else 1)  # theta_old (not with policy_trunk), reference
+    assert torch.equal(shared["completion_ids"], unshared["completion_ids"])
+    real = unshared["completion_mask"].bool()  # (prompts of 3 and 5 tokens: two left paddings)
+    for name in ("old_per_token_logps", "old_values", "advantages", "returns"):
+        torch.testing.assert_close(shared[name] * real, unshared[name] * real, rtol=1e-5, atol=1e-6, msg=name)
+    torch.testing.assert_close(shared["ppo_mask"], unshared["ppo_mask"])
+    builds.clear()
+    trainer._compute_loss(trainer.model, shared).backward()  # a micro-batch of shuffled completions: unshared
+    assert not builds
+
+
+def test_ppo_with_one_completion_per_prompt_has_nothing_to_share(tmp_path, reward_folder, left_tokenizer, caplog):
+    with caplog.at_level(logging.WARNING, logger="rlhf_ext"):
+        trainer = ppo_trainer(tmp_path, reward_folder, left_tokenizer, num_generations=1, per_device_train_batch_size=2,
+                              shared_prompt=True)
+    assert trainer._shared_prompt.active is False and "shared_prompt" not in caplog.text
+    with pytest.raises(ValueError, match="shared_prompt must be None"):
+        PPOConfig(output_dir=str(tmp_path), report_to=[], use_cpu=True, bf16=False, shared_prompt="auto")

@@ -89,8 +89,10 @@ class SharedBaseGRPOTrainer(FaultTolerantMixin, GRPOTrainer):
         if ref_model is None and not (is_peft_model(model) or peft_config is not None):
             # A full fine-tune moves every weight, so the reference must be a copy taken before training.
             ref_model = copy.deepcopy(model).eval().requires_grad_(False)
-        # each group's prompt computed once (`_get_per_token_logps_and_entropies`); PPOConfig has no such field: off
-        self._shared_prompt = SharedPromptSwitch(getattr(args, "shared_prompt", False), scores=False)
+        # each group's prompt computed once (`_get_per_token_logps_and_entropies`); off without a word where every
+        # prompt has one completion (PPO's default num_generations=1): nothing to share
+        one_each = args.num_generations == 1 and (args.num_generations_eval or args.num_generations) == 1
+        self._shared_prompt = SharedPromptSwitch(False if one_each else args.shared_prompt, scores=False)
         super().__init__(
             model=model, reward_funcs=reward_funcs, args=args, processing_class=processing_class,
             peft_config=peft_config, **grpo_kwargs,
@@ -152,14 +154,19 @@ class SharedBaseGRPOTrainer(FaultTolerantMixin, GRPOTrainer):
         return logps
 
     def _get_per_token_logps_and_entropies(self, model, input_ids, attention_mask, logits_to_keep, batch_size=None,
-                                           compute_entropy=False, compute_aux_loss=False, **multimodal):
+                                           compute_entropy=False, compute_aux_loss=False, *, share_prompts=True,
+                                           **multimodal):
         # Extends GRPOTrainer._get_per_token_logps_and_entropies, through which every forward of the sampled tokens
         # goes (the loss's, the reference's in `_reference_logprobs`, GRPO's old log-probs): with `shared_prompt` on,
         # the G = num_generations consecutive rows of each group run as one row [prompt | completion 1 | ... |
         # completion G] (rlhf_ext/models/shared_prompt.py), computing the prompt once; the log-probs and entropies
         # [N, logits_to_keep] are what TRL's forward gives. A call it cannot take (images, the router loss, rows that
-        # are not whole groups of one left-padded prompt) and every call with `shared_prompt` off are TRL's own.
-        inputs = self._shared_prompt_groups(input_ids, attention_mask, logits_to_keep, compute_aux_loss, multimodal)
+        # are not whole groups of one left-padded prompt), every call with `shared_prompt` off, and a caller's
+        # `share_prompts=False` (PPO's loss: shuffled completions, or hidden states read) are TRL's own.
+        inputs = None
+        if share_prompts:
+            inputs = self._shared_prompt_groups(input_ids, attention_mask, logits_to_keep, compute_aux_loss,
+                                                multimodal)
         if inputs is None:
             return super()._get_per_token_logps_and_entropies(
                 model, input_ids, attention_mask, logits_to_keep, batch_size=batch_size,
@@ -189,6 +196,8 @@ class SharedBaseGRPOTrainer(FaultTolerantMixin, GRPOTrainer):
             inputs, problem = None, f"its sequences carry {', '.join(carried)}, which the shared rows do not lay out"
         else:
             group = self.num_generations if self.model.training else self.num_generations_eval
+            if group == 1:  # PPO's default: one completion per prompt, nothing to share
+                return None
             inputs, problem = grouped_inputs(input_ids, attention_mask, logits_to_keep, group)
         return inputs if self._shared_prompt.check(inputs, self, problem) else None
 

@@ -314,6 +314,17 @@ class PPOConfig(NoStoredHubToken, ActivationCheckpointingByDefault, GRPOConfig):
             "choices": list(VALUE_HEAD_INITS),
         },
     )
+    shared_prompt: bool | None = field(
+        default=None,
+        metadata={
+            "help": "With num_generations > 1, compute each group's prompt once in the rollout's forwards of the "
+            "policy (theta_old log-probs; not with value_layout='policy_trunk') and of the reference: the group's "
+            "completions run as one row [prompt | completion 1 | ... | completion G], each attending to the prompt "
+            "and to itself only (docs/ppo.md, 'Each prompt computed once'); the log-probs are those of the separate "
+            "rows. The loss's forwards and the critic run unshared. None: on wherever that is exact, else off with "
+            "one log line saying why. True: on, and a ValueError where it cannot be exact. False: off."
+        },
+    )
 
     def __post_init__(self):
         self._check_ppo_fields()
@@ -356,6 +367,8 @@ class PPOConfig(NoStoredHubToken, ActivationCheckpointingByDefault, GRPOConfig):
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}.")
+        if self.shared_prompt not in (None, True, False):
+            raise ValueError(f"shared_prompt must be None (where exact), True or False, got {self.shared_prompt!r}")
         if self.mask_truncated_completions:
             raise ValueError(
                 "mask_truncated_completions is not supported by PPO: it leaves completions without a token to carry "

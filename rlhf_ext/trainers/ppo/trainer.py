@@ -17,6 +17,9 @@ parameter; `_save` / `_load_from_checkpoint` write and read the critic beside th
 
 With a `SharedBase` and `use_vllm=True`, the vLLM backend GRPOTrainer builds becomes a `SharedBaseVLLMGeneration`,
 whose weight sync sends vLLM the policy merged into the base and nothing else (docs/ppo.md).
+
+With `num_generations > 1` and `shared_prompt`, the rollout's reference and theta_old forwards compute each group's
+prompt once (`SharedBaseGRPOTrainer._get_per_token_logps_and_entropies`; `_policy_forward` says which forwards).
 """
 
 from __future__ import annotations
@@ -359,7 +362,7 @@ class PPOTrainer(SharedBaseGRPOTrainer):
             if logprobs is None:
                 logprobs, _, values, _ = self._policy_forward(
                     self.model, prompt_completion_ids, attention_mask, completion_length,
-                    batch_size=self.args.per_device_train_batch_size,
+                    batch_size=self.args.per_device_train_batch_size, rollout=True,
                 )  # fmt: skip
             ref_logprobs = self._reference_logprobs(prompt_completion_ids, attention_mask, completion_length)
             if values is None:
@@ -394,7 +397,8 @@ class PPOTrainer(SharedBaseGRPOTrainer):
         return self.shared_base is not None and self.shared_base.value_layout == "policy_trunk"
 
     def _policy_forward(
-        self, model, input_ids, attention_mask, completion_length, batch_size=None, entropy=False, aux_loss=False
+        self, model, input_ids, attention_mask, completion_length, batch_size=None, entropy=False, aux_loss=False,
+        rollout=False,
     ):
         """log pi(a_t | s_t) [B, C], the entropies [B, C] (or None), in the policy_trunk layout V(s_t) [B, C] from
         the same forward (else None: the critic needs its own), and with `aux_loss` a MoE policy's router
@@ -402,10 +406,16 @@ class PPOTrainer(SharedBaseGRPOTrainer):
 
         The values read the last hidden state the policy's forward leaves on its way to the LM head, through the
         same graph, so one backward carries both the policy and the value loss into the policy adapter.
+
+        Only a `rollout` forward without those values may compute each group's prompt once (`shared_prompt`,
+        `SharedBaseGRPOTrainer._get_per_token_logps_and_entropies`): there the rows are the generation batch's, whole
+        groups in TRL's order; the loss's micro-batches are shuffled completions, and the values read the hidden
+        states of the unshared rows. Every other forward is GRPOTrainer's own.
         """
         forward = functools.partial(
             self._get_per_token_logps_and_entropies, model, input_ids, attention_mask, completion_length,
             batch_size=batch_size, compute_entropy=entropy, compute_aux_loss=aux_loss,
+            share_prompts=rollout and not self.values_on_policy_trunk,
         )  # fmt: skip
         if not self.values_on_policy_trunk:
             logprobs, entropies, router_loss = forward()
