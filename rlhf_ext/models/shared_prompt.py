@@ -165,7 +165,8 @@ class SharedPromptBatch:
     @classmethod
     def from_inputs(cls, inputs: dict, *, pack: bool | float = False, pad_to_multiple_of: int | None = None):
         """Build from the K-way collator's keys (input_ids, attention_mask, completion_mask, num_completions), and
-        position_ids [N, T] where a token's position in the unshared forward is not its column (`grouped_inputs`).
+        unshared_position_ids [N, T] where a token's position in the unshared forward is not its column
+        (`grouped_inputs`; a key of its own: a collator's `position_ids` never reach the unshared forward).
 
         pack: False, one row per list; True, every list in one row; a number, the `attention_span` by which
         `rows_by_cost` groups the lists into rows."""
@@ -176,7 +177,7 @@ class SharedPromptBatch:
             rows = rows_by_cost(block_lengths(*masks), float(pack))
         layout = shared_prompt_layout(*masks, rows=rows, pad_to_multiple_of=pad_to_multiple_of)
         labels = next_token_labels(inputs["input_ids"], inputs["completion_mask"])
-        positions = inputs.get("position_ids")  # the unshared rows' own positions, if not their columns
+        positions = inputs.get("unshared_position_ids")  # the unshared rows' own positions, if not their columns
         return cls(
             layout=layout,
             input_ids=gather_shared(inputs["input_ids"], layout, fill=0),
@@ -240,6 +241,7 @@ def grouped_inputs(input_ids: torch.Tensor, attention_mask: torch.Tensor, comple
     if problem is not None:
         return None, problem
     inputs = right_padded_rows(input_ids, attention_mask[:, :prompt_width], attention_mask[:, prompt_width:])
+    inputs["unshared_position_ids"] = inputs.pop("position_ids")
     inputs["num_completions"] = torch.full((num_rows // group_size,), group_size, dtype=torch.long,
                                            device=input_ids.device)
     return inputs, None
