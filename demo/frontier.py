@@ -25,7 +25,6 @@ from typing import Any
 from demo.__main__ import (
     DemoConfig,
     StageResult,
-    make_parser,
     recipe_stage,
     run_cached,
     run_stages,
@@ -36,8 +35,21 @@ from demo.labels import policy_label
 from demo.prompts import as_conversation
 from demo.sentiment import completion_text, vader_compound
 from rlhf_ext.frontier import BestOfNPoint, FrontierSettings, best_of_n_at, frontier_report, plot_frontier
+from rlhf_ext.recipe_utils import recipe_parser
 
 logger = logging.getLogger("demo.frontier")
+USAGE = "python -m demo.frontier --config recipes/configs/demo.yaml [--FLAG VALUE ...]"
+DESCRIPTION = """\
+The demo's runs on the reward-KL frontier (`make demo-frontier`): runs the demo's stages (reused when `make demo`
+ran them with the same settings), trains online K-way, then measures gold (VADER) and proxy (the reward role) against
+KL to the base for best of n, the KL-regularised optimum and every checkpoint of PPO, K-way DPO and online K-way on
+the held-out prompts. Writes <output_dir>/frontier.md, frontier/frontier.json and plots/frontier.png.
+
+--config FILE.yaml          recipes/configs/demo.yaml (the real run) or recipes/configs/demo_tiny.yaml (CI, minutes)
+--online_kway_args          the online K-way stage's settings (a YAML mapping: its recipe's flags)
+--frontier_args             rlhf_ext.frontier.FrontierSettings (num_samples, best_of_n, betas, ...)
+every other flag            as `python -m demo --help` lists them
+"""
 CHECKPOINT = re.compile(r"checkpoint-(\d+)$")
 # The demo's trained policies, by stage folder; each checkpoint is a point of its run's curve.
 TRAINED = ("ppo", "dpo", "online_kway")
@@ -164,6 +176,11 @@ def write_frontier_report(out: Path) -> Path:
     path = out / "frontier.md"
     path.write_text(frontier_markdown(report, matched_kl_rows(report), "plots/frontier.png"))
     return path
+
+
+def make_parser():
+    """--help starts with this command's usage block, before every DemoConfig flag."""
+    return recipe_parser((DemoConfig,), USAGE, DESCRIPTION)
 
 
 def main(cfg: DemoConfig) -> dict[str, Any]:

@@ -36,6 +36,18 @@ def test_demo_help_starts_with_a_usage_block(capsys):
     assert "recipes/configs/demo.yaml" in head and "--tiny" in head
 
 
+def test_demo_frontier_help_starts_with_its_own_usage_block(capsys):
+    import demo.frontier as demo_frontier
+
+    with pytest.raises(SystemExit) as exit_info:
+        demo_frontier.make_parser().parse_args_and_config(["--help"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    head = out[: out.index("options:")]
+    assert out.startswith("usage: python -m demo.frontier --config") and len(head.splitlines()) < 30
+    assert "--online_kway_args" in head and "--frontier_args" in head
+
+
 def test_memory_near_miss_of_a_known_shape_says_unknown_shape(capsys):
     with pytest.raises(SystemExit) as exit_info:
         memory_main(["--model", "llama-3-8b"])
