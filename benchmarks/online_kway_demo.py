@@ -55,6 +55,10 @@ def main() -> None:
     parser.add_argument("--k", type=int, default=4, help="num_generations: completions ranked per prompt")
     parser.add_argument("--dpo_beta", type=float, default=0.1)
     parser.add_argument("--learning_rate", type=float, default=None, help="default: the demo's PPO learning rate")
+    parser.add_argument("--robust_rho", type=float, default=0.0, help="robust Plackett-Luce radius (0: plain loss)")
+    parser.add_argument("--num_iterations", type=int, default=None,
+                        help="passes over each rollout (default: PPO's num_ppo_epochs); max_steps scales with it, so "
+                        "the sampling budget stays PPO's")
     args = parser.parse_args()
 
     demo = load_demo_module()
@@ -70,10 +74,12 @@ def main() -> None:
     # PPO's settings that carry over; K completions per prompt instead of 1, same completions per micro-batch.
     carried = ("lora_r", "lora_alpha", "lora_dropout", "lora_target_modules", "learning_rate", "lr_scheduler_type",
                "per_device_train_batch_size", "steps_per_generation", "max_completion_length", "temperature",
-               "max_steps", "bf16", "gradient_checkpointing")  # fmt: skip
+               "max_steps", "bf16", "activation_checkpointing")  # fmt: skip
     online_args = {key: ppo[key] for key in carried}
+    iterations = args.num_iterations or ppo["num_ppo_epochs"]
     online_args.update(
-        num_iterations=ppo["num_ppo_epochs"], num_generations=args.k, dpo_beta=args.dpo_beta,
+        num_iterations=iterations, max_steps=ppo["max_steps"] * iterations // ppo["num_ppo_epochs"],
+        num_generations=args.k, dpo_beta=args.dpo_beta, robust_rho=args.robust_rho,
         model_name_or_path=base_path, dataset_name=str(demo_dir / "prompts" / "train.jsonl"),
         reward_adapter_path=str(demo_dir / "reward"), output_dir=str(out), seed=cfg.seed, report_to="none",
         save_strategy="no", logging_steps=2,
