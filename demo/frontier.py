@@ -16,6 +16,7 @@ within its 25-minute budget: this adds about as much again (docs/demo.md, "The f
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import re
@@ -93,6 +94,10 @@ def frontier_settings(cfg: DemoConfig) -> FrontierSettings:
         max_new_tokens=cfg.max_new_tokens, seed=cfg.seed, policy_samples=cfg.eval_samples,
         batch_size=cfg.sample_batch_size * cfg.k,
     )  # fmt: skip
+    known = {f.name for f in dataclasses.fields(FrontierSettings)}
+    unknown = sorted(set(cfg.frontier_args) - known)
+    if unknown:
+        raise ValueError(f"frontier_args: unknown setting(s) {unknown}; FrontierSettings has {sorted(known)}.")
     return FrontierSettings(**{**defaults, **cfg.frontier_args})
 
 
@@ -185,6 +190,7 @@ def make_parser():
 
 def main(cfg: DemoConfig) -> dict[str, Any]:
     """The demo's stages (cached), then online K-way and the frontier; returns the frontier's rows."""
+    frontier_settings(cfg)  # a bad frontier_args key or value fails now, not after the training stages
     out, split, stages, _ = run_stages(cfg)
     stages["online_kway"] = online_kway_stage(cfg, out, stages)
     frontier_stage(cfg, out, stages, split.heldout)

@@ -98,3 +98,13 @@ def test_frontier_draws_every_checkpoint_of_ppo_dpo_and_online_kway(tiny_run, mo
 
     monkeypatch.setattr(demo_frontier, "frontier_report", lambda *a, **k: pytest.fail("the cached frontier reran"))
     assert demo_frontier.main(config)["rows"] == rows
+
+
+def test_a_misspelt_frontier_setting_is_named_before_any_work(tiny_run, monkeypatch):
+    import demo.frontier as demo_frontier
+
+    config, _ = tiny_run
+    misspelt = type(config)(**{**vars(config), "frontier_args": {"num_sample": 8}})
+    monkeypatch.setattr(demo_frontier, "run_stages", lambda cfg: pytest.fail("a stage ran before the check"))
+    with pytest.raises(ValueError, match=r"frontier_args: unknown setting\(s\) \['num_sample'\].*num_samples"):
+        demo_frontier.main(misspelt)
