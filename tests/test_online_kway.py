@@ -143,11 +143,12 @@ def test_loss_optimised_equals_dpo_plackett_luce_loss_of_the_reward_ranking(
     torch.testing.assert_close(loss, expected, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("gradient_checkpointing", GRADIENT_CHECKPOINTING)
 def test_robust_rho_optimises_the_mixture_with_the_worst_order_of_the_implicit_rewards(
-    tmp_path, reward_folder, left_tokenizer
+    tmp_path, reward_folder, left_tokenizer, gradient_checkpointing
 ):
     shared = make_shared(reward_folder)
-    args = config(tmp_path, gradient_checkpointing=False, robust_rho=0.3)
+    args = config(tmp_path, gradient_checkpointing=gradient_checkpointing, robust_rho=0.3)
     trainer = OnlinePlackettLuceTrainer(shared, args=args, train_dataset=prompts(), processing_class=left_tokenizer)
     batch = rollout(trainer)
     _, policy, reference = independent_terms(shared, left_tokenizer, batch)
