@@ -10,7 +10,8 @@ positions are checked on a GPT-2 too: its learned absolute position embeddings s
 padding, which a rotary model's relative attention hides. Policies: a `SharedBase` (adapter switching, the reference
 its adapters off), a full fine-tune (the reference a frozen copy) and a peft LoRA (the reference its adapter off),
 with TRL's activation checkpointing on (the default) and off. PPO (num_generations > 1) shares its rollout's
-reference and theta_old forwards, not its loss's.
+reference, theta_old and critic forwards, and its loss's: a shuffled micro-batch's rows of one prompt are gathered
+into one shared row, for the policy and for each kind of critic.
 """
 
 import logging
@@ -19,11 +20,18 @@ import pytest
 import torch
 from datasets import Dataset
 from peft import LoraConfig
-from transformers import GPT2Config, GPT2LMHeadModel, MistralConfig, MistralForCausalLM, TrainerCallback
+from transformers import (
+    AutoModelForSequenceClassification,
+    GPT2Config,
+    GPT2LMHeadModel,
+    MistralConfig,
+    MistralForCausalLM,
+    TrainerCallback,
+)
 
 from rlhf_ext.models import SharedBase, SharedBaseArguments, save_adapter_with_head
-from rlhf_ext.ops.shared_prompt import grouped_rows_problem, right_padded_rows
-from rlhf_ext.testing import randomize_lora, tiny_causal_lm
+from rlhf_ext.ops.shared_prompt import grouped_rows_problem, right_padded_rows, rows_by_prompt
+from rlhf_ext.testing import randomize_lora, tiny_causal_lm, tiny_llama_config
 from rlhf_ext.trainers.kway.online import OnlinePlackettLuceConfig, OnlinePlackettLuceTrainer, regroup
 from rlhf_ext.trainers.ppo.config import PPOConfig
 from rlhf_ext.trainers.ppo.trainer import PPOTrainer
@@ -306,31 +314,78 @@ def test_false_turns_it_off_without_a_word(tmp_path, reward_folder, left_tokeniz
     assert trainer._shared_prompt.active is False and "shared_prompt" not in caplog.text
 
 
-def test_rows_that_are_not_whole_groups_of_one_prompt_run_unshared_or_are_refused(tmp_path, reward_folder,
-                                                                                  left_tokenizer, caplog):
+def test_rows_that_are_not_left_padded_prompts_then_completions_run_unshared_or_are_refused(
+        tmp_path, reward_folder, left_tokenizer, caplog):
     trainer = online_trainer(tmp_path, "full", reward_folder, left_tokenizer)
     trainer.model.eval()
     input_ids, attention_mask, completion_length = forward_rows(grpo_rows())
-    changed = input_ids.clone()
-    changed[4, -completion_length - 1] += 1  # group 1's second row: another prompt token
-    cases = {"identical prompt": (changed, attention_mask), "whole groups of 3": (input_ids[:8], attention_mask[:8]),
-             "prompt mask": (input_ids, torch.cat([attention_mask[:, :6].flip(1), attention_mask[:, 6:]], dim=1))}
-    for why, (ids, mask) in cases.items():
+    cases = {"its prompt mask is not left padding": torch.cat([attention_mask[:, :6].flip(1), attention_mask[:, 6:]],
+                                                              dim=1),
+             "its completion mask is not the completion then right padding": torch.cat(
+                 [attention_mask[:, :6], attention_mask[:, 6:].flip(1)], dim=1)}
+    for why, mask in cases.items():
         caplog.clear()
         with torch.no_grad():
             switched(trainer, False)
-            expected, _, _ = trainer._get_per_token_logps_and_entropies(trainer.model, ids, mask, completion_length)
+            expected, _, _ = trainer._get_per_token_logps_and_entropies(trainer.model, input_ids, mask,
+                                                                        completion_length)
             builds = switched(trainer, None)
             with caplog.at_level(logging.WARNING, logger="rlhf_ext"):
                 for _ in range(2):
-                    logps, _, _ = trainer._get_per_token_logps_and_entropies(trainer.model, ids, mask,
+                    logps, _, _ = trainer._get_per_token_logps_and_entropies(trainer.model, input_ids, mask,
                                                                              completion_length)
                     assert torch.equal(logps, expected)  # TRL's own forward
         assert not builds and caplog.text.count("shared_prompt: a batch runs unshared") == 1, why
         assert why in caplog.text
         switched(trainer, True)
         with pytest.raises(ValueError, match=rf"shared_prompt=True, but this batch cannot share its prompts: .*{why}"):
-            trainer._get_per_token_logps_and_entropies(trainer.model, ids, mask, completion_length)
+            trainer._get_per_token_logps_and_entropies(trainer.model, input_ids, mask, completion_length)
+
+
+ROW_SETS = {
+    # a shuffled micro-batch (PPO's loss): a prompt's rows wherever the shuffle put them
+    "shuffled": (torch.tensor([4, 0, 8, 2, 5, 7, 1, 3, 6]), [3, 3, 3]),
+    # part of a group, and a prompt held by one row only (it still runs, as a list of one)
+    "partial groups": (torch.tensor([0, 6, 1, 4, 7]), [2, 2, 1]),
+}
+
+
+@pytest.mark.parametrize("rows", list(ROW_SETS))
+@pytest.mark.parametrize("policy", ["shared_base", "gpt2"])
+def test_rows_of_one_prompt_anywhere_in_the_batch_share_it_and_equal_the_unshared_forward(
+        tmp_path, reward_folder, left_tokenizer, policy, rows):
+    """Rows are gathered by prompt wherever they sit, each prompt computed once, and the per-token log-probs and
+    entropies come back in the batch's own row order, equal to TRL's unshared forward."""
+    picked, sizes = ROW_SETS[rows]
+    trainer = online_trainer(tmp_path, policy, reward_folder, left_tokenizer)
+    trainer.model.eval()
+    input_ids, attention_mask, completion_length = forward_rows(grpo_rows())
+    input_ids, attention_mask = input_ids[picked], attention_mask[picked]
+    with torch.no_grad():
+        switched(trainer, False)
+        expected = trainer._get_per_token_logps_and_entropies(trainer.model, input_ids, attention_mask,
+                                                              completion_length, compute_entropy=True)
+        builds = switched(trainer, True, pack=False)
+        actual = trainer._get_per_token_logps_and_entropies(trainer.model, input_ids, attention_mask,
+                                                            completion_length, compute_entropy=True)
+    assert len(builds) == 1 and builds[0].input_ids.shape[0] == len(sizes)  # one row per prompt
+    assert sorted(builds[0].layout.block.max(dim=1).values.tolist()) == list(range(len(sizes)))
+    real = attention_mask[:, -completion_length:].bool()
+    for name, a, e in (("log-probs", actual[0], expected[0]), ("entropies", actual[1], expected[1])):
+        assert_close_relative(a * real, e * real, name)
+
+
+def test_rows_by_prompt_gathers_each_prompt_in_order_of_its_first_row():
+    prompt_ids = torch.tensor([[0, 5, 6], [7, 8, 9], [0, 5, 6], [9, 5, 6], [7, 8, 9]])
+    prompt_mask = torch.tensor([[0, 1, 1], [1, 1, 1], [0, 1, 1], [0, 1, 1], [1, 1, 1]])
+    # row 3 has the same ids as rows 0 and 2 where their masks are 1, but one more prompt token: another prompt
+    prompt_mask[3, 0] = 1
+    order, sizes = rows_by_prompt(prompt_ids, prompt_mask)
+    assert order.tolist() == [0, 2, 1, 4, 3] and sizes.tolist() == [2, 2, 1]
+    # the padding's ids do not matter
+    padded = prompt_ids.clone()
+    padded[2, 0] = 42
+    assert rows_by_prompt(padded, prompt_mask)[0].tolist() == [0, 2, 1, 4, 3]
 
 
 def test_shared_prompt_config_field_takes_only_none_true_false(tmp_path):
@@ -368,24 +423,79 @@ def ppo_rollout(trainer, setting) -> tuple[dict, list]:
     return trainer._generate_and_score_completions([{"prompt": p} for p in ("abc", "hello") for _ in range(K)]), builds
 
 
-@pytest.mark.parametrize("value_layout", ["own_adapter", "policy_trunk"])
-def test_ppo_rollout_equals_the_unshared_one_and_the_loss_runs_unshared(tmp_path, reward_folder, left_tokenizer,
-                                                                       value_layout):
-    """The rollout's theta_old log-probs (shared unless the values read the policy's hidden states) and reference
-    log-probs, and so the advantages and returns, equal the unshared rollout's; the loss's forward stays TRL's."""
-    trainer = ppo_trainer(tmp_path, reward_folder, left_tokenizer, value_layout)
+CRITICS = ["own_adapter", "policy_trunk", "separate_value_model"]
+
+
+def ppo_trainer_with(critic: str, tmp_path, reward_folder, left_tokenizer, **overrides) -> PPOTrainer:
+    """PPO with the shared base's value role (its own adapter, or the policy's trunk) or a separate value model."""
+    if critic != "separate_value_model":
+        return ppo_trainer(tmp_path, reward_folder, left_tokenizer, critic, **overrides)
+    torch.manual_seed(1)
+    value_model = AutoModelForSequenceClassification.from_config(tiny_llama_config(num_labels=1))
+    args = PPOConfig(**{
+        **dict(output_dir=str(tmp_path / "out"), per_device_train_batch_size=2 * K, num_generations=K,
+               max_completion_length=7, max_steps=1, num_ppo_epochs=1, learning_rate=1e-2, kl_coef=0.1,
+               temperature=0.7, report_to=[], use_cpu=True, bf16=False, save_strategy="no", disable_tqdm=True,
+               seed=0),
+        **overrides,
+    })  # fmt: skip
+    trainer = PPOTrainer(tiny_causal_lm(seed=0), reward_funcs=length_reward, value_model=value_model, args=args,
+                         train_dataset=Dataset.from_dict({"prompt": ["abc", "hello", "xy", "qrs"]}),
+                         processing_class=left_tokenizer)
+    torch.manual_seed(6)  # the reference is a copy of the policy taken before training: move the policy away from it
+    with torch.no_grad():
+        for name, parameter in trainer.model.named_parameters():
+            if not name.startswith("value_model."):
+                parameter.add_(0.02 * torch.randn_like(parameter))
+    return trainer
+
+
+def micro_batch(batch: dict, rows: torch.Tensor) -> dict:
+    """The rows `rows` of a generation batch, as GRPO's shuffle and split hand them to `_compute_loss`."""
+    size = len(batch["completion_ids"])
+    return {key: value[rows] if torch.is_tensor(value) and value.dim() > 0 and len(value) == size else value
+            for key, value in batch.items()}
+
+
+@pytest.mark.parametrize("critic", CRITICS)
+def test_ppo_rollout_equals_the_unshared_one(tmp_path, reward_folder, left_tokenizer, critic):
+    """The rollout's theta_old log-probs, reference log-probs and values, and so the advantages and returns, equal
+    the unshared rollout's; each of those forwards ran shared."""
+    trainer = ppo_trainer_with(critic, tmp_path, reward_folder, left_tokenizer)
     assert trainer._shared_prompt.active
     unshared, _ = ppo_rollout(trainer, False)
     shared, builds = ppo_rollout(trainer, True)
-    assert len(builds) == (2 if value_layout == "own_adapter" else 1)  # theta_old (not with policy_trunk), reference
+    # theta_old (with the values, for policy_trunk), reference, and a critic of its own
+    assert len(builds) == (2 if critic == "policy_trunk" else 3)
     assert torch.equal(shared["completion_ids"], unshared["completion_ids"])
     real = unshared["completion_mask"].bool()  # (prompts of 3 and 5 tokens: two left paddings)
     for name in ("old_per_token_logps", "old_values", "advantages", "returns"):
         torch.testing.assert_close(shared[name] * real, unshared[name] * real, rtol=1e-5, atol=1e-6, msg=name)
     torch.testing.assert_close(shared["ppo_mask"], unshared["ppo_mask"])
-    builds.clear()
-    trainer._compute_loss(trainer.model, shared).backward()  # a micro-batch of shuffled completions: unshared
-    assert not builds
+
+
+@pytest.mark.parametrize("checkpointing", CHECKPOINTING, ids=list(CHECKPOINTING))
+@pytest.mark.parametrize("critic", CRITICS)
+def test_ppo_loss_on_a_shuffled_micro_batch_equals_the_unshared_one(tmp_path, reward_folder, left_tokenizer, critic,
+                                                                   checkpointing):
+    """The loss's micro-batch holds shuffled completions (GRPO's shuffle and split): the rows of each prompt in it
+    run as one shared row, for the policy and the values, and the loss, every trainable gradient (policy and critic)
+    and the logged metrics equal the unshared forward's."""
+    trainer = ppo_trainer_with(critic, tmp_path, reward_folder, left_tokenizer, **CHECKPOINTING[checkpointing])
+    trainer.train()  # one step: the model as the training loop sets it up (Trainer turns checkpointing on in `train`)
+    assert trainer.model.is_activation_checkpointing == (checkpointing == "trl_default")
+    rollout, _ = ppo_rollout(trainer, False)
+    batch = micro_batch(rollout, torch.tensor([4, 0, 5, 1]))  # two rows of each prompt, interleaved
+    expected = loss_grads_metrics(trainer, batch, False)
+    actual = loss_grads_metrics(trainer, batch, True)
+    assert_close_relative(actual[0], expected[0], "loss")
+    assert actual[1].keys() == expected[1].keys() and any(name.startswith("value") or ".value" in name
+                                                          for name in expected[1])
+    for name in expected[1]:
+        assert_close_relative(actual[1][name], expected[1][name], name)
+    assert actual[2].keys() == expected[2].keys()
+    for name in expected[2]:
+        assert actual[2][name] == pytest.approx(expected[2][name], rel=1e-5, abs=1e-6), name
 
 
 def test_ppo_with_one_completion_per_prompt_has_nothing_to_share(tmp_path, reward_folder, left_tokenizer, caplog):

@@ -314,21 +314,23 @@ class SharedBase(nn.Module):
 
     # -- the four forwards ------------------------------------------------------------------------
 
-    def _last_hidden_state(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+    def _last_hidden_state(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
+                           position_ids: torch.Tensor | None = None) -> torch.Tensor:
         """Last hidden state [B, T, H] from the decoder body alone: value and reward need no LM head."""
         body = self.peft_model.get_base_model().base_model
-        return body(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        return body(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids).last_hidden_state
 
     def policy_logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Logits [B, T, V] of the policy (policy adapter active, LM head), with grad if enabled."""
         with self.role("policy"):
             return self.peft_model(input_ids=input_ids, attention_mask=attention_mask).logits
 
-    def values(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    def values(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+               position_ids: torch.Tensor | None = None) -> torch.Tensor:
         """Values [B, T] float32: value adapter (the policy's in the policy_trunk layout), last hidden state, value
-        head; with grad if enabled."""
+        head; with grad if enabled. `position_ids` (and a 4-D `attention_mask`) for shared-prompt rows."""
         with self.role(self.value_adapter):
-            return self.heads["value"](self._last_hidden_state(input_ids, attention_mask))
+            return self.heads["value"](self._last_hidden_state(input_ids, attention_mask, position_ids))
 
     @contextmanager
     def capture_last_hidden_state(self) -> Iterator[list[torch.Tensor]]:

@@ -4,8 +4,9 @@
 unshared K-way batch rebuilt as shared rows; `shared_token_outputs` (a causal LM with TRL's fused LM head: K-way DPO)
 and `shared_sequence_scores` (a sequence classifier: the K-way reward model) run one forward on the shared rows and
 give back what the unshared forward gives, in its shape: per-token values [N, T - 1], scores [N, num_labels].
-`grouped_inputs` reads GRPOTrainer's rows (left-padded prompts; a group of G completions = a list) as such a batch,
-and `shared_completion_outputs` gives back what GRPOTrainer's forward keeps, [N, C] (online K-way).
+`grouped_inputs` reads GRPOTrainer's rows (left-padded prompts; the rows of one prompt = a list, wherever they sit in
+the batch) as such a batch, and `shared_completion_outputs` gives back what GRPOTrainer's forward keeps, [N, C]
+(online K-way, PPO); `completion_token_values` reads any per-position value (a critic's V) the same way.
 
 The attention mask goes to the model as a 4-D tensor [R, 1, L, L]. transformers 5 (`masking_utils.
 _preprocess_mask_arguments`) passes a 4-D mask to the attention function as it is, so it must already be in that
@@ -36,6 +37,7 @@ from ..ops.shared_prompt import (
     read_last_tokens,
     right_padded_rows,
     rows_by_cost,
+    rows_by_prompt,
     scatter_to_unshared,
     shared_prompt_layout,
 )
@@ -222,39 +224,81 @@ def shared_sequence_scores(model: nn.Module, batch: SharedPromptBatch) -> torch.
     return read_last_tokens(outputs[-1], batch.layout)
 
 
-def grouped_inputs(input_ids: torch.Tensor, attention_mask: torch.Tensor, completion_length: int,
-                   group_size: int) -> tuple[dict | None, str | None]:
-    """GRPOTrainer's unshared rows as the keys `SharedPromptBatch.from_inputs` reads, each run of `group_size`
-    consecutive rows one list: (inputs, None), or (None, why not).
+@dataclass
+class GroupedRows:
+    """GRPOTrainer's unshared rows as the keys `SharedPromptBatch.from_inputs` reads: the rows that hold one prompt
+    gathered into a list (`rows_by_prompt`), shifted to right-padded `[prompt | completion]` rows
+    (`rlhf_ext.ops.shared_prompt.right_padded_rows`), each token keeping its unshared position (its column there).
+
+    inputs   input_ids, attention_mask, completion_mask, unshared_position_ids [N, T] in grouped order, and
+             num_completions [G] (rows per prompt)
+    order    long [N]: the unshared row at each grouped row; `ungroup` puts per-row results back in batch order
+    """
+
+    inputs: dict
+    order: torch.Tensor
+
+    def chunks(self, max_rows: int | None):
+        """The grouped rows in chunks of whole lists, each at most `max_rows` rows (or one list, when a list alone is
+        longer): the shape of GRPOTrainer's chunked forward, each prompt in one chunk."""
+        sizes = self.inputs["num_completions"].tolist()
+        limit = max_rows or sum(sizes)
+        start, first_list = 0, 0
+        for end_list in range(1, len(sizes) + 1):
+            rows = sum(sizes[first_list:end_list])
+            if end_list == len(sizes) or rows + sizes[end_list] > limit:
+                chunk = {key: value[start : start + rows] for key, value in self.inputs.items()
+                         if key != "num_completions"}
+                chunk["num_completions"] = self.inputs["num_completions"][first_list:end_list]
+                yield chunk
+                start, first_list = start + rows, end_list
+
+    def ungroup(self, per_row: torch.Tensor) -> torch.Tensor:
+        """Per-row results in grouped order [N, ...] back in the unshared batch's order."""
+        return per_row[torch.argsort(self.order)]
+
+
+def grouped_inputs(input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                   completion_length: int) -> tuple[GroupedRows | None, str | None]:
+    """GRPOTrainer's rows with each prompt's rows gathered into one list: (GroupedRows, None); (None, why not) for rows
+    the layout cannot read; (None, None) when no two rows hold the same prompt (nothing to share).
 
     The rows are those of `GRPOTrainer._get_per_token_logps_and_entropies`: input_ids = prompt_ids then completion_ids
     [N, T], attention_mask = prompt_mask (left padded) then completion_mask (right padded), the last
-    `completion_length` columns the completion. They are shifted to right-padded `[prompt | completion]` rows
-    (`rlhf_ext.ops.shared_prompt.right_padded_rows`), each token keeping its unshared position (its column there);
-    whether a group's rows hold one prompt is checked when the batch is (`SharedPromptBatch.problem`).
+    `completion_length` columns the completion. A rollout holds GRPO's groups of `num_generations` consecutive rows;
+    PPO's loss a shuffled micro-batch, in which a prompt's rows are wherever the shuffle put them.
     """
-    num_rows = input_ids.shape[0]
-    if num_rows % group_size != 0:
-        return None, f"the batch holds {num_rows} sequences, not whole groups of {group_size}"
     prompt_width = input_ids.shape[1] - completion_length
-    problem = grouped_rows_problem(attention_mask[:, :prompt_width], attention_mask[:, prompt_width:])
+    prompt_mask = attention_mask[:, :prompt_width]
+    problem = grouped_rows_problem(prompt_mask, attention_mask[:, prompt_width:])
     if problem is not None:
         return None, problem
-    inputs = right_padded_rows(input_ids, attention_mask[:, :prompt_width], attention_mask[:, prompt_width:])
+    order, sizes = rows_by_prompt(input_ids[:, :prompt_width], prompt_mask)
+    if int(sizes.max()) < 2:
+        return None, None
+    inputs = right_padded_rows(input_ids[order], prompt_mask[order], attention_mask[order, prompt_width:])
     inputs["unshared_position_ids"] = inputs.pop("position_ids")
-    inputs["num_completions"] = torch.full((num_rows // group_size,), group_size, dtype=torch.long,
-                                           device=input_ids.device)
-    return inputs, None
+    inputs["num_completions"] = sizes
+    return GroupedRows(inputs=inputs, order=order), None
+
+
+def completion_token_values(per_token: torch.Tensor, batch: SharedPromptBatch, inputs: dict,
+                            completion_length: int) -> torch.Tensor:
+    """Per-position values of the shared rows [R, L] (a fused LM head's log-probs, a value head's V) read where the
+    unshared forward reads them for each completion token: [N, C], column j at the position that predicts completion
+    token j (the state before it), 0 past the completion. `inputs` as `GroupedRows` holds them, in grouped order."""
+    prompt_lengths, _ = prompt_and_sequence_lengths(inputs["attention_mask"], inputs["completion_mask"])
+    unshared = scatter_to_unshared(per_token, batch.layout, batch.labels)
+    return completion_columns(unshared, prompt_lengths, completion_length)
 
 
 def shared_completion_outputs(model: nn.Module, batch: SharedPromptBatch, inputs: dict, completion_length: int):
     """`shared_token_outputs` with its per-token fields read at each sequence's completion, [N, C]: what
     GRPOTrainer's unshared forward keeps (`outputs.log_probs[:, -logits_to_keep:]`), column j the prediction of
-    completion token j, 0 past the completion. `inputs` as `grouped_inputs` built them."""
-    outputs = shared_token_outputs(model, batch)
-    prompt_lengths, _ = prompt_and_sequence_lengths(inputs["attention_mask"], inputs["completion_mask"])
+    completion token j, 0 past the completion. `inputs` one chunk of `GroupedRows`, in grouped order."""
+    outputs = model(**batch.model_inputs(model), shift_labels=batch.labels, fused_lm_head=True)
     for name in _TOKEN_FIELDS:
         value = getattr(outputs, name, None)
         if value is not None:
-            setattr(outputs, name, completion_columns(value, prompt_lengths, completion_length))
+            setattr(outputs, name, completion_token_values(value, batch, inputs, completion_length))
     return outputs

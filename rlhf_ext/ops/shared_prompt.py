@@ -338,3 +338,21 @@ def completion_columns(per_token: torch.Tensor, prompt_lengths: torch.Tensor, co
     j < C = completion_length. [N, C]: the columns GRPOTrainer keeps (`[:, -logits_to_keep:]` of its unshared rows)."""
     columns = prompt_lengths[:, None] - 1 + torch.arange(completion_length, device=per_token.device)[None, :]
     return per_token.gather(1, columns.clamp(0, per_token.shape[1] - 1))
+
+
+def rows_by_prompt(prompt_ids: torch.Tensor, prompt_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows that hold the same prompt, wherever they sit in the batch: (order long [N], sizes long [G]).
+
+    Two rows hold the same prompt when their prompt masks and the ids under them are equal. `order` lists the rows
+    group by group (the groups in the order of their first row, each group's rows in batch order: a batch already in
+    groups, GRPO's rollout, keeps its order) and sizes[g] counts group g's rows. PPO's micro-batches are shuffled
+    completions, so a group's rows are scattered; gathered, they share one prompt computation.
+    """
+    key = torch.cat([prompt_mask.long(), prompt_ids.long().masked_fill(prompt_mask == 0, -1)], dim=1)
+    _, group = torch.unique(key, dim=0, return_inverse=True)
+    rows = torch.arange(len(group), device=group.device)
+    first_row = torch.full((int(group.max()) + 1,), len(group), device=group.device).scatter_reduce(
+        0, group, rows, reduce="amin")
+    order = torch.sort(first_row[group], stable=True).indices
+    _, sizes = torch.unique_consecutive(first_row[group][order], return_counts=True)
+    return order, sizes

@@ -10,7 +10,7 @@ online K-way with a Plackett-Luce ranking of each group. What they share is here
     _calculate_rewards               keeps the raw rewards of the generation batch (refusing inf or all-missing)
     _global_scores, _local_scores    the weighted reward sums, all processes' and this process's slice
     _reference_logprobs              the reference: a ref model, the shared base's reference role, or adapters off
-    _get_per_token_logps_and_entropies  with `shared_prompt` on, each group's prompt computed once (online K-way)
+    _get_per_token_logps_and_entropies  with `shared_prompt` on, each prompt computed once for the rows holding it
     _prompt_lengths                  prompts tokenized as generation tokenizes them, for the up-front checks
     _get_train_sampler               each epoch's shuffle seeded by the epoch (exact resume)
     _saving_only_the_policy_adapter  a shared base's checkpoint holds the policy adapter, not the frozen reward
@@ -64,6 +64,8 @@ class SharedBaseGRPOTrainer(FaultTolerantMixin, GRPOTrainer):
     `model` is a `SharedBase`, or the policy as GRPOTrainer takes it (id or path, `PreTrainedModel`, `PeftModel`);
     without adapters, the reference is a frozen copy of the policy taken before training.
     """
+
+    _shared_forwards: list | None = None  # set by `_recording_shared_forwards`
 
     def __init__(
         self,
@@ -154,52 +156,59 @@ class SharedBaseGRPOTrainer(FaultTolerantMixin, GRPOTrainer):
         return logps
 
     def _get_per_token_logps_and_entropies(self, model, input_ids, attention_mask, logits_to_keep, batch_size=None,
-                                           compute_entropy=False, compute_aux_loss=False, *, share_prompts=True,
-                                           **multimodal):
+                                           compute_entropy=False, compute_aux_loss=False, **multimodal):
         # Extends GRPOTrainer._get_per_token_logps_and_entropies, through which every forward of the sampled tokens
         # goes (the loss's, the reference's in `_reference_logprobs`, GRPO's old log-probs): with `shared_prompt` on,
-        # the G = num_generations consecutive rows of each group run as one row [prompt | completion 1 | ... |
-        # completion G] (rlhf_ext/models/shared_prompt.py), computing the prompt once; the log-probs and entropies
-        # [N, logits_to_keep] are what TRL's forward gives. A call it cannot take (images, the router loss, rows that
-        # are not whole groups of one left-padded prompt), every call with `shared_prompt` off, and a caller's
-        # `share_prompts=False` (PPO's loss: shuffled completions, or hidden states read) are TRL's own.
-        inputs = None
-        if share_prompts:
-            inputs = self._shared_prompt_groups(input_ids, attention_mask, logits_to_keep, compute_aux_loss,
-                                                multimodal)
-        if inputs is None:
+        # the rows that hold one prompt (a GRPO group of num_generations, or those a shuffled PPO micro-batch holds)
+        # run as one row [prompt | completion 1 | ... | completion G] (rlhf_ext/models/shared_prompt.py), computing
+        # the prompt once; the log-probs and entropies [N, logits_to_keep] are what TRL's forward gives. A call it
+        # cannot take (images, the router loss, rows that are not left-padded prompts then completions), a call with
+        # no two rows of one prompt, and every call with `shared_prompt` off are TRL's own.
+        grouped = self._shared_prompt_groups(input_ids, attention_mask, logits_to_keep, compute_aux_loss, multimodal)
+        if grouped is None:
             return super()._get_per_token_logps_and_entropies(
                 model, input_ids, attention_mask, logits_to_keep, batch_size=batch_size,
                 compute_entropy=compute_entropy, compute_aux_loss=compute_aux_loss, **multimodal,
             )  # fmt: skip
-        group = int(inputs["num_completions"][0])
-        rows = max((batch_size or input_ids.size(0)) // group, 1) * group  # TRL's chunks, rounded to whole groups
         logps, entropies = [], []
-        for start in range(0, input_ids.size(0), rows):
-            chunk = {key: value[start : start + rows] for key, value in inputs.items() if key != "num_completions"}
-            chunk["num_completions"] = inputs["num_completions"][start // group : (start + rows) // group]
+        for chunk in grouped.chunks(batch_size):  # TRL's chunks of batch_size rows, in whole lists
+            batch = self._shared_prompt.build(chunk, self)
             with self.accelerator.autocast():  # as TRL's forward
-                outputs = shared_completion_outputs(model, self._shared_prompt.build(chunk, self), chunk,
-                                                    logits_to_keep)
+                outputs = shared_completion_outputs(model, batch, chunk, logits_to_keep)
+            if self._shared_forwards is not None:
+                self._shared_forwards.append((batch, chunk))
             logps.append(outputs.log_probs)
             if compute_entropy:
                 entropies.append(outputs.entropy)
-        return torch.cat(logps), torch.cat(entropies) if compute_entropy else None, None
+        if self._shared_forwards is not None:
+            self._shared_forwards.append(grouped)
+        entropy = grouped.ungroup(torch.cat(entropies)) if compute_entropy else None
+        return grouped.ungroup(torch.cat(logps)), entropy, None
+
+    @contextmanager
+    def _recording_shared_forwards(self):
+        """Within the block, each shared forward of `_get_per_token_logps_and_entropies` appends (SharedPromptBatch,
+        chunk) per chunk and then its GroupedRows to the yielded list (empty when the forward ran unshared): PPO's
+        policy_trunk values read the hidden states of those rows."""
+        self._shared_forwards = []
+        try:
+            yield self._shared_forwards
+        finally:
+            self._shared_forwards = None
 
     def _shared_prompt_groups(self, input_ids, attention_mask, logits_to_keep, compute_aux_loss, multimodal):
-        """The rows of a `_get_per_token_logps_and_entropies` call as `grouped_inputs` reads them when they run
-        shared, else None (the switch off; or a batch it cannot take: one log line, or a ValueError for True)."""
+        """The rows of a `_get_per_token_logps_and_entropies` call as GroupedRows when they run shared, else None (the
+        switch off; no two rows of one prompt; or rows it cannot take: one log line, or a ValueError for True)."""
         if not self._shared_prompt.decide(self) or compute_aux_loss:  # (the router loss turns the switch off)
             return None
         carried = [name for name, value in multimodal.items() if value is not None]
         if carried:
-            inputs, problem = None, f"its sequences carry {', '.join(carried)}, which the shared rows do not lay out"
+            grouped, problem = None, f"its sequences carry {', '.join(carried)}, which the shared rows do not lay out"
         else:
-            group = self.num_generations if self.model.training else self.num_generations_eval
-            if group == 1:  # PPO's default: one completion per prompt, nothing to share
+            grouped, problem = grouped_inputs(input_ids, attention_mask, logits_to_keep)
+            if grouped is None and problem is None:  # every prompt once (PPO's default of one completion each)
                 return None
-            inputs, problem = grouped_inputs(input_ids, attention_mask, logits_to_keep, group)
-        return inputs if self._shared_prompt.check(inputs, self, problem) else None
+        return grouped if self._shared_prompt.check(grouped and grouped.inputs, self, problem) else None
 
     def _global_scores(self) -> tuple[torch.Tensor, torch.Tensor]:
         """[N_global] weighted reward sums of the generation batch (all processes), and whether any function scored

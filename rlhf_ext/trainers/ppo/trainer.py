@@ -18,8 +18,9 @@ parameter; `_save` / `_load_from_checkpoint` write and read the critic beside th
 With a `SharedBase` and `use_vllm=True`, the vLLM backend GRPOTrainer builds becomes a `SharedBaseVLLMGeneration`,
 whose weight sync sends vLLM the policy merged into the base and nothing else (docs/ppo.md).
 
-With `num_generations > 1` and `shared_prompt`, the rollout's reference and theta_old forwards compute each group's
-prompt once (`SharedBaseGRPOTrainer._get_per_token_logps_and_entropies`; `_policy_forward` says which forwards).
+With `num_generations > 1` and `shared_prompt`, every forward of the sampled tokens computes each prompt once for the
+rows holding it: the rollout's theta_old, reference and critic forwards (whole groups), and the loss's policy and
+critic forwards (the rows of one prompt a shuffled micro-batch holds); `_policy_forward` and `_critic_values`.
 """
 
 from __future__ import annotations
@@ -46,6 +47,7 @@ from ...distributed import (
     parameters_from_state_dict,
 )
 from ...models import SharedBase
+from ...models.shared_prompt import completion_token_values, model_attention_mask, shared_prompt_blocker
 from ...ops import (
     gae,
     masked_mean,
@@ -67,23 +69,27 @@ VALUE_WEIGHTS = "model.safetensors"  # a critic's weights in VALUE_DIR, unless i
 PROMPT_ROOM_FIX = "set max_prompt_length to {prompt_room} or less, with long_prompts='drop' to skip longer prompts."
 
 
-def token_values(value_model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+def token_values(value_model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                 position_ids: torch.Tensor | None = None) -> torch.Tensor:
     """V(s) after every prefix of the sequence: [B, L] float32.
 
     A module with a `values(input_ids, attention_mask)` method (the shared base's value role) is asked
     directly. Otherwise `value_model` is a transformers model with a one-label `score` head (an
     `AutoModelForSequenceClassification` or `...TokenClassification` with `num_labels=1`, the value model
-    format of TRL's PPO): its backbone runs once and the head is applied at every position.
+    format of TRL's PPO): its backbone runs once and the head is applied at every position. `position_ids` (and a
+    4-D `attention_mask`) for shared-prompt rows (rlhf_ext/models/shared_prompt.py).
     """
     if hasattr(value_model, "values"):
-        return value_model.values(input_ids, attention_mask).float()
+        extra = {} if position_ids is None else {"position_ids": position_ids}
+        return value_model.values(input_ids, attention_mask, **extra).float()
     if not hasattr(value_model, "score"):
         raise TypeError(
             f"value_model {type(value_model).__name__} has neither a `values(input_ids, attention_mask)` method nor a "
             "`score` head; pass e.g. AutoModelForSequenceClassification.from_pretrained(path, num_labels=1)."
         )
     backbone = getattr(value_model, value_model.base_model_prefix)
-    hidden = backbone(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+    hidden = backbone(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                      use_cache=False).last_hidden_state
     return value_model.score(hidden).squeeze(-1).float()
 
 
@@ -111,8 +117,9 @@ class SharedBaseCritic(nn.Module):
         self.heads = shared.heads  # the same ModuleDict, so a head replaced by `load_role` is seen here too
         object.__setattr__(self, "shared", shared)  # a plain attribute: registering it would nest the base twice
 
-    def values(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        return self.shared.values(input_ids, attention_mask)
+    def values(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+               position_ids: torch.Tensor | None = None) -> torch.Tensor:
+        return self.shared.values(input_ids, attention_mask, position_ids=position_ids)
 
     def save(self, path: str) -> None:
         self.shared.save_role("value", path)
@@ -168,6 +175,8 @@ class PPOTrainer(SharedBaseGRPOTrainer):
                 eprint       = {arXiv:1909.08593}
             }"""),  # noqa: E501 (the BibTeX author list is one line of data)
     }
+
+    _critic_blocker: str | None = None  # `_critic_can_share`: "" when the critic can share, else why not
 
     def __init__(
         self,
@@ -362,11 +371,11 @@ class PPOTrainer(SharedBaseGRPOTrainer):
             if logprobs is None:
                 logprobs, _, values, _ = self._policy_forward(
                     self.model, prompt_completion_ids, attention_mask, completion_length,
-                    batch_size=self.args.per_device_train_batch_size, rollout=True,
+                    batch_size=self.args.per_device_train_batch_size,
                 )  # fmt: skip
             ref_logprobs = self._reference_logprobs(prompt_completion_ids, attention_mask, completion_length)
             if values is None:
-                values = completion_values(self.value_model, prompt_completion_ids, attention_mask, completion_length)
+                values = self._critic_values(prompt_completion_ids, attention_mask, completion_length)
         if self._value_head_pending and mode == "train":
             values = self._initialise_value_head_bias(values, mask & scored[:, None])
 
@@ -397,34 +406,62 @@ class PPOTrainer(SharedBaseGRPOTrainer):
         return self.shared_base is not None and self.shared_base.value_layout == "policy_trunk"
 
     def _policy_forward(
-        self, model, input_ids, attention_mask, completion_length, batch_size=None, entropy=False, aux_loss=False,
-        rollout=False,
+        self, model, input_ids, attention_mask, completion_length, batch_size=None, entropy=False, aux_loss=False
     ):
         """log pi(a_t | s_t) [B, C], the entropies [B, C] (or None), in the policy_trunk layout V(s_t) [B, C] from
         the same forward (else None: the critic needs its own), and with `aux_loss` a MoE policy's router
         load-balancing loss (a scalar; else None).
 
         The values read the last hidden state the policy's forward leaves on its way to the LM head, through the
-        same graph, so one backward carries both the policy and the value loss into the policy adapter.
-
-        Only a `rollout` forward without those values may compute each group's prompt once (`shared_prompt`,
-        `SharedBaseGRPOTrainer._get_per_token_logps_and_entropies`): there the rows are the generation batch's, whole
-        groups in TRL's order; the loss's micro-batches are shuffled completions, and the values read the hidden
-        states of the unshared rows. Every other forward is GRPOTrainer's own.
+        same graph, so one backward carries both the policy and the value loss into the policy adapter. With
+        `shared_prompt` on and rows of one prompt in the batch (num_generations > 1: the rollout's groups, or the
+        rows of one group a shuffled micro-batch holds), the forward runs on shared rows
+        (`SharedBaseGRPOTrainer._get_per_token_logps_and_entropies`) and the value head reads their hidden states at
+        the positions the log-probs are read from.
         """
         forward = functools.partial(
             self._get_per_token_logps_and_entropies, model, input_ids, attention_mask, completion_length,
             batch_size=batch_size, compute_entropy=entropy, compute_aux_loss=aux_loss,
-            share_prompts=rollout and not self.values_on_policy_trunk,
         )  # fmt: skip
         if not self.values_on_policy_trunk:
             logprobs, entropies, router_loss = forward()
             return logprobs, entropies, None, router_loss
-        with self.shared_base.capture_last_hidden_state() as hidden:
+        with self.shared_base.capture_last_hidden_state() as hidden, self._recording_shared_forwards() as shared:
             logprobs, entropies, router_loss = forward()
-        values = self.value_model.heads["value"](torch.cat(hidden))  # chunks of `batch_size` rows, in order
-        return logprobs, entropies, values[:, -completion_length - 1 : -1], router_loss
+        head = self.value_model.heads["value"]
+        if not shared:  # TRL's forward: chunks of `batch_size` rows, in order
+            return logprobs, entropies, head(torch.cat(hidden))[:, -completion_length - 1 : -1], router_loss
+        *chunks, grouped = shared
+        values = [completion_token_values(head(states), batch, chunk, completion_length)
+                  for states, (batch, chunk) in zip(hidden, chunks, strict=True)]
+        return logprobs, entropies, grouped.ungroup(torch.cat(values)), router_loss
 
+    def _critic_values(self, input_ids, attention_mask, completion_length) -> torch.Tensor:
+        """`completion_values` [B, C] of the critic (the value role, or a separate value model), on shared rows where
+        the policy's forwards share theirs and the critic can (`shared_prompt`): the same values, each prompt
+        computed once for the rows holding it."""
+        grouped = None
+        if self._critic_can_share():
+            grouped = self._shared_prompt_groups(input_ids, attention_mask, completion_length, False, {})
+        if grouped is None:
+            return completion_values(self.value_model, input_ids, attention_mask, completion_length)
+        batch = self._shared_prompt.build(grouped.inputs, self)
+        reads_mask = self.value_model.shared.peft_model if isinstance(self.value_model, SharedBaseCritic) else (
+            self.value_model)
+        per_token = token_values(self.value_model, batch.input_ids, model_attention_mask(batch.allowed, reads_mask),
+                                 position_ids=batch.position_ids)
+        return grouped.ungroup(completion_token_values(per_token, batch, grouped.inputs, completion_length))
+
+    def _critic_can_share(self) -> bool:
+        """Whether the critic's forward can run on shared rows: the shared base's value role (the policy's base, which
+        the switch checked), or a separate value model that `shared_prompt_blocker` clears (checked once; else its
+        forward stays unshared while the policy's share, with one log line)."""
+        if self._critic_blocker is None and not isinstance(self.value_model, SharedBaseCritic):
+            reason = shared_prompt_blocker(self.value_model, max_length=None)
+            self._critic_blocker = reason or ""
+            if reason and self._shared_prompt.active:
+                logger.warning("shared_prompt: the value model's forward runs unshared: %s", reason)
+        return not self._critic_blocker
 
     def _initialise_value_head_bias(self, values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """value_head_init="first_rollout_mean": shift the value head's bias so that the first training rollout's
@@ -527,7 +564,7 @@ class PPOTrainer(SharedBaseGRPOTrainer):
             model, input_ids, attention_mask, completion_length, entropy=True, aux_loss=self.aux_loss_enabled
         )
         if values is None:
-            values = completion_values(self.value_model, input_ids, attention_mask, completion_length)
+            values = self._critic_values(input_ids, attention_mask, completion_length)
         normalizer = self._loss_normalizer(inputs)
         warmup = self.in_value_warmup()
         # Critic warm-up: zero advantages and no entropy bonus make the policy term 0 with a gradient of exactly 0
