@@ -5,6 +5,7 @@ The independent expectation is worked by hand: each sequence alone (no padding a
 decoder body, its last hidden state at the final position, times the trained head.
 """
 
+import contextlib
 import math
 
 import pytest
@@ -17,7 +18,8 @@ from rlhf_ext.data.prepare import tokenize_ranked
 from rlhf_ext.models import SharedBase, SharedBaseArguments
 from rlhf_ext.models.scoring import LAST_REAL_TOKEN, SCORE_TOKEN_FIELD, sequence_classifier_scores
 from rlhf_ext.testing import tiny_tokenizer
-from rlhf_ext.trainers import PlackettLuceRewardConfig, PlackettLuceRewardTrainer, SharedBaseReward
+from rlhf_ext.trainers import PlackettLuceRewardConfig, PlackettLuceRewardTrainer, SharedBaseReward, grpo_base
+from rlhf_ext.trainers.shared_prompt import SharedPromptSwitch
 
 PLAIN = [
     {"prompt": "q1 ", "completions": ["aa", "b", "ccc"]},
@@ -76,6 +78,29 @@ def hand_scores(trainer, records, pad: str = "distinct") -> list[float]:
     return scores
 
 
+def on_switch() -> SharedPromptSwitch:
+    """A trainer's `shared_prompt` switch, decided on."""
+    switch = SharedPromptSwitch(True, scores=False)
+    switch.active = True
+    return switch
+
+
+@contextlib.contextmanager
+def counting_calls(owner, name: str):
+    """Count the calls of `owner.name` in the block (one entry per call)."""
+    calls, original = [], getattr(owner, name)
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return original(*args, **kwargs)
+
+    setattr(owner, name, counted)
+    try:
+        yield calls
+    finally:
+        setattr(owner, name, original)
+
+
 def kway_loss_by_hand(scores: list[float], records) -> float:
     """Mean over lists of -log P(order) for completions listed best first (sequential choice)."""
     losses, start = [], 0
@@ -105,6 +130,13 @@ def test_reward_role_scores_what_the_reward_trainer_trained(model_path, tmp_path
     prompts = [r["prompt"] for r in records for _ in r["completions"]]
     completions = [c for r in records for c in r["completions"]]
     assert reward(prompts, completions) == pytest.approx(expected, abs=1e-5)
+
+    # with the trainer's shared_prompt on, the completions of one prompt run in one shared row, in any order
+    reward.prompt_switch = on_switch()
+    shuffled = [4, 0, 3, 5, 1, 2]
+    with counting_calls(shared, "shared_reward_scores") as calls:
+        got = reward([prompts[i] for i in shuffled], [completions[i] for i in shuffled])
+    assert calls == [1] and got == pytest.approx([expected[i] for i in shuffled], abs=1e-5)
 
 
 @pytest.mark.parametrize("pad", ["eos", "none"])
@@ -143,6 +175,11 @@ def test_ppo_scores_a_saved_full_reward_model_as_it_was_trained(model_path, tmp_
     prompts = [r["prompt"] for r in PLAIN for _ in r["completions"]]
     completions = [c for r in PLAIN for c in r["completions"]]
     assert trainer.reward_funcs[0](prompts=prompts, completions=completions) == pytest.approx(expected, abs=1e-5)
+    # with the trainer's shared_prompt on, each prompt's completions are scored in one shared row
+    trainer._shared_prompt.active = True
+    with counting_calls(grpo_base, "shared_sequence_scores") as calls:
+        got = trainer.reward_funcs[0](prompts=prompts, completions=completions)
+    assert calls == [1] and got == pytest.approx(expected, abs=1e-5)
 
 
 def test_an_encoder_reward_model_keeps_its_own_first_token_pooling(tmp_path):

@@ -52,6 +52,7 @@ from peft import (
 from torch import nn
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
+from ..ops.shared_prompt import read_last_tokens
 from .checkpointing import adapter_state_checkpointing
 from .fingerprint import write_base_fingerprint
 from .heads import ScalarHead
@@ -70,6 +71,7 @@ from .role_folder import (
     save_head,
 )
 from .scoring import gather_last_token
+from .shared_prompt import SharedPromptBatch, model_attention_mask
 
 ROLES = ("policy", "value", "reward", "reference")
 TRAINABLE_ROLES = ("policy", "value")
@@ -355,6 +357,16 @@ class SharedBase(nn.Module):
         with self.role("reward"):
             hidden = self._last_hidden_state(input_ids, attention_mask)
         return self.heads["reward"](gather_last_token(hidden, attention_mask))
+
+    @torch.no_grad()
+    def shared_reward_scores(self, batch: SharedPromptBatch) -> torch.Tensor:
+        """`reward_scores` of the sequences laid out in shared-prompt rows (rlhf_ext/models/shared_prompt.py), [N] in
+        the batch's sequence order: each read at its segment's last token, the hidden state the unshared row has at
+        its last real token."""
+        with self.role("reward"):
+            hidden = self._last_hidden_state(batch.input_ids, model_attention_mask(batch.allowed, self.peft_model),
+                                             batch.position_ids)
+        return self.heads["reward"](read_last_tokens(hidden, batch.layout))
 
     @torch.no_grad()
     def reference_logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:

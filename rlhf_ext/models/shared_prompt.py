@@ -282,6 +282,35 @@ def grouped_inputs(input_ids: torch.Tensor, attention_mask: torch.Tensor,
     return GroupedRows(inputs=inputs, order=order), None
 
 
+def prompt_prefix_rows(input_ids: torch.Tensor, attention_mask: torch.Tensor, prompts: list) -> GroupedRows | None:
+    """Right-padded whole sequences [N, T] (a reward model's prompt + completion texts, tokenized) with the rows of one
+    prompt (equal entries of `prompts`) gathered into a list whose shared part is the token prefix all its rows hold,
+    at most each row's length - 1 tokens (so every row keeps a token of its own to be read at); None when no prompt has
+    two rows.
+
+    The prefix is read from the tokens, not assumed from the text: where a tokenizer merges the prompt's last
+    characters with the completion's first, the rows share fewer tokens and the layout shares only those, so the
+    forward stays exact whatever the tokenization.
+    """
+    first_of = {}
+    group = torch.tensor([first_of.setdefault(repr(prompt), len(first_of)) for prompt in prompts],
+                         device=input_ids.device)
+    sizes = torch.bincount(group)
+    if int(sizes.max()) < 2:
+        return None
+    order = torch.sort(group, stable=True).indices
+    ids, mask = input_ids[order], attention_mask[order].long()
+    list_of_row = torch.repeat_interleave(torch.arange(len(sizes), device=ids.device), sizes)
+    first_row = (torch.cumsum(sizes, 0) - sizes)[list_of_row]
+    agrees = (ids == ids[first_row]) & (mask == 1) & (mask[first_row] == 1)
+    own_prefix = torch.minimum(agrees.long().cumprod(dim=1).sum(dim=1), mask.sum(dim=1) - 1)
+    prefix = torch.full_like(sizes, ids.shape[1]).scatter_reduce(0, list_of_row, own_prefix, reduce="amin")
+    columns = torch.arange(ids.shape[1], device=ids.device)
+    completion_mask = mask * (columns[None, :] >= prefix[list_of_row][:, None]).long()
+    inputs = {"input_ids": ids, "attention_mask": mask, "completion_mask": completion_mask, "num_completions": sizes}
+    return GroupedRows(inputs=inputs, order=order)
+
+
 def completion_token_values(per_token: torch.Tensor, batch: SharedPromptBatch, inputs: dict,
                             completion_length: int) -> torch.Tensor:
     """Per-position values of the shared rows [R, L] (a fused LM head's log-probs, a value head's V) read where the

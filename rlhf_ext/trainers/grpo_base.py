@@ -43,7 +43,15 @@ from ..models import SharedBase
 from ..models.fingerprint import write_base_fingerprint
 from ..models.role_checks import check_trainer_reward_models
 from ..models.scoring import reads_last_real_token, right_padded, sequence_classifier_scores
-from ..models.shared_prompt import grouped_inputs, shared_completion_outputs
+from ..models.shared_prompt import (
+    SharedPromptBatch,
+    attention_span,
+    grouped_inputs,
+    prompt_prefix_rows,
+    shared_completion_outputs,
+    shared_prompt_blocker,
+    shared_sequence_scores,
+)
 from .fault_tolerance import FaultTolerantMixin
 from .position_limits import max_positions
 from .sampling import epoch_seeded
@@ -112,7 +120,8 @@ class SharedBaseGRPOTrainer(FaultTolerantMixin, GRPOTrainer):
         check_engine_supports(model, self.accelerator, type(self).__name__, shared_base=self.shared_base is not None)
         self._last_rewards_per_func = None
         self.reward_funcs = [
-            checked_reward_function(scored_as_trained(func, tokenizer, self.chat_template_kwargs), name)
+            checked_reward_function(scored_as_trained(func, tokenizer, self.chat_template_kwargs, self._shared_prompt),
+                                    name)
             for func, tokenizer, name in zip(
                 self.reward_funcs, self.reward_processing_classes, self.reward_func_names, strict=True
             )
@@ -340,7 +349,9 @@ class SharedBaseReward:
 
     Like TRL's reward-model path, the text is re-tokenized (with the chat template for conversations); it is scored
     at its last real token (`rlhf_ext.models.scoring`), the token the K-way reward trainer trains at. A plain-text
-    completion gets the EOS token appended, as the reward trainer's tokenization appended it.
+    completion gets the EOS token appended, as the reward trainer's tokenization appended it. With the trainer's
+    `shared_prompt` switch on (`prompt_switch`), the completions of one prompt are scored in one shared row
+    (`scores_with_shared_prompts`).
     """
 
     __name__ = "reward_role"
@@ -349,26 +360,34 @@ class SharedBaseReward:
         self.shared = shared
         self.tokenizer = tokenizer
         self.chat_template_kwargs = chat_template_kwargs or {}
+        self.prompt_switch: SharedPromptSwitch | None = None  # the trainer's, set by `scored_as_trained`
 
     def __call__(self, prompts: list, completions: list, **kwargs) -> list[float]:
         texts = reward_texts(prompts, completions, self.tokenizer, self.chat_template_kwargs)
         conversational = is_conversational({"prompt": prompts[0]})
         input_ids, attention_mask = tokenized_for_scoring(texts, self.tokenizer, self.shared.device, conversational)
-        return self.shared.reward_scores(input_ids, attention_mask).tolist()
+        shared = scores_with_shared_prompts(self.prompt_switch, self.shared.peft_model, input_ids, attention_mask,
+                                            prompts, self.shared.shared_reward_scores)
+        return (shared if shared is not None else self.shared.reward_scores(input_ids, attention_mask)).tolist()
 
 
 class TrainedRewardModel:
     """A full sequence-classification reward model saved by the K-way reward trainer, as a TRL reward function.
 
     TRL would score it by transformers' pad-based pooling on prompt + completion without the EOS; this scores it as
-    it was trained: the text of `reward_texts`, read at its last real token.
+    it was trained: the text of `reward_texts`, read at its last real token; with the trainer's `shared_prompt` on,
+    the completions of one prompt in one shared row where the model can (`scores_with_shared_prompts`).
     """
 
-    def __init__(self, model: nn.Module, tokenizer, chat_template_kwargs: dict | None = None):
+    def __init__(self, model: nn.Module, tokenizer, chat_template_kwargs: dict | None = None,
+                 prompt_switch: SharedPromptSwitch | None = None):
         self.model = model
         self.tokenizer = tokenizer
         self.chat_template_kwargs = chat_template_kwargs or {}
         self.__name__ = getattr(getattr(model, "config", None), "_name_or_path", "") or "reward_model"
+        # this model is not the policy the switch checked: its own check, once (None when it can share)
+        self.prompt_switch = prompt_switch
+        self._blocker = None if prompt_switch is None else shared_prompt_blocker(model, max_length=None, scores=True)
 
     @torch.inference_mode()
     def __call__(self, prompts: list, completions: list, **kwargs) -> list[float]:
@@ -376,16 +395,40 @@ class TrainedRewardModel:
         device = next(self.model.parameters()).device
         conversational = is_conversational({"prompt": prompts[0]})
         input_ids, attention_mask = tokenized_for_scoring(texts, self.tokenizer, device, conversational)
-        return sequence_classifier_scores(self.model, input_ids, attention_mask)[:, 0].float().tolist()
+        switch = self.prompt_switch if self._blocker is None else None
+        shared = scores_with_shared_prompts(switch, self.model, input_ids, attention_mask, prompts,
+                                            lambda batch: shared_sequence_scores(self.model, batch)[:, 0])
+        if shared is None:
+            shared = sequence_classifier_scores(self.model, input_ids, attention_mask)[:, 0]
+        return shared.float().tolist()
 
 
-def scored_as_trained(func, tokenizer, chat_template_kwargs: dict | None):
-    """`func`, or a `TrainedRewardModel` around it when it is a reward model the K-way reward trainer saved.
+def scores_with_shared_prompts(switch: SharedPromptSwitch | None, model: nn.Module, input_ids: torch.Tensor,
+                               attention_mask: torch.Tensor, prompts: list, score) -> torch.Tensor | None:
+    """Reward scores [N] of right-padded prompt + completion sequences, the rows of one prompt run as one shared row
+    (`rlhf_ext.models.shared_prompt.prompt_prefix_rows`) and scored by `score(SharedPromptBatch)`; None when the
+    switch is absent or off, or no prompt has two completions (the caller scores the rows as they are)."""
+    if switch is None or not switch.active:
+        return None
+    grouped = prompt_prefix_rows(input_ids, attention_mask, prompts)
+    if grouped is None:
+        return None
+    span = attention_span(model)
+    batch = SharedPromptBatch.from_inputs(grouped.inputs, pack=span if span is not None else False)
+    return grouped.ungroup(score(batch))
+
+
+def scored_as_trained(func, tokenizer, chat_template_kwargs: dict | None,
+                      prompt_switch: SharedPromptSwitch | None = None):
+    """`func`, or a `TrainedRewardModel` around it when it is a reward model the K-way reward trainer saved; a
+    shared base's reward role and such a model get the trainer's `shared_prompt` switch.
 
     A reward model from elsewhere is left to TRL, which scores it as TRL's GRPOTrainer does.
     """
+    if isinstance(func, SharedBaseReward):
+        func.prompt_switch = prompt_switch
     if isinstance(func, nn.Module) and reads_last_real_token(func):
-        return TrainedRewardModel(func, tokenizer, chat_template_kwargs)
+        return TrainedRewardModel(func, tokenizer, chat_template_kwargs, prompt_switch)
     return func
 
 
