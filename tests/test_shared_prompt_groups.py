@@ -498,6 +498,35 @@ def test_ppo_loss_on_a_shuffled_micro_batch_equals_the_unshared_one(tmp_path, re
         assert actual[2][name] == pytest.approx(expected[2][name], rel=1e-5, abs=1e-6), name
 
 
+@pytest.mark.parametrize("checkpointing", CHECKPOINTING, ids=list(CHECKPOINTING))
+def test_a_ppo_training_step_makes_the_same_update_shared_and_unshared(tmp_path, reward_folder, left_tokenizer,
+                                                                       checkpointing):
+    """End to end through Trainer.train: rollout (generation, reward role, theta_old, reference, critic), then the
+    loss's forward and backward on a shuffled micro-batch; the policy's and the critic's gradients the optimizer steps
+    with are equal shared and unshared, and the shared layout ran in the rollout and in the loss."""
+    stepped = {}
+    for setting in (False, True):
+        trainer = ppo_trainer(tmp_path / str(setting), reward_folder, left_tokenizer, shared_prompt=setting,
+                              **CHECKPOINTING[checkpointing])
+        builds = switched(trainer, setting)
+        grads = AllGradientsAtStep()
+        trainer.add_callback(grads)
+        trainer.train()
+        assert len(builds) == (5 if setting else 0)  # rollout: theta_old, reference, critic; loss: policy, critic
+        stepped[setting] = grads.grads
+    assert any(".policy." in name for name in stepped[False]) and any(".value." in name for name in stepped[False])
+    assert stepped[False].keys() == stepped[True].keys()
+    for name, grad in stepped[False].items():
+        assert_close_relative(stepped[True][name], grad, name)
+
+
+class AllGradientsAtStep(TrainerCallback):
+    """Every trainable parameter's gradient as the optimizer is about to step."""
+
+    def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+        self.grads = {name: p.grad.detach().clone() for name, p in model.named_parameters() if p.grad is not None}
+
+
 def test_ppo_with_one_completion_per_prompt_has_nothing_to_share(tmp_path, reward_folder, left_tokenizer, caplog):
     with caplog.at_level(logging.WARNING, logger="rlhf_ext"):
         trainer = ppo_trainer(tmp_path, reward_folder, left_tokenizer, num_generations=1, per_device_train_batch_size=2,
