@@ -18,6 +18,11 @@ that configuration only and is reported as one:
     kway_reward_{fp32,bf16}
                     one `PlackettLuceRewardTrainer` step (LoRA through `peft_config`; the trainer makes it SEQ_CLS,
                     so the score head trains), gradient checkpointing on
+    kway_{dpo,reward}_{fp32,bf16}_unshared
+                    the same with `shared_prompt=False`: K rows per list, each holding the prompt (the rows above
+                    run the default, None: each list's prompt computed once where exact). Not in the default
+                    set; name them in --configs. Each row's JSON records `shared_prompt` and whether the trainer
+                    shared (`shared_prompt_active`)
     trl112_ppo      TRL 1.12's `trl.experimental.ppo.PPOTrainer` (its last PPO) in its layout: policy, reference,
                     value and reward as four full float32 models, policy and value fully trained, in a virtual
                     environment with trl 1.12.0 over this one's packages (created by benchmarks/harness.py's
@@ -38,6 +43,7 @@ benchmarks/results/real_size-<size>.json). From the repository root:
     .venv/bin/python -m benchmarks.real_size --size tiny      # smoke test: every configuration in ~2 minutes
     .venv/bin/python -m benchmarks.real_size --size smollm2-1.7b --configs ppo_shared_4bit_ckpt trl112_ppo
     .venv/bin/python -m benchmarks.real_size --configs ppo_shared_fp32_ckpt --steps 3 --output /tmp/fp32.json
+    .venv/bin/python -m benchmarks.real_size --configs kway_dpo_fp32 kway_dpo_fp32_unshared --threads 1 --steps 2
 
 Run the 1B measurement alone on the machine: 2 threads per configuration (`--threads`) use both cores, and with
 another job on the CPU their OpenMP barriers spin-wait (CPU time ~ wall time, both several times too long); a
@@ -104,6 +110,7 @@ class Configuration:
     dtype: str  # compute dtype (a 4-bit base's is --dtype)
     gradient_checkpointing: bool
     trainer: str
+    shared_prompt: bool | None = None  # the K-way trainers' config field (None: shared where exact; False: off)
 
 
 def configurations(dtype_4bit: str) -> dict[str, Configuration]:
@@ -119,12 +126,15 @@ def configurations(dtype_4bit: str) -> dict[str, Configuration]:
                                  ("reward", "PlackettLuceRewardTrainer", "kway_reward")):  # fmt: skip
         for base, dtype in (("fp32", "float32"), ("bf16", "bfloat16")):
             rows.append(Configuration(f"{name}_{base}", stage, DTYPE_BITS[dtype], dtype, True, f"{trainer} + LoRA"))
+            rows.append(Configuration(f"{name}_{base}_unshared", stage, DTYPE_BITS[dtype], dtype, True,
+                                      f"{trainer} + LoRA, shared_prompt=False", shared_prompt=False))  # fmt: skip
     # TRL 1.12's PPOConfig defaults to gradient checkpointing (of the policy only; the value model keeps activations)
     rows.append(Configuration("trl112_ppo", None, 32, "float32", True, "trl 1.12.0 PPOTrainer, four full models"))
     return {row.name: row for row in rows}
 
 
 CONFIG_NAMES = list(configurations("float32"))
+DEFAULT_CONFIGS = [name for name in CONFIG_NAMES if not name.endswith("_unshared")]  # the twins run when named
 
 
 # -- the base on disk, the tokenizer and the data ----------------------------------------------------------------
@@ -356,7 +366,8 @@ def child_kway(spec: Configuration, cli, output_dir: str) -> dict:
     lists = ranked_lists(cli.batch * cli.steps, cli.num_completions, cli.prompt_length, cli.completion_length,
                          model.config.vocab_size)  # fmt: skip
     common = dict(**common_trainer_args(cli, output_dir), gradient_checkpointing=spec.gradient_checkpointing,
-                  max_length=cli.prompt_length + cli.completion_length + 8, learning_rate=1e-5)  # fmt: skip
+                  max_length=cli.prompt_length + cli.completion_length + 8, learning_rate=1e-5,
+                  shared_prompt=spec.shared_prompt)  # fmt: skip
     timer = training_timer()
     if spec.stage == "dpo":
         config = PlackettLuceDPOConfig(**common, beta=0.1)
@@ -368,7 +379,8 @@ def child_kway(spec: Configuration, cli, output_dir: str) -> dict:
                                             processing_class=tokenizer, peft_config=peft_config, callbacks=[timer])
     stage("train")
     train_peak = train_with_step_peak(trainer)
-    return {**loaded, **train_peak, "load_s": load_s, "steps": timed_steps(timer), **trained_settings(trainer, config)}
+    return {**loaded, **train_peak, "load_s": load_s, "steps": timed_steps(timer), **trained_settings(trainer, config),
+            "shared_prompt_active": trainer._shared_prompt.active}  # fmt: skip
 
 
 def child_trl112(spec: Configuration, cli, output_dir: str) -> dict:
@@ -546,6 +558,8 @@ def memory_estimate(spec: Configuration, config, cli) -> tuple[dict | None, str 
                   prompt_length=cli.prompt_length, completion_length=cli.completion_length,
                   num_completions=1 if spec.stage == "ppo" else cli.num_completions,
                   gradient_checkpointing=spec.gradient_checkpointing, device="cpu")  # fmt: skip
+    if spec.stage in ("dpo", "reward") and "shared_prompt" in inspect.signature(estimate).parameters:
+        kwargs["shared_prompt"] = spec.shared_prompt is not False
     if spec.stage == "ppo" and cli.policy_lm_head != "frozen":
         kwargs["policy_lm_head"] = cli.policy_lm_head
     if spec.bits == 4 and "compute_dtype" in inspect.signature(estimate).parameters:
@@ -589,7 +603,7 @@ def print_table(rows: list[dict], cli) -> None:
     def cell(value, width, fmt):
         return f"{value:>{width}{fmt}}" if isinstance(value, int | float) else f"{'-':>{width}}"
 
-    header = (f"{'configuration':<22} {'bits':>4} {'ckpt':>4} {'peak RSS GiB':>12} {'train peak':>10} {'estimate':>8} "
+    header = (f"{'configuration':<26} {'bits':>4} {'ckpt':>4} {'peak RSS GiB':>12} {'train peak':>10} {'estimate':>8} "
               f"{'est/train':>9} "
               f"{'runtime':>7} {'load s':>7} {'step s':>8} {'cpu s':>8} {'rollout s':>9} {'gen s':>7}  outcome")
     print(header)
@@ -599,7 +613,7 @@ def print_table(rows: list[dict], cli) -> None:
         # the estimate is of the training step: compare it with the peak of training alone (loading excluded)
         measured = row.get("train_peak_rss_gib")
         ratio = estimate / measured if estimate and measured and row["outcome"] == "ok" else None
-        print(f"{row['config']:<22} {row['bits']:>4} {'on' if row['gradient_checkpointing'] else 'off':>4} "
+        print(f"{row['config']:<26} {row['bits']:>4} {'on' if row['gradient_checkpointing'] else 'off':>4} "
               f"{cell(row.get('peak_rss_gib'), 12, '.2f')} {cell(measured, 10, '.2f')} {cell(estimate, 8, '.2f')} "
               f"{cell(ratio, 8, '.2f')}{'x' if ratio else ' '} "
               f"{cell(row.get('runtime_rss_gib'), 7, '.2f')} {cell(row.get('load_s'), 7, '.1f')} "
@@ -619,8 +633,9 @@ def trl112_python(cli) -> tuple[str | None, str | None]:
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--size", default=DEFAULT_SIZE, choices=list(SHAPES), help="a shape of benchmarks/harness.py")
-    parser.add_argument("--configs", nargs="+", default=CONFIG_NAMES, choices=CONFIG_NAMES, metavar="CONFIG",
-                        help=f"configurations to run (default: all): {', '.join(CONFIG_NAMES)}")
+    parser.add_argument("--configs", nargs="+", default=DEFAULT_CONFIGS, choices=CONFIG_NAMES, metavar="CONFIG",
+                        help=f"configurations to run (default: all but the *_unshared twins): "
+                             f"{', '.join(CONFIG_NAMES)}")  # fmt: skip
     parser.add_argument("--steps", type=int, default=1, help="optimizer steps per configuration, all timed (median)")
     parser.add_argument("--batch", type=int, default=2, help="prompts per PPO rollout; ranked lists per K-way step")
     parser.add_argument("--prompt_length", type=int, default=64, help="tokens per prompt")
