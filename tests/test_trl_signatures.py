@@ -27,6 +27,9 @@ SIGNATURES = [
     (GRPOTrainer, "_calculate_rewards", ["self", "inputs", "prompts", "completions", "completion_ids_list"]),
     (GRPOTrainer, "_tokenize_prompts", ["self", "prompts"]),
     (GRPOTrainer, "_generate_and_score_completions", ["self", "inputs"]),
+    # (SharedPrefillGenerationMixin, rlhf_ext/trainers/shared_generation.py: each prompt prefilled once in generation)
+    (GRPOTrainer, "_generate_single_turn",
+     ["self", "prompt_ids", "images", "multimodal_fields", "num_generations", "has_tool_images"]),
     (GRPOTrainer, "_compute_loss", ["self", "model", "inputs"]),
     (Trainer, "_save", ["self", "output_dir", "state_dict"]),
     # (also OnlinePlackettLuceTrainer) re-classes the RepeatSampler it returns (rlhf_ext/trainers/sampling.py)
@@ -67,6 +70,10 @@ SIGNATURES = [
     (Trainer, "_push_from_checkpoint", ["self", "checkpoint_folder"]),
     # exact gradient checkpointing (rlhf_ext/models/checkpointing.py) wraps
     (PreTrainedModel, "_set_gradient_checkpointing", ["self", "enable", "gradient_checkpointing_func"]),
+    # the shared prefill of generation (rlhf_ext/models/shared_generation.py) calls
+    (transformers.DynamicCache, "__init__", ["self", "ddp_cache_data", "config"]),
+    (transformers.DynamicCache, "batch_select_indices", ["self", "indices"]),
+    (transformers.GenerationConfig, "get_generation_mode", ["self", "assistant_model"]),
 ]
 
 

@@ -55,6 +55,7 @@ from ..models.shared_prompt import (
 from .fault_tolerance import FaultTolerantMixin
 from .position_limits import max_positions
 from .sampling import epoch_seeded
+from .shared_generation import SharedPrefillGenerationMixin
 from .shared_prompt import SharedPromptSwitch
 from .vllm_sync import SharedBaseVLLMGeneration
 
@@ -66,7 +67,7 @@ POLICY_ADAPTER = "policy"
 PROMPT_CHECK_BATCH = 1024
 
 
-class SharedBaseGRPOTrainer(FaultTolerantMixin, GRPOTrainer):
+class SharedBaseGRPOTrainer(FaultTolerantMixin, SharedPrefillGenerationMixin, GRPOTrainer):
     """The base of `PPOTrainer` and `OnlinePlackettLuceTrainer` (see the module docstring); not used on its own.
 
     `model` is a `SharedBase`, or the policy as GRPOTrainer takes it (id or path, `PreTrainedModel`, `PeftModel`);
