@@ -188,3 +188,50 @@ def test_no_python_file_imports_another_by_path():
 @pytest.mark.parametrize("module", sorted(p.stem for p in (REPO / "benchmarks").glob("*.py") if p.stem != "__init__"))
 def test_every_benchmark_imports_as_a_module_of_the_package(module):
     assert importlib.import_module(f"benchmarks.{module}").__doc__
+
+
+# -- ppo_shared_prompt: one PPO update per phase, unshared vs shared ---------------------------------------------
+
+
+def test_ppo_shared_prompt_quick_run_samples_the_same_completions_and_times_every_phase(tmp_path):
+    # --quick at the smoke-test shape: what is under test is that sharing leaves the run as it was and that the
+    # phases are read from the trainer, not the timings themselves
+    import json
+
+    from benchmarks import ppo_shared_prompt
+
+    output = tmp_path / "r.json"
+    result = ppo_shared_prompt.main(["--quick", "--size", "tiny", "--output", str(output)])
+    unshared, shared = result["runs"]["unshared"], result["runs"]["shared"]
+    assert (unshared["shared_prompt_active"], shared["shared_prompt_active"]) == (False, True)
+    batches = len(result["meta"]["batch_prompt_tokens"])  # the warm-up and one timed generation batch
+    assert batches == 2 and result["same_rollouts"] == batches
+    micro_batches = batches * ppo_shared_prompt.STEPS_PER_GENERATION
+    assert len(unshared["losses"]) == len(shared["losses"]) == micro_batches
+    assert result["max_abs_loss_diff"] < 1e-5
+    for run in (unshared, shared):
+        assert len(run["batches"]) == batches
+        for batch in run["batches"]:
+            assert all(batch[phase]["cpu_s"] > 0 for phase in (*ppo_shared_prompt.PHASES, "total"))
+            parts = sum(batch[phase]["cpu_s"] for phase in ppo_shared_prompt.PHASES)
+            assert parts == pytest.approx(batch["total"]["cpu_s"])
+    (row,) = result["rows"]
+    assert row["prompt_tokens"] == 16 and row["repeats"] == 1
+    assert row["unshared"]["total"]["cpu_s"] == unshared["batches"][1]["total"]["cpu_s"]  # the warm-up is not timed
+    ratio = row["unshared"]["update"]["cpu_s"] / row["shared"]["update"]["cpu_s"]
+    assert row["ratio_cpu"]["update"] == pytest.approx(ratio)
+    assert json.loads(output.read_text())["rows"] == result["rows"]
+
+
+def test_real_size_runs_the_unshared_k_way_twins_only_when_named():
+    from benchmarks import real_size
+
+    specs = real_size.configurations("float32")
+    twins = [name for name in specs if name.endswith("_unshared")]
+    assert twins == ["kway_dpo_fp32_unshared", "kway_dpo_bf16_unshared", "kway_reward_fp32_unshared",
+                     "kway_reward_bf16_unshared"]  # fmt: skip
+    for twin in twins:
+        shared = specs[twin.removesuffix("_unshared")]
+        assert specs[twin].shared_prompt is False and shared.shared_prompt is None
+        assert (specs[twin].stage, specs[twin].bits, specs[twin].dtype) == (shared.stage, shared.bits, shared.dtype)
+    assert real_size.parse_args([]).configs == [name for name in specs if name not in twins]
