@@ -29,7 +29,7 @@ and the ratio unshared / shared (wall seconds are in the JSON). Sharing must not
 sample the same completion ids in the first rollout (checked; a mismatch is an error), and the largest difference
 of the micro-batches' losses is printed. The JSON goes to benchmarks/results/ppo_shared_prompt[-quick].json.
 
-    python -m benchmarks.ppo_shared_prompt                 # prompts of 64 and 256 tokens, medians of 3 (~25 CPU min)
+    python -m benchmarks.ppo_shared_prompt                 # prompts of 64 and 256 tokens, medians of 3 (24 CPU min)
     python -m benchmarks.ppo_shared_prompt --prompt_tokens 256 --repeats 5
     python -m benchmarks.ppo_shared_prompt --quick         # 2 layers, 16-token prompts, 8-token completions
 """
