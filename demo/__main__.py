@@ -26,6 +26,7 @@ import gc
 import importlib
 import json
 import logging
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -216,11 +217,21 @@ def recipe_stage(name: str, cfg: DemoConfig, out: Path, upstream: list[StageResu
     config = {"upstream": [u.config for u in upstream], "args": args}
 
     def run():
-        stage_dir.mkdir(parents=True, exist_ok=True)
+        clear_stale_outputs(stage_dir)
+        stage_dir.mkdir(parents=True)
         log_history = run_recipe(name, args, stage_dir)
         return summarize(stage_dir, log_history)
 
     return run_cached(name, out, config, run)
+
+
+def clear_stale_outputs(stage_dir: Path) -> None:
+    """Remove what an earlier run of a stage left in its folder before the stage runs again with other settings:
+    its checkpoint-N folders would otherwise sit beside the new run's (the frontier draws every checkpoint-N of a
+    stage: a rerun saving at other steps mixed two runs on one curve)."""
+    if stage_dir.exists():
+        logger.info("stage %s: removing the previous run's outputs in %s", stage_dir.name, stage_dir)
+        shutil.rmtree(stage_dir)
 
 
 def find_role_folder(stage_dir: Path, marker_file: str, subfolders: tuple[str, ...]) -> Path:
