@@ -517,6 +517,19 @@ class FrontierReport:
         path.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
         return path
 
+    @classmethod
+    def load_json(cls, path: str | os.PathLike) -> FrontierReport:
+        """The report `save_json` wrote (the per-completion samples are not in it): to redraw or compare a plot
+        without sampling again."""
+        data = json.loads(Path(path).read_text())
+        return cls(
+            sources=data["sources"], settings=data["settings"], num_prompts=data["num_prompts"],
+            kl_cap=data["kl_cap"], reference=PolicyPoint(**data["reference"]),
+            best_of_n=[BestOfNPoint(**point) for point in data["best_of_n"]],
+            kl_regularised_optimum=[OptimumPoint(**point) for point in data["kl_regularised_optimum"]],
+            policies=[PolicyPoint(**point) for point in data["policies"]],
+        )  # fmt: skip
+
 
 def reference_estimates(samples: PolicySamples, num_prompts: int, settings: FrontierSettings):
     """(best-of-n points, KL-regularised optimum points) from the reference's scored samples, M per prompt."""

@@ -15,12 +15,14 @@ from transformers import LlamaForSequenceClassification
 
 from rlhf_ext import frontier
 from rlhf_ext.frontier import (
+    FrontierReport,
     FrontierSettings,
     best_of_n_expectation,
     best_of_n_kl,
     best_of_n_sizes,
     frontier_report,
     kl_regularised_optimum,
+    plot_frontier,
     policy_point,
 )
 from rlhf_ext.models import SharedBase, SharedBaseArguments, save_adapter_with_head
@@ -253,6 +255,11 @@ def test_the_command_writes_the_report_and_the_plot_and_a_seed_repeats_it(run_fi
 
     assert cli(frontier_argv(run_files, tmp_path / "b")) == 0
     assert (tmp_path / "b" / "frontier.json").read_text() == (tmp_path / "a" / "frontier.json").read_text()
+
+    # the saved report loads back as the report that wrote it (to redraw its plot without sampling again)
+    loaded = FrontierReport.load_json(tmp_path / "a" / "frontier.json")
+    assert loaded.to_dict() == report
+    assert plot_frontier(loaded, tmp_path / "redrawn.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_a_reward_function_can_be_the_proxy(run_files, tmp_path):
