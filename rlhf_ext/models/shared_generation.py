@@ -27,7 +27,7 @@ from transformers import DynamicCache, GenerationConfig
 from transformers.cache_utils import DynamicLayer
 from transformers.generation.configuration_utils import GenerationMode
 
-from .shared_prompt import unwrap
+from .shared_prompt import peft_adapter_problem, unwrap
 
 # the generation modes that run one cached forward per new token over the batch as it is (no beam reordering, no
 # candidate tokens from an assistant), so a cache handed to `generate` is used as generate would build it
@@ -61,11 +61,9 @@ def resolved_generation_config(model: nn.Module, generate_kwargs: dict) -> Gener
 
 def _model_problem(model: nn.Module) -> str | None:
     """Why the model's prompt cannot be prefilled apart from `generate` (see `shared_prefill_problem`), or None."""
-    peft_config = getattr(getattr(model, "module", model), "active_peft_config", None)
-    if peft_config is not None and getattr(peft_config, "is_prompt_learning", False):
-        return f"the peft adapter is a prompt-learning one ({peft_config.peft_type}), which prepends virtual tokens"
-    if peft_config is not None and getattr(peft_config, "alora_invocation_tokens", None):
-        return "the peft adapter is an activated LoRA, which finds its invocation tokens in generate's own inputs"
+    adapter = peft_adapter_problem(model, "generate's own inputs")
+    if adapter is not None:
+        return adapter
     base = unwrap(model)
     config = getattr(base, "config", None)
     if config is None:

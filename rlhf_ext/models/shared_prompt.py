@@ -70,6 +70,17 @@ def _attention_window(config) -> tuple[str, int] | None:
     return min(spans, key=lambda span: span[1]) if spans else None
 
 
+def peft_adapter_problem(model: nn.Module, invocation_read_in: str) -> str | None:
+    """Why the active peft adapter rules out computing a prompt apart from its completions, or None: a prompt-learning
+    adapter prepends virtual tokens; an activated LoRA finds its invocation tokens in `invocation_read_in`."""
+    peft_config = getattr(getattr(model, "module", model), "active_peft_config", None)
+    if peft_config is not None and getattr(peft_config, "is_prompt_learning", False):
+        return f"the peft adapter is a prompt-learning one ({peft_config.peft_type}), which prepends virtual tokens"
+    if peft_config is not None and getattr(peft_config, "alora_invocation_tokens", None):
+        return f"the peft adapter is an activated LoRA, which finds its invocation tokens in {invocation_read_in}"
+    return None
+
+
 def shared_prompt_blocker(model: nn.Module, *, max_length: int | None, scores: bool = False) -> str | None:
     """Why `model` cannot compute the shared layout exactly (a phrase naming the setting), or None when it can.
 
@@ -79,11 +90,9 @@ def shared_prompt_blocker(model: nn.Module, *, max_length: int | None, scores: b
     times unshared). `scores`: a sequence classifier must score with a per-token `score` layer (an encoder classifier
     pools its first token, and attends both ways).
     """
-    peft_config = getattr(getattr(model, "module", model), "active_peft_config", None)
-    if peft_config is not None and getattr(peft_config, "is_prompt_learning", False):
-        return f"the peft adapter is a prompt-learning one ({peft_config.peft_type}), which prepends virtual tokens"
-    if peft_config is not None and getattr(peft_config, "alora_invocation_tokens", None):
-        return "the peft adapter is an activated LoRA, which finds its invocation tokens in the unshared rows"
+    adapter = peft_adapter_problem(model, "the unshared rows")
+    if adapter is not None:
+        return adapter
     base = unwrap(model)
     config = getattr(base, "config", None)
     if config is None:
