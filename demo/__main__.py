@@ -226,12 +226,15 @@ def recipe_stage(name: str, cfg: DemoConfig, out: Path, upstream: list[StageResu
 
 
 def clear_stale_outputs(stage_dir: Path) -> None:
-    """Remove what an earlier run of a stage left in its folder before the stage runs again with other settings:
-    its checkpoint-N folders would otherwise sit beside the new run's (the frontier draws every checkpoint-N of a
-    stage: a rerun saving at other steps mixed two runs on one curve)."""
+    """Move what an earlier run of a stage left in its folder to `<stage>.previous` (replacing an older one) before
+    the stage runs again with other settings: its checkpoint-N folders would otherwise sit beside the new run's (the
+    frontier draws every checkpoint-N of a stage: a rerun saving at other steps mixed two runs on one curve), and
+    the earlier run stays at hand."""
     if stage_dir.exists():
-        logger.info("stage %s: removing the previous run's outputs in %s", stage_dir.name, stage_dir)
-        shutil.rmtree(stage_dir)
+        previous = stage_dir.with_name(stage_dir.name + ".previous")
+        shutil.rmtree(previous, ignore_errors=True)
+        stage_dir.rename(previous)
+        logger.info("stage %s: the previous run's outputs moved to %s", stage_dir.name, previous)
 
 
 def find_role_folder(stage_dir: Path, marker_file: str, subfolders: tuple[str, ...]) -> Path:

@@ -30,6 +30,7 @@ def test_a_training_stage_rerun_with_other_settings_leaves_none_of_the_previous_
     cfg = demo_main.DemoConfig(online_kway_args={"save_steps": 8, "max_steps": 32})
     demo_main.recipe_stage("online_kway", cfg, tmp_path, [], {}, lambda stage_dir, log: {})
     assert [step for step, _ in checkpoints(tmp_path / "online_kway")] == [8, 16, 24, 32]
+    assert [step for step, _ in checkpoints(tmp_path / "online_kway.previous")] == [4, 8, 12, 16]  # kept aside
     # the same settings again: the stage is reused, its outputs kept
     demo_main.recipe_stage("online_kway", cfg, tmp_path, [], {}, lambda stage_dir, log: {})
     assert [step for step, _ in checkpoints(tmp_path / "online_kway")] == [8, 16, 24, 32]
