@@ -357,3 +357,14 @@ def test_a_forward_that_leaves_the_cache_unfilled_runs_plain_generate_and_says_w
     got = generate_with_shared_prefill(model, ids, mask, on_unshared=reasons.append, **GREEDY)
     assert torch.equal(got, model.generate(input_ids=ids, attention_mask=mask, **GREEDY))  # plain, forward as it is
     assert len(reasons) == 1 and "left the cache it was given unfilled" in reasons[0]
+
+
+def test_dropout_active_while_sampling_rules_the_shared_prefill_out():
+    """One prefill would draw one dropout mask for a prompt's G samples: not what plain generate samples. TRL samples
+    in training mode, so a LoRA dropout counts there; in eval mode (or with disable_dropout) it is exact again."""
+    model = get_peft_model(tiny_causal_lm(seed=0), LoraConfig(r=2, lora_alpha=4, lora_dropout=0.1,
+                                                              target_modules=["q_proj", "v_proj"]))
+    model.train()
+    assert "dropout is active while sampling" in shared_prefill_problem(model)
+    model.eval()
+    assert shared_prefill_problem(model) is None

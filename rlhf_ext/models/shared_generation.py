@@ -116,13 +116,27 @@ def shared_prefill_problem(model: nn.Module, **generate_kwargs) -> str | None:
     """Why `generate(**generate_kwargs)` cannot run from a cache prefilled outside it, exactly (a phrase naming the
     setting), or None when it can.
 
-    Needs a decoder-only text model whose cache is a `DynamicCache` of full-attention layers (a sliding window's,
-    a linear attention's or a static cache's layers are not copied here) and that takes position ids; no
+    Needs a decoder-only text model with no dropout active, whose cache is a `DynamicCache` of full-attention layers
+    (a sliding window's, a linear attention's or a static cache's layers are not copied here) and that takes position
+    ids; no
     prompt-learning adapter (virtual tokens) or activated LoRA; greedy search or sampling with one sequence per row,
     the cache on and no cache implementation named; no tensors besides input_ids and attention_mask (pixel values,
     token type ids, inputs_embeds) and no cache given; no per-step attentions or hidden states asked for.
     """
-    return _model_problem(model) or _settings_problem(model, generate_kwargs) or _inputs_problem(generate_kwargs)
+    return (_model_problem(model) or _dropout_problem(model) or _settings_problem(model, generate_kwargs)
+            or _inputs_problem(generate_kwargs))
+
+
+def _dropout_problem(model: nn.Module) -> str | None:
+    """Why sampling in training mode with dropout active is not exact with a shared prefill, or None: the prompt's
+    one prefill draws one dropout mask where G prefills drew G, so the samples differ from plain generate's (TRL samples
+    in training mode; PPO's `disable_dropout=True` default sets every dropout to 0)."""
+    active = [name for name, module in unwrap(model).named_modules()
+              if isinstance(module, nn.Dropout) and module.p > 0 and module.training]
+    if not active:
+        return None
+    return (f"dropout is active while sampling ({len(active)} dropout layer(s), e.g. {active[0]}): one prefill draws "
+            "one dropout mask for a prompt's G samples; disable_dropout=True makes it exact")
 
 
 def distinct_rows(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
