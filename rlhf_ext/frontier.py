@@ -521,14 +521,20 @@ class FrontierReport:
     def load_json(cls, path: str | os.PathLike) -> FrontierReport:
         """The report `save_json` wrote (the per-completion samples are not in it): to redraw or compare a plot
         without sampling again."""
-        data = json.loads(Path(path).read_text())
-        return cls(
-            sources=data["sources"], settings=data["settings"], num_prompts=data["num_prompts"],
-            kl_cap=data["kl_cap"], reference=PolicyPoint(**data["reference"]),
-            best_of_n=[BestOfNPoint(**point) for point in data["best_of_n"]],
-            kl_regularised_optimum=[OptimumPoint(**point) for point in data["kl_regularised_optimum"]],
-            policies=[PolicyPoint(**point) for point in data["policies"]],
-        )  # fmt: skip
+        try:
+            data = json.loads(Path(path).read_text())
+            return cls(
+                sources=data["sources"], settings=data["settings"], num_prompts=data["num_prompts"],
+                kl_cap=data["kl_cap"], reference=PolicyPoint(**data["reference"]),
+                best_of_n=[BestOfNPoint(**point) for point in data["best_of_n"]],
+                kl_regularised_optimum=[OptimumPoint(**point) for point in data["kl_regularised_optimum"]],
+                policies=[PolicyPoint(**point) for point in data["policies"]],
+            )  # fmt: skip
+        except (json.JSONDecodeError, KeyError, TypeError) as error:
+            raise ValueError(
+                f"{path} is not a frontier report as FrontierReport.save_json writes it ({type(error).__name__}: "
+                f"{error}); `rlhf-ext frontier` writes one as <output_dir>/frontier.json."
+            ) from error
 
 
 def reference_estimates(samples: PolicySamples, num_prompts: int, settings: FrontierSettings):

@@ -260,6 +260,11 @@ def test_the_command_writes_the_report_and_the_plot_and_a_seed_repeats_it(run_fi
     loaded = FrontierReport.load_json(tmp_path / "a" / "frontier.json")
     assert loaded.to_dict() == report
     assert plot_frontier(loaded, tmp_path / "redrawn.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # another JSON file, or a report with a field missing, is refused naming the file
+    for name, text in (("other.json", '{"policies": []}'), ("broken.json", "{")):
+        (tmp_path / name).write_text(text)
+        with pytest.raises(ValueError, match=rf"{name} is not a frontier report"):
+            FrontierReport.load_json(tmp_path / name)
 
 
 def test_a_reward_function_can_be_the_proxy(run_files, tmp_path):
